@@ -1,0 +1,26 @@
+"""Errors and warnings that freqvi raises.
+
+Every check at a public entry point raises :class:`FreqviInputError` (a
+``ValueError``) naming what was expected and what was found, before any
+fitting starts.
+"""
+
+
+class FreqviError(Exception):
+    """Base class of every error freqvi raises on purpose."""
+
+
+class FreqviInputError(FreqviError, ValueError):
+    """The data, a model, a guide or an option given to freqvi is not usable."""
+
+
+class FreqviWarning(UserWarning):
+    """Base class of freqvi's warnings."""
+
+
+class ConvergenceWarning(FreqviWarning):
+    """An iterative fit stopped at its iteration limit before its tolerance."""
+
+
+class ImportanceSamplingWarning(FreqviWarning):
+    """Importance weights are too heavy-tailed to trust (PSIS k-hat > 0.7)."""

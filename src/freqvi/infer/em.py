@@ -1,0 +1,262 @@
+"""``em``: the EM algorithm as alternating steps on one model/guide pair."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from tqdm.auto import tqdm
+
+from freqvi.errors import ConvergenceWarning, FreqviError, FreqviInputError
+from freqvi.estimators import QFunctionELBO
+from freqvi.handlers import FrozenPosterior, SubsamplePlate
+from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.models.base import ClosedFormMStep
+from freqvi.traces import (
+    check_pair,
+    data_plate,
+    max_plate_nesting,
+    param_names,
+    unconstrained_params,
+)
+from freqvi.validation import as_data, check_choice, check_positive_float, check_positive_int
+
+M_STEPS = ("auto", "closed_form", "gradient")
+
+
+@dataclass
+class EMResult:
+    """What :func:`em` returns.
+
+    :ivar log_likelihood: the objective after each E-step, starting at the initial
+        parameters: :math:`\\mathrm{ELBO}(q_t, \\theta_t)`. With the exact posterior as
+        guide this *is* the log-likelihood :math:`\\ell(\\theta_t)` (the bound is
+        tight); with a variational guide it is a lower bound on it.
+    :ivar num_iter: EM iterations (epochs, for online EM) taken.
+    :ivar converged: whether the relative tolerance was met before ``max_iter``.
+    :ivar wall_time: seconds spent.
+    :ivar m_step: ``"closed_form"`` or ``"gradient"``, the M-step that ran.
+    """
+
+    log_likelihood: list[float] = field(default_factory=list)
+    num_iter: int = 0
+    converged: bool = False
+    wall_time: float = 0.0
+    m_step: str = ""
+
+
+def em(
+    model,
+    data,
+    guide=None,
+    *,
+    m_step: str = "auto",
+    max_iter: int = 1000,
+    tol: float = 1e-7,
+    batch_size: int | None = None,
+    step_size: float | Callable[[int], float] = 0.6,
+    m_step_lr: float = 0.05,
+    m_step_iters: int = 100,
+    m_step_tol: float = 1e-7,
+    e_step_iters: int = 50,
+    e_step_lr: float = 0.1,
+    num_particles: int = 16,
+    data_plate_name: str = "data",
+    seed: int | None = None,
+    progress: bool = True,
+) -> EMResult:
+    r"""Expectation-maximisation driven by a model/guide pair.
+
+    Each iteration:
+
+    * **E-step**: the guide is run at the current :math:`\theta'` and its
+      distributions are recorded without gradient, :math:`q(z) = q(z \mid x;
+      \theta')`. A guide with free local parameters (variational EM) first has
+      them fitted for ``e_step_iters`` Adam steps on the ELBO, :math:`\theta`
+      held fixed.
+    * **M-step**: maximise :math:`Q(\theta \mid \theta') = \sum_i
+      \mathbb{E}_q \log p(x_i, z_i; \theta)` with ``q`` frozen:
+
+      - ``"closed_form"``: the model's :class:`~freqvi.models.ClosedFormMStep`
+        maps expected sufficient statistics of ``q`` to :math:`\theta`;
+      - ``"gradient"``: Adam on :class:`~freqvi.estimators.QFunctionELBO` until
+        the relative change of Q is below ``m_step_tol`` or ``m_step_iters``.
+
+      ``"auto"`` takes the closed form when the model offers one.
+
+    The objective recorded after each E-step is :math:`\mathrm{ELBO}(q, \theta')`,
+    exact over enumerated sites and a one-draw estimate over others; for the
+    exact posterior it equals :math:`\ell(\theta')` with no Monte-Carlo error,
+    and EM's ascent property makes it non-decreasing. Iteration stops when it
+    changes by less than ``tol`` times its magnitude.
+
+    With ``batch_size`` (closed-form M-step only) this is online EM (Cappe and
+    Moulines 2009): each minibatch's statistics are blended into running ones,
+    :math:`s_t = (1 - \gamma_t) s_{t-1} + \gamma_t \hat s_t`, with
+    :math:`\gamma_1 = 1` and :math:`\gamma_t = t^{-\kappa}` for ``step_size=kappa``
+    (or ``step_size(t)`` if callable); one iteration is one pass over the data.
+
+    :param model: a freqvi model, a ``(model, guide)`` tuple, or a model callable
+        with ``guide=...``. User-written pairs work: the guide is the E-step.
+    :param data: one array or a tuple of arrays passed to model and guide.
+    :param num_particles: draws per Q estimate for non-enumerated sites (gradient M-step).
+    :param seed: seeds Python's, NumPy's and torch's generators first.
+    """
+    check_choice(m_step, "m_step", M_STEPS)
+    max_iter = check_positive_int(max_iter, "max_iter")
+    tol = check_positive_float(tol, "tol", allow_zero=True)
+    data = as_data(data)
+    pair = resolve_pair(model, guide)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
+    m_step = _choose_m_step(m_step, pair)
+    if batch_size is not None:
+        batch_size = _check_online(batch_size, m_step, model_trace, data, data_plate_name)
+    step = _EMStep(pair, data, m_step, max_plate_nesting(model_trace, guide_trace),
+                   m_step_lr, m_step_iters, m_step_tol, e_step_iters, e_step_lr, num_particles)
+
+    result = EMResult(m_step=m_step)
+    start = time.perf_counter()
+    posterior = step.e_step()
+    result.log_likelihood.append(step.objective(posterior))
+    bar = tqdm(range(1, max_iter + 1), disable=not progress, desc="em", unit="iter")
+    for it in bar:
+        if batch_size is None:
+            step.m_step(posterior)
+        else:
+            step.online_epoch(batch_size, data_plate_name, step_size)
+        posterior = step.e_step()
+        value = step.objective(posterior)
+        if not torch.isfinite(torch.tensor(value)):
+            raise FreqviError(f"iteration {it}: the objective is {value}; the fit diverged.")
+        previous = result.log_likelihood[-1]
+        result.log_likelihood.append(value)
+        result.num_iter = it
+        bar.set_postfix(loglik=f"{value:.6g}")
+        if abs(value - previous) <= tol * abs(value):
+            result.converged = True
+            break
+    bar.close()
+    result.wall_time = time.perf_counter() - start
+    if not result.converged:
+        warnings.warn(
+            f"EM stopped at max_iter={max_iter} before the relative change fell below tol={tol}; "
+            "raise max_iter or tol.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return result
+
+
+def _choose_m_step(m_step: str, pair: Pair) -> str:
+    closed = isinstance(pair.owner, ClosedFormMStep)
+    if m_step == "closed_form" and not closed:
+        raise FreqviInputError(
+            "m_step='closed_form' needs a model with expected_statistics() and maximize() "
+            "(see freqvi.models.ClosedFormMStep); use m_step='gradient' for this model."
+        )
+    if m_step == "auto":
+        return "closed_form" if closed else "gradient"
+    return m_step
+
+
+def _check_online(batch_size, m_step, model_trace, data, plate_name) -> int:
+    n = data[0].shape[0]
+    batch_size = check_positive_int(batch_size, "batch_size")
+    if batch_size > n:
+        raise FreqviInputError(f"batch_size must be between 1 and n = {n}; got {batch_size}.")
+    if m_step != "closed_form":
+        raise FreqviInputError(
+            "batch_size (online EM) needs a closed-form M-step; for minibatch gradient fitting "
+            "use freqvi.fit(model, guide, data, batch_size=...)."
+        )
+    data_plate(model_trace, plate_name, n)
+    return batch_size
+
+
+class _EMStep:
+    """The E-step, M-step and objective of one :func:`em` run."""
+
+    def __init__(self, pair: Pair, data, m_step, plate_nesting, m_lr, m_iters, m_tol,
+                 e_iters, e_lr, num_particles):
+        self.pair, self.data, self.kind = pair, data, m_step
+        self.elbo = TraceEnum_ELBO(max_plate_nesting=plate_nesting, strict_enumeration_warning=False)
+        model_names = param_names(pair.model, *data)
+        local_names = param_names(pair.guide, *data) - model_names
+        self.local = unconstrained_params(local_names)
+        self.e_optim = torch.optim.Adam(self.local, lr=e_lr) if self.local else None
+        self.e_iters = e_iters
+        self.m_iters, self.m_tol = m_iters, m_tol
+        self.statistics = None
+        self.t = 0
+        if m_step == "gradient":
+            self.theta = unconstrained_params(model_names)
+            self.m_optim = torch.optim.Adam(self.theta, lr=m_lr)
+            self.q = QFunctionELBO(num_particles=num_particles, max_plate_nesting=plate_nesting)
+
+    def e_step(self, handler=None):
+        """Records the guide's distributions at the current theta (fitting local parameters first)."""
+        handler = handler or nullcontext()
+        if self.local:
+            for _ in range(self.e_iters):
+                with handler:
+                    loss = self.elbo.differentiable_loss(self.pair.model, self.pair.guide, *self.data)
+                _descend(self.e_optim, self.local, loss)
+        with torch.no_grad(), poutine.block(), handler:
+            return poutine.trace(self.pair.guide).get_trace(*self.data)
+
+    def objective(self, posterior) -> float:
+        """ELBO(q, theta) with q the recorded posterior: log-likelihood when q is exact."""
+        frozen = FrozenPosterior(posterior)(self.pair.guide)
+        with torch.no_grad():
+            return -self.elbo.loss(self.pair.model, frozen, *self.data)
+
+    def m_step(self, posterior) -> None:
+        if self.kind == "closed_form":
+            self.pair.owner.maximize(self.pair.owner.expected_statistics(posterior, *self.data))
+            return
+        frozen = FrozenPosterior(posterior)(self.pair.guide)
+        previous = None
+        for _ in range(self.m_iters):
+            loss = self.q.differentiable_loss(self.pair.model, frozen, *self.data)
+            _descend(self.m_optim, self.theta, loss)
+            value = loss.item()
+            if previous is not None and abs(previous - value) <= self.m_tol * abs(value):
+                break
+            previous = value
+
+    def online_epoch(self, batch_size, plate_name, step_size) -> None:
+        """One pass of online EM over a random permutation of the data."""
+        n = self.data[0].shape[0]
+        order = torch.randperm(n)
+        owner = self.pair.owner
+        for start in range(0, n - batch_size + 1, batch_size):
+            handler = SubsamplePlate(plate_name, order[start:start + batch_size])
+            stats = owner.expected_statistics(self.e_step(handler), *self.data)
+            self.t += 1
+            gamma = 1.0 if self.t == 1 else _gamma(step_size, self.t)
+            if self.statistics is None:
+                self.statistics = stats
+            else:
+                self.statistics = {k: (1 - gamma) * self.statistics[k] + gamma * stats[k]
+                                   for k in stats}
+            owner.maximize(self.statistics)
+
+
+def _gamma(step_size, t: int) -> float:
+    return float(step_size(t)) if callable(step_size) else t ** -float(step_size)
+
+
+def _descend(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loss) -> None:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    optimizer.step()

@@ -1,0 +1,140 @@
+"""``fit``: stochastic variational inference for any model/guide pair."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import pyro
+import torch
+from pyro.infer import ELBO, SVI
+from pyro.optim import PyroOptim
+from tqdm.auto import tqdm
+
+from freqvi.errors import FreqviError, FreqviInputError
+from freqvi.estimators import get_estimator
+from freqvi.handlers import SubsamplePlate
+from freqvi.infer.optim import make_optimizer
+from freqvi.infer.pair import resolve_pair
+from freqvi.traces import check_pair, data_plate
+from freqvi.validation import as_data, check_positive_int
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    :ivar elbo: the ELBO estimate at each step (full-data scale, also under minibatches).
+    :ivar num_steps: steps taken.
+    :ivar converged: whether the ``tol`` criterion stopped the run.
+    :ivar wall_time: seconds spent in the loop.
+    :ivar loss: the estimator used.
+    """
+
+    elbo: list[float] = field(default_factory=list)
+    num_steps: int = 0
+    converged: bool = False
+    wall_time: float = 0.0
+    loss: ELBO | None = None
+
+
+def fit(
+    model,
+    guide,
+    data,
+    *,
+    loss: str | ELBO = "trace",
+    optim: str | PyroOptim = "adam",
+    lr: float = 0.01,
+    num_steps: int = 1000,
+    tol: float | None = None,
+    window: int = 50,
+    batch_size: int | None = None,
+    data_plate_name: str = "data",
+    seed: int | None = None,
+    progress: bool = True,
+    **loss_options,
+) -> FitResult:
+    r"""Maximises an ELBO over the model's and the guide's parameters by SVI.
+
+    Each step draws a fresh estimate of :math:`-\mathrm{ELBO}(q, \theta)` from
+    ``loss`` and takes one optimiser step on every parameter the model and guide
+    touch. With ``batch_size`` each step visits ``batch_size`` observations of
+    the plate ``data_plate_name`` (epochs of a random permutation); Pyro scales
+    the plate's sites by ``n / batch_size``, so the estimate stays unbiased for
+    the full data's ELBO.
+
+    :param model: a model callable, a freqvi model (then ``guide=None`` uses its
+        exact-posterior guide) or a ``(model, guide)`` tuple.
+    :param guide: the guide callable, or ``None`` as above.
+    :param data: one array or a tuple of arrays, passed to model and guide as
+        positional arguments; float64 data fits in float64.
+    :param loss: an :class:`~pyro.infer.ELBO` or a name from
+        :data:`freqvi.estimators.ESTIMATORS`; ``loss_options`` go to its constructor.
+    :param optim: a :class:`~pyro.optim.PyroOptim` or a name from
+        :data:`freqvi.infer.optim.OPTIMIZERS`, with learning rate ``lr``.
+    :param num_steps: maximum number of steps.
+    :param tol: stop when the mean ELBO of the last ``window`` steps changes by
+        less than ``tol`` times its magnitude from the window before.
+    :param seed: seeds Python's, NumPy's and torch's generators first.
+    :param progress: show a tqdm progress bar.
+    """
+    num_steps = check_positive_int(num_steps, "num_steps")
+    window = check_positive_int(window, "window")
+    data = as_data(data)
+    pair = resolve_pair(model, guide)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    model_trace, _ = check_pair(pair.model, pair.guide, data)
+    batches = _batches(model_trace, data, batch_size, data_plate_name)
+    elbo = get_estimator(loss, **loss_options)
+    svi = SVI(pair.model, pair.guide, make_optimizer(optim, lr), elbo)
+
+    result = FitResult(loss=elbo)
+    start = time.perf_counter()
+    bar = tqdm(range(num_steps), disable=not progress, desc="fit", unit="step")
+    for step in bar:
+        with next(batches):
+            value = svi.step(*data)
+        if not math.isfinite(value):
+            raise FreqviError(
+                f"step {step}: the {type(elbo).__name__} loss is {value}; lower lr or check that the "
+                "model's densities are finite at the current parameters."
+            )
+        result.elbo.append(-value)
+        result.num_steps = step + 1
+        if step % 10 == 0:
+            bar.set_postfix(elbo=f"{-value:.4g}")
+        if tol is not None and _window_converged(result.elbo, window, tol):
+            result.converged = True
+            break
+    bar.close()
+    result.wall_time = time.perf_counter() - start
+    return result
+
+
+def _batches(model_trace, data, batch_size, plate_name) -> Iterator:
+    """Yields, per step, a handler selecting that step's observations (or none)."""
+    n = data[0].shape[0]
+    if batch_size is None:
+        while True:
+            yield nullcontext()
+    batch_size = check_positive_int(batch_size, "batch_size")
+    if batch_size > n:
+        raise FreqviInputError(f"batch_size must be between 1 and n = {n}; got {batch_size}.")
+    data_plate(model_trace, plate_name, n)
+    while True:
+        order = torch.randperm(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield SubsamplePlate(plate_name, order[start:start + batch_size])
+
+
+def _window_converged(history: list[float], window: int, tol: float) -> bool:
+    if len(history) < 2 * window:
+        return False
+    last = sum(history[-window:]) / window
+    before = sum(history[-2 * window:-window]) / window
+    return abs(last - before) <= tol * abs(last)

@@ -1,0 +1,171 @@
+"""Factor analysis and probabilistic PCA: a latent model with a Gaussian posterior."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import pyro_method
+
+from freqvi.errors import FreqviInputError
+from freqvi.guides import LocalMeanField
+from freqvi.models.base import LatentVariableModel
+from freqvi.validation import check_choice, check_matrix, check_positive_int
+
+NOISE_TYPES = ("diagonal", "isotropic")
+
+
+class FactorAnalysis(LatentVariableModel):
+    r"""Linear-Gaussian factor model; ``noise="isotropic"`` is probabilistic PCA.
+
+    .. math::
+
+        z_i \sim \mathcal N(0, I_q), \qquad
+        x_i \mid z_i \sim \mathcal N(\mu + W z_i, \Psi), \qquad
+        x_i \sim \mathcal N(\mu, W W^\top + \Psi),
+
+    with :math:`\Psi = \operatorname{diag}(\psi)` or :math:`\sigma^2 I`. The
+    posterior is Gaussian, :math:`z_i \mid x_i \sim \mathcal N(M^{-1} W^\top
+    \Psi^{-1} (x_i - \mu), M^{-1})` with :math:`M = I + W^\top \Psi^{-1} W`.
+
+    Sites: ``"factors"`` (latent, event shape ``(q,)``) and ``"obs"`` inside the
+    plate ``"data"``. Guides: :meth:`guide` (the exact posterior above) and
+    :meth:`mean_field_guide` (free per-observation diagonal Gaussians). The
+    M-step has a closed form in :meth:`expected_statistics` / :meth:`maximize`.
+    ``W`` is identified only up to rotation, ``W R`` for orthogonal ``R``.
+
+    :param dim: observed dimension ``d``.
+    :param latent_dim: number of factors ``q``, ``1 <= q <= d``.
+    :param noise: ``"diagonal"`` (factor analysis) or ``"isotropic"`` (PPCA).
+    :param init: optional ``{"mean": (d,), "loading": (d, q), "noise_variance":
+        (d,) or ()}``; default: the principal-component solution of the sample
+        covariance.
+
+    Fitted parameters: ``mean`` ``(d,)``, ``loading`` ``W`` ``(d, q)``,
+    ``noise_variance`` ``(d,)`` (diagonal) or a scalar (isotropic).
+    """
+
+    _estimate_names = ("mean", "loading", "noise_variance")
+
+    def __init__(self, dim: int, latent_dim: int, noise: str = "diagonal", *,
+                 init: dict | None = None, name: str | None = None):
+        self.dim = check_positive_int(dim, "dim")
+        self.latent_dim = check_positive_int(latent_dim, "latent_dim")
+        if self.latent_dim > self.dim:
+            raise FreqviInputError(f"latent_dim must be <= dim = {dim}; got {latent_dim}.")
+        self.noise = check_choice(noise, "noise", NOISE_TYPES)
+        super().__init__(init=init, name=name)
+
+    # ----- parameters -------------------------------------------------------------------------
+    def _noise_shape(self) -> tuple[int, ...]:
+        return (self.dim,) if self.noise == "diagonal" else ()
+
+    def _check_init(self, init: dict) -> dict:
+        expected = {"mean": (self.dim,), "loading": (self.dim, self.latent_dim),
+                    "noise_variance": self._noise_shape()}
+        if set(init) != set(expected):
+            raise FreqviInputError(f"init must have exactly the keys {sorted(expected)}; "
+                                   f"got {sorted(init)}.")
+        init = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in init.items()}
+        for key, shape in expected.items():
+            if tuple(init[key].shape) != shape or not torch.isfinite(init[key]).all():
+                raise FreqviInputError(f"init[{key!r}] must be finite with shape {shape}; "
+                                       f"got shape {tuple(init[key].shape)}.")
+        if (init["noise_variance"] <= 0).any():
+            raise FreqviInputError("init['noise_variance'] must be positive.")
+        return init
+
+    def _set_values(self, values: dict[str, torch.Tensor]) -> None:
+        self._set("mean", values["mean"], constraints.real)
+        self._set("loading", values["loading"], constraints.real)
+        self._set("noise_variance", values["noise_variance"], constraints.positive)
+
+    def _initial_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Principal components: ``W = U_q (L_q - s)^{1/2}``, ``s`` the mean discarded eigenvalue."""
+        mean = x.mean(0)
+        cov = torch.cov(x.T, correction=0).reshape(self.dim, self.dim)
+        evals, evecs = torch.linalg.eigh(cov)
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        q = self.latent_dim
+        rest = evals[q:].mean() if q < self.dim else 0.1 * evals[-1]
+        floor = 1e-6 * evals[0].clamp_min(1e-12)
+        rest = rest.clamp_min(floor)
+        loading = evecs[:, :q] * (evals[:q] - rest).clamp_min(floor).sqrt()
+        noise = torch.diagonal(cov) - loading.square().sum(-1) if self.noise == "diagonal" else rest
+        return {"mean": mean, "loading": loading, "noise_variance": noise.clamp_min(floor)}
+
+    def _prepare(self, x: torch.Tensor) -> None:
+        check_matrix(x, self.dim)
+        self._ensure_initialized(x)
+
+    def _psi(self) -> torch.Tensor:
+        """Noise variances as a ``(d,)`` vector."""
+        return self.noise_variance.expand(self.dim)
+
+    # ----- densities --------------------------------------------------------------------------
+    @pyro_method
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact ``log N(x_i; mu, W W^T + Psi)``, shape ``(n,)`` (the Gaussian integral)."""
+        self._prepare(x)
+        marginal = dist.LowRankMultivariateNormal(self.mean, self.loading, self._psi())
+        return marginal.log_prob(x)
+
+    def posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
+        """The exact posterior of the factors, batch shape ``(n,)``, event shape ``(q,)``."""
+        w_scaled = self.loading / self._psi().unsqueeze(-1)  # Psi^{-1} W, (d, q)
+        precision = torch.eye(self.latent_dim, dtype=x.dtype) + self.loading.T @ w_scaled
+        chol = torch.linalg.cholesky(precision)
+        cov = torch.cholesky_inverse(chol)
+        loc = (x - self.mean) @ w_scaled @ cov
+        return dist.MultivariateNormal(loc, scale_tril=torch.linalg.cholesky(cov))
+
+    # ----- model and guides -------------------------------------------------------------------
+    @pyro_method
+    def model(self, x: torch.Tensor) -> None:
+        """``z_i ~ N(0, I_q)``, ``x_i ~ N(mu + W z_i, Psi)`` for each row ``x_i``."""
+        self._prepare(x)
+        zeros = x.new_zeros(self.latent_dim)
+        with pyro.plate(self.data_plate, x.shape[0]) as i:
+            z = pyro.sample("factors", dist.Normal(zeros, 1.0).to_event(1))
+            loc = self.mean + z @ self.loading.T
+            pyro.sample("obs", dist.Normal(loc, self._psi().sqrt()).to_event(1), obs=x[i])
+
+    @pyro_method
+    def guide(self, x: torch.Tensor) -> None:
+        """The exact Gaussian posterior of the factors at the current parameters."""
+        self._prepare(x)
+        with pyro.plate(self.data_plate, x.shape[0]) as i:
+            pyro.sample("factors", self.posterior(x[i]))
+
+    def mean_field_guide(self) -> LocalMeanField:
+        """A guide with free per-observation diagonal Gaussian factors (variational E-step)."""
+        return LocalMeanField(self.model)
+
+    # ----- closed-form M-step -----------------------------------------------------------------
+    def expected_statistics(self, guide_trace, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Averages of ``x x`` (diagonal), ``x E[z~]^T`` and ``E[z~ z~^T]`` with ``z~ = (z, 1)``.
+
+        Any guide with a Gaussian factor site works (exact or mean-field); its
+        mean and covariance are read off the trace.
+        """
+        fn = guide_trace.nodes["factors"]["fn"]
+        index = guide_trace.nodes[self.data_plate]["value"]
+        xb = x[index]
+        n, q = xb.shape[0], self.latent_dim
+        mean = fn.mean
+        cov = fn.covariance_matrix if hasattr(fn, "covariance_matrix") \
+            else torch.diag_embed(fn.variance)
+        ez = torch.cat([mean, mean.new_ones(n, 1)], -1)  # E[z~], (n, q+1)
+        ezz = ez.T @ ez / n
+        ezz[:q, :q] += cov.expand(n, q, q).mean(0)
+        return {"xx": xb.square().mean(0), "xz": xb.T @ ez / n, "zz": ezz}
+
+    def maximize(self, statistics: dict[str, torch.Tensor]) -> None:
+        """``[W, mu] = S_xz S_zz^{-1}``, ``psi = diag(S_xx - [W, mu] S_xz^T)`` (averaged if isotropic)."""
+        xz, zz = statistics["xz"], statistics["zz"]
+        coef = torch.linalg.solve(zz, xz.T).T  # (d, q+1) = [W, mu]
+        psi = statistics["xx"] - (coef * xz).sum(-1)
+        floor = torch.finfo(psi.dtype).eps * statistics["xx"].mean()
+        psi = psi.clamp_min(floor) if self.noise == "diagonal" else psi.mean().clamp_min(floor)
+        self._set_values({"mean": coef[:, -1], "loading": coef[:, :-1], "noise_variance": psi})

@@ -1,0 +1,224 @@
+"""The Gaussian mixture: EM's first example (paper section 2)."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import pyro_method
+
+from freqvi.errors import FreqviInputError
+from freqvi.guides import LocalMeanField
+from freqvi.models.base import LatentVariableModel
+from freqvi.models.initialization import kmeans
+from freqvi.validation import check_choice, check_matrix, check_positive_float, check_positive_int
+
+COVARIANCE_TYPES = ("full", "diag", "spherical")
+
+
+class GaussianMixture(LatentVariableModel):
+    r"""Mixture of ``K`` Gaussians in ``dim`` dimensions, fitted by maximum likelihood.
+
+    .. math::
+
+        z_i \sim \mathrm{Categorical}(w), \qquad
+        x_i \mid z_i = k \sim \mathcal N(\mu_k, \Sigma_k), \qquad
+        \ell(\theta) = \sum_i \log \sum_k w_k \, \mathcal N(x_i; \mu_k, \Sigma_k).
+
+    Sites: ``"assignment"`` (latent, marked for parallel enumeration) and
+    ``"obs"``, inside the plate ``"data"``. Guides:
+
+    * :meth:`guide`: the exact E-step, :math:`q(z_i = k) = r_{ik} \propto w_k
+      \mathcal N(x_i; \mu_k, \Sigma_k)` (the responsibilities) at the current
+      parameters; with it the ELBO equals :math:`\ell(\theta)`.
+    * :meth:`mean_field_guide`: free per-observation categorical factors
+      (variational EM).
+    * :meth:`marginal_guide`: an empty guide, for
+      :class:`~pyro.infer.TraceEnum_ELBO` to sum ``z`` out inside the model.
+
+    The M-step has a closed form (:meth:`expected_statistics`, :meth:`maximize`),
+    with ``reg_covar`` added to the covariances' diagonals as scikit-learn does.
+
+    :param n_components: ``K >= 1``.
+    :param dim: dimension ``d >= 1`` of an observation.
+    :param covariance: ``"full"`` (``Sigma_k``), ``"diag"`` or ``"spherical"``.
+    :param init: optional starting values ``{"weights": (K,), "locs": (K, d),
+        "covariances": ...}`` in scikit-learn's shapes; default: k-means++ then
+        ten Lloyd iterations, and one M-step from the hard assignments.
+    :param reg_covar: non-negative ridge added to each covariance's diagonal.
+
+    Fitted parameters: ``weights`` ``(K,)``, ``locs`` ``(K, d)`` and
+    ``covariances``: ``(K, d, d)`` full, ``(K, d)`` diag, ``(K,)`` spherical.
+    """
+
+    _estimate_names = ("weights", "locs", "covariances")
+
+    def __init__(
+        self,
+        n_components: int,
+        dim: int,
+        covariance: str = "full",
+        *,
+        init: dict | None = None,
+        reg_covar: float = 1e-6,
+        name: str | None = None,
+    ):
+        self.n_components = check_positive_int(n_components, "n_components")
+        self.dim = check_positive_int(dim, "dim")
+        self.covariance = check_choice(covariance, "covariance", COVARIANCE_TYPES)
+        self.reg_covar = check_positive_float(reg_covar, "reg_covar", allow_zero=True)
+        super().__init__(init=init, name=name)
+
+    # ----- parameters -------------------------------------------------------------------------
+    @property
+    def covariances(self) -> torch.Tensor:
+        """Covariances in scikit-learn's shape for ``covariance``."""
+        if self.covariance == "full":
+            tril = self.scale_tril
+            return tril @ tril.mT
+        return self.variances
+
+    def _covariance_shape(self) -> tuple[int, ...]:
+        k, d = self.n_components, self.dim
+        return {"full": (k, d, d), "diag": (k, d), "spherical": (k,)}[self.covariance]
+
+    def _check_init(self, init: dict) -> dict:
+        expected = {"weights": (self.n_components,), "locs": (self.n_components, self.dim),
+                    "covariances": self._covariance_shape()}
+        if set(init) != set(expected):
+            raise FreqviInputError(f"init must have exactly the keys {sorted(expected)}; "
+                                   f"got {sorted(init)}.")
+        init = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in init.items()}
+        for key, shape in expected.items():
+            if tuple(init[key].shape) != shape:
+                raise FreqviInputError(f"init[{key!r}] must have shape {shape}; "
+                                       f"got {tuple(init[key].shape)}.")
+            if not torch.isfinite(init[key]).all():
+                raise FreqviInputError(f"init[{key!r}] holds non-finite values.")
+        w = init["weights"]
+        if (w <= 0).any() or abs(float(w.sum()) - 1) > 1e-6:
+            raise FreqviInputError("init['weights'] must be positive and sum to 1; "
+                                   f"got {w.tolist()}.")
+        cov = init["covariances"]
+        positive = torch.linalg.cholesky_ex(cov)[1].eq(0).all() if self.covariance == "full" \
+            else (cov > 0).all()
+        if not positive:
+            raise FreqviInputError("init['covariances'] must be positive definite.")
+        return init
+
+    def _set_values(self, values: dict[str, torch.Tensor]) -> None:
+        self._set("weights", values["weights"], constraints.simplex)
+        self._set("locs", values["locs"], constraints.real)
+        if self.covariance == "full":
+            tril = torch.linalg.cholesky(values["covariances"])
+            self._set("scale_tril", tril, constraints.lower_cholesky)
+        else:
+            self._set("variances", values["covariances"], constraints.positive)
+
+    def _initial_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        labels = kmeans(x, self.n_components)
+        resp = torch.nn.functional.one_hot(labels, self.n_components).to(x.dtype)
+        return self._maximizer(self._statistics(resp, x - x.mean(0)), x.mean(0))
+
+    def _check_data(self, x: torch.Tensor) -> None:
+        check_matrix(x, self.dim)
+        if x.shape[0] < self.n_components:
+            raise FreqviInputError(
+                f"a mixture of {self.n_components} components needs at least that many "
+                f"observations; got {x.shape[0]}."
+            )
+
+    def _prepare(self, x: torch.Tensor) -> None:
+        self._check_data(x)
+        if not self.initialized:
+            self.register_buffer("shift", x.mean(0).detach().clone())
+        self._ensure_initialized(x)
+
+    # ----- densities --------------------------------------------------------------------------
+    def _components(self, index: torch.Tensor | None = None) -> dist.Distribution:
+        """Component densities; batch shape ``(K,)``, or ``index.shape`` when indexed."""
+        locs = self.locs if index is None else self.locs[index]
+        if self.covariance == "full":
+            tril = self.scale_tril if index is None else self.scale_tril[index]
+            return dist.MultivariateNormal(locs, scale_tril=tril)
+        scale = self.variances.sqrt()
+        if index is not None:
+            scale = scale[index]
+        if self.covariance == "spherical":
+            scale = scale.unsqueeze(-1).expand(locs.shape)
+        return dist.Normal(locs, scale).to_event(1)
+
+    def log_joint(self, x: torch.Tensor) -> torch.Tensor:
+        """``log w_k + log N(x_i; mu_k, Sigma_k)``, shape ``(n, K)``."""
+        return self.weights.log() + self._components().log_prob(x.unsqueeze(-2))
+
+    @pyro_method
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact per-observation log-likelihood ``log p(x_i)``, shape ``(n,)`` (log-sum-exp)."""
+        self._prepare(x)
+        return self.log_joint(x).logsumexp(-1)
+
+    # ----- model and guides -------------------------------------------------------------------
+    @pyro_method
+    def model(self, x: torch.Tensor) -> None:
+        """``z_i ~ Categorical(w)``, ``x_i ~ N(mu_{z_i}, Sigma_{z_i})`` for each row ``x_i``."""
+        self._prepare(x)
+        with pyro.plate(self.data_plate, x.shape[0]) as i:
+            z = pyro.sample("assignment", dist.Categorical(self.weights),
+                            infer={"enumerate": "parallel"})
+            pyro.sample("obs", self._components(z), obs=x[i])
+
+    @pyro_method
+    def guide(self, x: torch.Tensor) -> None:
+        """The exact posterior ``q(z_i = k) = r_ik``, the E-step at the current parameters."""
+        self._prepare(x)
+        with pyro.plate(self.data_plate, x.shape[0]) as i:
+            pyro.sample("assignment", dist.Categorical(logits=self.log_joint(x[i])),
+                        infer={"enumerate": "parallel"})
+
+    @pyro_method
+    def marginal_guide(self, x: torch.Tensor) -> None:
+        """An empty guide: under ``TraceEnum_ELBO`` the model sums ``z`` out exactly."""
+        self._prepare(x)
+
+    def mean_field_guide(self) -> LocalMeanField:
+        """A guide with free per-observation categorical factors (variational E-step)."""
+        return LocalMeanField(self.model)
+
+    # ----- closed-form M-step -----------------------------------------------------------------
+    def expected_statistics(self, guide_trace, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Averages of ``r_ik``, ``r_ik (x_i - c)`` and ``r_ik (x_i - c)(x_i - c)^T``.
+
+        ``c`` is a fixed shift (the data mean at initialisation) that keeps the
+        second moments well conditioned in float32. Averages run over the
+        observations of the guide trace's ``"data"`` plate (a minibatch or all).
+        """
+        resp = guide_trace.nodes["assignment"]["fn"].probs
+        index = guide_trace.nodes[self.data_plate]["value"]
+        return self._statistics(resp, x[index] - self.shift)
+
+    def _statistics(self, resp: torch.Tensor, xc: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = xc.shape[0]
+        stats = {"n": resp.mean(0), "x": resp.T @ xc / n}
+        if self.covariance == "full":
+            stats["xx"] = torch.einsum("nk,ni,nj->kij", resp, xc, xc) / n
+        else:
+            stats["xx"] = resp.T @ xc.square() / n
+        return stats
+
+    def maximize(self, statistics: dict[str, torch.Tensor]) -> None:
+        """Sets ``w_k = n_k / sum n``, ``mu_k = c + x_k / n_k``, ``Sigma_k = xx_k / n_k - ...``."""
+        self._set_values(self._maximizer(statistics, self.shift))
+
+    def _maximizer(self, stats: dict[str, torch.Tensor], shift: torch.Tensor) -> dict:
+        nk = stats["n"] + 10 * torch.finfo(stats["n"].dtype).eps
+        centred = stats["x"] / nk.unsqueeze(-1)
+        if self.covariance == "full":
+            cov = stats["xx"] / nk[:, None, None] - centred.unsqueeze(-1) * centred.unsqueeze(-2)
+            cov = cov + self.reg_covar * torch.eye(self.dim, dtype=cov.dtype)
+        else:
+            cov = stats["xx"] / nk.unsqueeze(-1) - centred.square() + self.reg_covar
+            if self.covariance == "spherical":
+                cov = cov.mean(-1)
+        return {"weights": nk / nk.sum(), "locs": centred + shift, "covariances": cov}

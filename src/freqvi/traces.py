@@ -1,0 +1,130 @@
+"""Inspection of model and guide traces: latent sites, data plate, agreement.
+
+These helpers run a program once, with its effects blocked, to learn its
+structure; drivers call them before any fitting so that a mismatched pair
+fails fast with a readable message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.trace_struct import Trace
+
+from freqvi.errors import FreqviInputError
+
+
+def trace(fn: Callable, *args, **kwargs) -> Trace:
+    """Records one run of ``fn``; its side effects on enclosing handlers are blocked."""
+    with poutine.block():
+        return poutine.trace(fn).get_trace(*args, **kwargs)
+
+
+def latent_sites(tr: Trace) -> dict[str, dict]:
+    """The unobserved sample sites of a trace, subsample sites left out."""
+    return {
+        name: site
+        for name, site in tr.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not isinstance(site["fn"], _Subsample)
+    }
+
+
+def observed_sites(tr: Trace) -> dict[str, dict]:
+    """The observed sample sites of a trace."""
+    return {
+        name: site
+        for name, site in tr.nodes.items()
+        if site["type"] == "sample" and site["is_observed"]
+    }
+
+
+def is_enumerated(site: dict) -> bool:
+    """Whether a site asks to be summed out by parallel enumeration."""
+    return site["infer"].get("enumerate") == "parallel"
+
+
+def max_plate_nesting(*traces: Trace) -> int:
+    """How many plate dimensions the programs use, at most (0 without plates)."""
+    dims = [
+        -frame.dim
+        for tr in traces
+        for site in tr.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return max(dims, default=0)
+
+
+def data_plate(model_trace: Trace, name: str, num_data: int):
+    """The frame of the plate called ``name``, checked to range over all ``num_data`` rows."""
+    for site in model_trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.name == name and frame.vectorized:
+                size = frame.full_size or frame.size
+                if size != num_data:
+                    raise FreqviInputError(
+                        f"the model's plate {name!r} has size {size}, but the data has "
+                        f"{num_data} observations; write pyro.plate({name!r}, len(x)) in the model."
+                    )
+                return frame
+    raise FreqviInputError(
+        f"the model has no vectorised plate called {name!r} over the observations; write "
+        f"`with pyro.plate({name!r}, len(x)) as i:` around its per-observation sites "
+        "(or pass the plate's name as data_plate=...)."
+    )
+
+
+def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...]):
+    """Runs model and guide once and checks that their latent sites agree.
+
+    Every latent site of the guide must be a latent site of the model, and every
+    latent site of the model must be covered by the guide unless the model sums
+    it out by enumeration. Returns the two traces.
+    """
+    try:
+        guide_trace = trace(guide, *data)
+        model_trace = trace(poutine.replay(model, trace=guide_trace), *data)
+    except FreqviInputError:
+        raise
+    except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+        raise FreqviInputError(
+            f"running the model/guide pair on the data failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    model_latent = latent_sites(model_trace)
+    guide_latent = latent_sites(guide_trace)
+    extra = sorted(set(guide_latent) - set(model_latent))
+    missing = sorted(
+        name for name, site in model_latent.items()
+        if name not in guide_latent and not is_enumerated(site)
+    )
+    if extra or missing:
+        parts = []
+        if extra:
+            parts.append(f"the guide samples {extra}, which the model does not have as latent sites")
+        if missing:
+            parts.append(f"the model's latent sites {missing} have no site in the guide "
+                         "(and are not marked infer={'enumerate': 'parallel'})")
+        raise FreqviInputError("model and guide do not match: " + "; ".join(parts) + ".")
+    return model_trace, guide_trace
+
+
+def param_names(fn: Callable, *args, **kwargs) -> set[str]:
+    """Names of the ``pyro.param`` sites that one run of ``fn`` touches."""
+    with poutine.block():
+        tr = poutine.trace(fn, param_only=True).get_trace(*args, **kwargs)
+    return {name for name, site in tr.nodes.items() if site["type"] == "param"}
+
+
+def unconstrained_params(names) -> list[torch.Tensor]:
+    """The leaf tensors an optimiser updates for the named params."""
+    store = pyro.get_param_store()
+    return [store.get_param(n).unconstrained() for n in sorted(names)]
