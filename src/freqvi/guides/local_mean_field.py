@@ -91,7 +91,8 @@ class LocalMeanField(PyroModule):
                             f.name, full, subsample_size=f.size if f.size < full else None, dim=f.dim
                         )
                     stack.enter_context(plates[f.name])
-                pyro.sample(name, self._factor(name, info, plates))
+                infer = {"enumerate": "parallel"} if info["discrete"] else {}
+                pyro.sample(name, self._factor(name, info, plates), infer=infer)
 
     def _factor(self, name: str, info: dict, plates: dict) -> dist.Distribution:
         safe = name.replace(".", "_")

@@ -87,7 +87,9 @@ def em(
       - ``"closed_form"``: the model's :class:`~freqvi.models.ClosedFormMStep`
         maps expected sufficient statistics of ``q`` to :math:`\theta`;
       - ``"gradient"``: Adam on :class:`~freqvi.estimators.QFunctionELBO` until
-        the relative change of Q is below ``m_step_tol`` or ``m_step_iters``.
+        the relative change of Q is below ``m_step_tol`` or ``m_step_iters``;
+        the best parameters seen are kept, so Q does not decrease
+        (generalised EM).
 
       ``"auto"`` takes the closed form when the model offers one.
 
@@ -199,7 +201,7 @@ class _EMStep:
         self.t = 0
         if m_step == "gradient":
             self.theta = unconstrained_params(model_names)
-            self.m_optim = torch.optim.Adam(self.theta, lr=m_lr)
+            self.m_lr = m_lr
             self.q = QFunctionELBO(num_particles=num_particles, max_plate_nesting=plate_nesting)
 
     def e_step(self, handler=None):
@@ -224,14 +226,21 @@ class _EMStep:
             self.pair.owner.maximize(self.pair.owner.expected_statistics(posterior, *self.data))
             return
         frozen = FrozenPosterior(posterior)(self.pair.guide)
-        previous = None
+        optimizer = torch.optim.Adam(self.theta, lr=self.m_lr)
+        best, best_theta, previous = float("inf"), None, None
         for _ in range(self.m_iters):
             loss = self.q.differentiable_loss(self.pair.model, frozen, *self.data)
-            _descend(self.m_optim, self.theta, loss)
             value = loss.item()
+            if value < best:  # -Q at the parameters before this step
+                best, best_theta = value, [p.detach().clone() for p in self.theta]
             if previous is not None and abs(previous - value) <= self.m_tol * abs(value):
                 break
             previous = value
+            _descend(optimizer, self.theta, loss)
+        # Keep the best parameters seen, so Q never decreases (generalised EM's ascent).
+        with torch.no_grad():
+            for p, b in zip(self.theta, best_theta, strict=True):
+                p.copy_(b)
 
     def online_epoch(self, batch_size, plate_name, step_size) -> None:
         """One pass of online EM over a random permutation of the data."""

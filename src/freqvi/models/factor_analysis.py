@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -67,7 +68,7 @@ class FactorAnalysis(LatentVariableModel):
         if set(init) != set(expected):
             raise FreqviInputError(f"init must have exactly the keys {sorted(expected)}; "
                                    f"got {sorted(init)}.")
-        init = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in init.items()}
+        init = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in init.items()}
         for key, shape in expected.items():
             if tuple(init[key].shape) != shape or not torch.isfinite(init[key]).all():
                 raise FreqviInputError(f"init[{key!r}] must be finite with shape {shape}; "

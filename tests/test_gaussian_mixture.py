@@ -1,0 +1,155 @@
+"""Gaussian mixture: the exact E-step, EM's ascent, Fisher's identity, scikit-learn as reference."""
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+from simulate import mixture_data
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+import freqvi
+from freqvi.estimators import QFunctionELBO
+from freqvi.models import GaussianMixture
+
+INIT = {
+    "weights": [0.4, 0.3, 0.3],
+    "locs": [[0.5, 0.5], [3.0, 0.0], [0.0, 4.0]],
+    "covariances": [np.eye(2), np.eye(2), np.eye(2)],
+}
+
+
+def poor_start(covariance):
+    """INIT in the shapes of ``covariance``: unit covariances, far from the optimum."""
+    cov = {"full": INIT["covariances"], "diag": np.ones((3, 2)), "spherical": np.ones(3)}[covariance]
+    return {**INIT, "covariances": cov}
+
+
+def scipy_log_likelihood(x, weights, locs, covariances):
+    """Independent float64 reference: sum_i log sum_k w_k N(x_i; mu_k, Sigma_k)."""
+    x = np.asarray(x, dtype=np.float64)
+    comps = [np.log(w) + multivariate_normal(m, c).logpdf(x) for w, m, c in
+             zip(np.asarray(weights), np.asarray(locs), np.asarray(covariances), strict=True)]
+    return logsumexp(np.stack(comps, -1), axis=-1)
+
+
+def test_exact_guide_elbo_equals_log_likelihood():
+    x = mixture_data()
+    gm = GaussianMixture(3, 2, init=INIT)
+    elbo = -TraceEnum_ELBO(max_plate_nesting=1).loss(gm.model, gm.guide, x)
+    with pytest.warns(UserWarning, match="enumerate"):  # Trace_ELBO draws instead of enumerating
+        single_draw = -pyro.infer.Trace_ELBO().loss(gm.model, gm.guide, x)
+    reference = scipy_log_likelihood(x, **INIT).sum()
+    assert elbo == pytest.approx(reference, rel=1e-5)
+    assert single_draw == pytest.approx(reference, rel=1e-5)  # log p(x,z) - log p(z|x) = log p(x) for any z
+
+
+IGNORE_MAX_ITER = pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+
+
+@IGNORE_MAX_ITER
+@pytest.mark.parametrize("covariance", ["full", "diag", "spherical"])
+@pytest.mark.parametrize("m_step", ["closed_form", "gradient"])
+def test_em_ascent_property(covariance, m_step):
+    x = mixture_data(n=300)
+    gm = GaussianMixture(3, 2, covariance, init=poor_start(covariance))
+    iters = 40 if m_step == "closed_form" else 6
+    result = freqvi.em(gm, x, m_step=m_step, max_iter=iters, tol=0.0, progress=False, seed=0)
+    path = np.array(result.log_likelihood)
+    assert len(path) == iters + 1 or result.converged
+    assert np.all(np.diff(path) >= -1e-9 * np.abs(path[1:])), np.diff(path).min()
+    assert path[-1] > path[0] + 1.0  # it actually moved
+    final = freqvi.log_likelihood(gm, None, x).total
+    assert path[-1] == pytest.approx(final, rel=1e-8)
+
+
+def test_fisher_identity():
+    """grad_theta Q(theta | theta') at theta = theta' equals grad_theta log-likelihood."""
+    x = mixture_data(n=200)
+    gm = GaussianMixture(3, 2, init=INIT)
+    gm.model(x)
+    names = ["weights", "locs", "scale_tril"]
+    params = [getattr(gm, f"{n}_unconstrained") for n in names]
+    q_loss = QFunctionELBO(max_plate_nesting=1).differentiable_loss(gm.model, gm.guide, x)
+    grads_q = torch.autograd.grad(-q_loss, params)
+    loglik = gm.log_marginal(x).sum()
+    grads_l = torch.autograd.grad(loglik, params)
+    for n, gq, gl in zip(names, grads_q, grads_l, strict=True):
+        assert torch.allclose(gq, gl, rtol=1e-8, atol=1e-9), n
+    assert max(g.abs().max() for g in grads_l) > 1.0  # not at a stationary point
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag", "spherical"])
+def test_em_matches_scikit_learn_from_same_start(covariance):
+    x = mixture_data()
+    start = GaussianMixture(3, 2, covariance)
+    start.model(x)  # k-means++ initialisation
+    init = {k: v.numpy() for k, v in start.estimates().items()}
+    gm = GaussianMixture(3, 2, covariance, init=init)
+    freqvi.em(gm, x, tol=1e-13, max_iter=3000, progress=False)
+    precisions = np.linalg.inv(init["covariances"]) if covariance == "full" else 1 / init["covariances"]
+    sk = SkGaussianMixture(3, covariance_type=covariance, weights_init=init["weights"],
+                           means_init=init["locs"], precisions_init=precisions,
+                           tol=1e-12, max_iter=3000).fit(x.numpy())
+    est = gm.estimates()
+    n = x.shape[0]
+    ours = freqvi.log_likelihood(gm, None, x).total / n
+    assert ours == pytest.approx(sk.score(x.numpy()), abs=1e-4)
+    np.testing.assert_allclose(est["weights"], sk.weights_, atol=1e-3)
+    np.testing.assert_allclose(est["locs"], sk.means_, atol=1e-3)
+    np.testing.assert_allclose(est["covariances"], sk.covariances_, atol=1e-3)
+
+
+def test_mean_field_guide_is_a_bound_that_tightens():
+    x = mixture_data(n=200)
+    gm = GaussianMixture(3, 2, init=INIT)
+    exact = freqvi.log_likelihood(gm, None, x).total
+    guide = gm.mean_field_guide()
+    frozen_model = poutine.block(gm.model, hide_types=["param"])  # theta fixed: a pure E-step
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    before = -elbo.loss(frozen_model, guide, x)
+    result = freqvi.fit(frozen_model, guide, x, loss=elbo, lr=0.5, num_steps=400, progress=False)
+    after = -elbo.loss(frozen_model, guide, x)
+    assert before <= exact and max(result.elbo) <= exact + 1e-9 * abs(exact)
+    assert after > before
+    assert exact - after < 0.01 * (exact - before)
+    assert after == pytest.approx(exact, abs=0.5)
+
+
+@IGNORE_MAX_ITER
+def test_variational_em_with_mean_field_guide():
+    x = mixture_data(n=300)
+    gm = GaussianMixture(3, 2, init=INIT)
+    result = freqvi.em(gm, x, guide=gm.mean_field_guide(), max_iter=10, tol=0.0, progress=False)
+    assert result.m_step == "closed_form"
+    exact = freqvi.log_likelihood(gm, None, x).total
+    assert result.log_likelihood[-1] <= exact + 1e-6 * abs(exact)
+    assert result.log_likelihood[-1] > result.log_likelihood[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_precision_follows_the_data(dtype):
+    x = mixture_data(n=300, dtype=dtype)
+    gm = GaussianMixture(3, 2, init=INIT)
+    result = freqvi.em(gm, x, max_iter=200, progress=False)
+    assert all(v.dtype == dtype for v in gm.estimates().values())
+    reference = scipy_log_likelihood(x.double(), **{k: v.double() for k, v in gm.estimates().items()})
+    rel = 1e-10 if dtype == torch.float64 else 1e-5
+    assert result.log_likelihood[-1] == pytest.approx(reference.sum(), rel=rel)
+
+
+@IGNORE_MAX_ITER
+def test_online_em_reaches_the_batch_optimum():
+    x = mixture_data(n=2000)
+    batch = GaussianMixture(3, 2, init=INIT)
+    freqvi.em(batch, x, tol=1e-12, max_iter=500, progress=False)
+    online = GaussianMixture(3, 2, init=INIT)
+    result = freqvi.em(online, x, batch_size=200, max_iter=30, tol=0.0, progress=False, seed=0)
+    n = x.shape[0]
+    best = freqvi.log_likelihood(batch, None, x).total / n
+    reached = freqvi.log_likelihood(online, None, x).total / n
+    assert result.num_iter == 30
+    assert best - 2e-3 < reached <= best + 1e-9
