@@ -1,0 +1,117 @@
+"""Factor analysis and PPCA: Gaussian marginal, Tipping-Bishop closed form, scikit-learn."""
+
+import numpy as np
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from scipy.stats import multivariate_normal
+from simulate import factor_data
+from sklearn.decomposition import FactorAnalysis as SkFactorAnalysis
+
+import freqvi
+from freqvi.estimators import QFunctionELBO
+from freqvi.models import FactorAnalysis
+
+IGNORE_MAX_ITER = pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+
+
+def start(d=5, q=2, noise="diagonal"):
+    g = torch.Generator().manual_seed(7)
+    psi = np.ones(d) if noise == "diagonal" else np.float64(1.0)
+    return {"mean": np.zeros(d), "loading": torch.randn(d, q, generator=g).numpy(), "noise_variance": psi}
+
+
+def gaussian_log_likelihood(x, mean, loading, noise_variance):
+    """Independent reference: log N(x; mu, W W^T + Psi) by scipy."""
+    cov = loading @ loading.T + np.diag(np.broadcast_to(noise_variance, mean.shape))
+    return multivariate_normal(mean, cov).logpdf(x).sum()
+
+
+def test_exact_posterior_elbo_equals_gaussian_marginal():
+    x = factor_data()
+    fa = FactorAnalysis(5, 2, init=start())
+    elbo = -Trace_ELBO(num_particles=3).loss(fa.model, fa.guide, x)
+    reference = gaussian_log_likelihood(x.numpy(), **start())
+    assert elbo == pytest.approx(reference, rel=1e-5)
+
+
+@IGNORE_MAX_ITER
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("m_step", ["closed_form", "gradient"])
+def test_em_ascent_property(noise, m_step):
+    x = factor_data(n=300)
+    fa = FactorAnalysis(5, 2, noise, init=start(noise=noise))
+    iters = 30 if m_step == "closed_form" else 5
+    result = freqvi.em(fa, x, m_step=m_step, max_iter=iters, tol=0.0, progress=False, num_particles=64)
+    path = np.array(result.log_likelihood)
+    assert path[-1] > path[0] + 10.0
+    if m_step == "closed_form":
+        assert np.all(np.diff(path) >= -1e-9 * np.abs(path[1:]))
+    else:  # the M-step maximises a Monte-Carlo Q; the path is the exact log-likelihood
+        assert np.all(np.diff(path) > 0)
+
+
+def test_fisher_identity_within_monte_carlo_error():
+    x = factor_data(n=200)
+    fa = FactorAnalysis(5, 2, init=start())
+    fa.model(x)
+    params = [fa.mean_unconstrained, fa.loading_unconstrained, fa.noise_variance_unconstrained]
+    exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(fa.log_marginal(x).sum(), params)])
+    q = QFunctionELBO(num_particles=200, max_plate_nesting=1)
+    draws = torch.stack([
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            -q.differentiable_loss(fa.model, fa.guide, x), params)])
+        for _ in range(20)
+    ])
+    mean, se = draws.mean(0), draws.std(0) / 20 ** 0.5
+    assert torch.all((mean - exact).abs() <= 4 * se + 1e-8 * exact.abs())
+    assert exact.abs().max() > 10.0
+
+
+def tipping_bishop(x, q):
+    """Closed-form PPCA MLE (Tipping and Bishop 1999) and its log-likelihood."""
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    mean = x.mean(0)
+    s = np.cov(x.T, bias=True)
+    evals, evecs = np.linalg.eigh(s)
+    evals, evecs = evals[::-1], evecs[:, ::-1]
+    sigma2 = evals[q:].mean()
+    w = evecs[:, :q] * np.sqrt(evals[:q] - sigma2)
+    return gaussian_log_likelihood(x, mean, w, sigma2), sigma2
+
+
+def test_ppca_reaches_tipping_bishop_mle():
+    x = factor_data(n=400, isotropic=True)
+    fa = FactorAnalysis(5, 2, "isotropic", init=start(noise="isotropic"))
+    freqvi.em(fa, x, tol=1e-13, max_iter=5000, progress=False)
+    reference, sigma2 = tipping_bishop(x, 2)
+    n = x.shape[0]
+    ours = freqvi.log_likelihood(fa, None, x).total
+    assert abs(ours - reference) / n < 1e-4
+    assert float(fa.noise_variance) == pytest.approx(sigma2, rel=1e-3)
+
+
+def test_factor_analysis_matches_scikit_learn():
+    x = factor_data(n=500)
+    fa = FactorAnalysis(5, 2, init=start())
+    freqvi.em(fa, x, tol=1e-12, max_iter=5000, progress=False)
+    sk = SkFactorAnalysis(2, tol=1e-10, max_iter=10000).fit(x.numpy())
+    ours = freqvi.log_likelihood(fa, None, x).total / x.shape[0]
+    assert ours == pytest.approx(sk.score(x.numpy()), abs=1e-3)
+    np.testing.assert_allclose(fa.noise_variance.detach(), sk.noise_variance_, rtol=1e-2)
+
+
+def test_mean_field_guide_gives_a_lower_bound():
+    x = factor_data(n=100)
+    fa = FactorAnalysis(5, 2, init=start())
+    exact = freqvi.log_likelihood(fa, None, x).total
+    guide = fa.mean_field_guide()
+    frozen = poutine.block(fa.model, hide_types=["param"])
+    result = freqvi.fit(frozen, guide, x, loss="mean_field", lr=0.05, num_steps=1500, progress=False)
+    est = Trace_ELBO(num_particles=2000, vectorize_particles=True, max_plate_nesting=1)
+    elbo = -est.loss(frozen, guide, x)
+    assert elbo < exact  # a diagonal q cannot match the correlated posterior: KL > 0
+    assert elbo > result.elbo[0]
+    assert exact - elbo < 0.1 * (exact - result.elbo[0])
