@@ -72,7 +72,6 @@ def test_fisher_identity_within_monte_carlo_error():
 def tipping_bishop(x, q):
     """Closed-form PPCA MLE (Tipping and Bishop 1999) and its log-likelihood."""
     x = np.asarray(x, dtype=np.float64)
-    n, d = x.shape
     mean = x.mean(0)
     s = np.cov(x.T, bias=True)
     evals, evecs = np.linalg.eigh(s)

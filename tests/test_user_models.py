@@ -55,7 +55,8 @@ def exact_log_likelihood(x):
 @pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
 def test_user_pair_through_em_fit_and_log_likelihood():
     x = simulate()
-    result = freqvi.em(model, x, guide=exact_guide, max_iter=8, m_step_iters=20, progress=False, num_particles=32)
+    result = freqvi.em(model, x, guide=exact_guide, max_iter=8, m_step_iters=20, progress=False,
+                       num_particles=32)
     assert result.m_step == "gradient"
     assert result.log_likelihood[-1] > result.log_likelihood[0]
     assert result.log_likelihood[-1] == pytest.approx(exact_log_likelihood(x), rel=1e-10)
