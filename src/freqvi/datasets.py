@@ -1,0 +1,139 @@
+"""Data for freqvi: the embedded iris measurements and loaders for user arrays and files.
+
+Every loader returns a 2-D tensor of shape ``(n_observations, dim)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from freqvi.errors import FreqviInputError
+from freqvi.validation import as_tensor, check_finite
+
+FILE_TYPES = (".npy", ".csv")
+
+
+def load_iris(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Fisher's iris measurements, shape ``(150, 4)``.
+
+    Columns: sepal length, sepal width, petal length, petal width (cm). Read from
+    scikit-learn's embedded copy, so nothing is downloaded: the CSV file it ships is
+    read directly, as importing scikit-learn takes seconds; through
+    :func:`sklearn.datasets.load_iris` if that file is not where it has long been.
+    """
+    path = _sklearn_iris_csv()
+    if path is not None:
+        values = np.loadtxt(path, delimiter=",", skiprows=1, usecols=range(4))
+    else:
+        from sklearn import datasets
+
+        values = datasets.load_iris().data
+    return torch.as_tensor(values, dtype=dtype)
+
+
+def _sklearn_iris_csv() -> Path | None:
+    """``sklearn/datasets/data/iris.csv``, found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "datasets" / "data" / "iris.csv"
+    return path if path.is_file() else None
+
+
+def load_array(path_or_array, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A 2-D tensor of observations, shape ``(n_observations, dim)``, from an array or a file.
+
+    :param path_or_array: a tensor or array-like of shape ``(n, dim)``, or the path
+        (``str`` or ``os.PathLike``) of a ``.npy`` file or a numeric ``.csv`` file
+        (comma-separated, one observation per line, an optional single header row
+        detected automatically, ``#`` comments skipped). A one-column CSV gives ``(n, 1)``.
+    :param dtype: the floating dtype to return; default: precision follows the data
+        (float64 stays float64, so CSV files load as float64; other numbers become float32).
+    :raises FreqviInputError: for a missing file, an extension other than ``.npy`` or
+        ``.csv``, non-numeric or non-finite content, or data that is not 2-D.
+    """
+    if isinstance(path_or_array, str | os.PathLike):
+        path = Path(path_or_array)
+        name = str(path)
+        x = as_tensor(_read_file(path), name)
+        check_finite(x, name)
+    else:
+        name = "data"
+        x = as_tensor(path_or_array, name)
+    _check_2d(x, name)
+    return x if dtype is None else x.to(_check_dtype(dtype))
+
+
+def _read_file(path: Path) -> np.ndarray:
+    """The numbers in a ``.npy`` or ``.csv`` file, as NumPy returns them."""
+    suffix = path.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise FreqviInputError(
+            f"data file must end in {' or '.join(FILE_TYPES)}; got {path.name!r}."
+        )
+    if not path.is_file():
+        raise FreqviInputError(f"data file {str(path)!r} does not exist (or is not a file).")
+    return _read_npy(path) if suffix == ".npy" else _read_csv(path)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise FreqviInputError(
+            f"{path} is not a readable .npy file of numbers (NumPy says: {exc})."
+        ) from None
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    """Comma-separated numbers, skipping a header row if the first data line is not numeric."""
+    skip = _header_rows(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": checked below
+            values = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, encoding="utf-8-sig")
+    except ValueError as exc:
+        raise FreqviInputError(
+            f"{path} must hold comma-separated numbers (with at most one header row); NumPy: {exc}"
+        ) from None
+    if values.size == 0:
+        raise FreqviInputError(f"{path} holds no numbers; expected one observation per line.")
+    return values
+
+
+def _header_rows(path: Path) -> int:
+    """Lines to skip: up to and including the first content line if it is not all numbers."""
+    with path.open(encoding="utf-8-sig") as lines:
+        for index, line in enumerate(lines):
+            content = line.split("#", 1)[0].strip()
+            if content:
+                return 0 if _is_numeric_row(content) else index + 1
+    return 0
+
+
+def _is_numeric_row(line: str) -> bool:
+    try:
+        [float(field) for field in line.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
+def _check_2d(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2:
+        hint = " (for one variable, reshape to (n, 1))" if x.dim() == 1 else ""
+        raise FreqviInputError(
+            f"{name} must be 2-D, shape (n_observations, dim){hint}; got shape {tuple(x.shape)}."
+        )
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FreqviInputError(f"dtype must be a floating torch dtype; got {dtype!r}.")
+    return dtype

@@ -1,0 +1,105 @@
+"""The ``freqvi`` console command, called in-process through :func:`freqvi.cli.main`."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import freqvi
+from freqvi.cli import main
+from freqvi.datasets import load_iris
+from freqvi.models import GaussianMixture
+
+
+def _printed_log_likelihood(out: str) -> float:
+    match = re.search(r"^log-likelihood\s+(\S+) total", out, re.MULTILINE)
+    assert match, out
+    return float(match.group(1))
+
+
+def _write_csv(path, x: np.ndarray) -> None:
+    header = ",".join(f"x{j}" for j in range(x.shape[1]))
+    np.savetxt(path, x, delimiter=",", header=header, comments="")
+
+
+@pytest.fixture
+def small_data() -> np.ndarray:
+    """Every fifth iris row, float64: shape (30, 4)."""
+    return load_iris(dtype=torch.float64).numpy()[::5]
+
+
+def test_default_run_prints_the_log_likelihood_of_the_same_fit(capsys):
+    assert main(["--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "data            iris: n = 150, dim = 4" in out
+    assert out.count("component ") == 3 and "converged       yes" in out
+    assert err == ""
+
+    x = load_iris()
+    model = GaussianMixture(3, 4, "full")
+    freqvi.em(model, x, seed=0, progress=False)
+    expected = freqvi.log_likelihood(model, None, x).total
+    assert _printed_log_likelihood(out) == pytest.approx(expected, abs=1e-4)
+
+
+def test_help_describes_the_commands(capsys):
+    assert main(["--help"]) == 0
+    assert "em" in capsys.readouterr().out
+    assert main(["em", "--help"]) == 0
+    assert "Gaussian mixture" in capsys.readouterr().out
+
+
+def test_json_holds_estimates_and_metrics(tmp_path, capsys):
+    path = tmp_path / "fit.json"
+    argv = ["em", "--quiet", "--max-iter", "3", "--covariance", "diag", "--json", str(path)]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(path.read_text())
+    assert set(report) == {"command", "data", "model", "estimates", "log_likelihood", "fit"}
+    assert set(report["estimates"]) == {"weights", "locs", "covariances"}
+    assert np.asarray(report["estimates"]["covariances"]).shape == (3, 4)
+    assert report["data"] == {"name": "iris", "n": 150, "dim": 4, "dtype": "float32"}
+    assert report["fit"]["num_iter"] == 3 and report["fit"]["converged"] is False
+    assert report["log_likelihood"]["total"] == pytest.approx(_printed_log_likelihood(out), abs=1e-4)
+    assert err.startswith("freqvi: warning: EM stopped at max_iter=3")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".npy"])
+def test_data_from_a_file(tmp_path, capsys, small_data, suffix):
+    path = tmp_path / f"small{suffix}"
+    _write_csv(path, small_data) if suffix == ".csv" else np.save(path, small_data)
+    assert main(["--quiet", "--data", str(path), "--components", "2", "--full", "--max-iter", "5"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: n = 30, dim = 4 (float64)" in out
+    assert out.count("component ") == 2 and out.count("covariance ") == 2
+
+
+def _nan_file(tmp_path, data):
+    data = data.copy()
+    data[3, 1] = np.nan
+    path = tmp_path / "nan.csv"
+    _write_csv(path, data)
+    return ["--data", str(path)], "non-finite"
+
+
+def _three_rows(tmp_path, data):
+    path = tmp_path / "three.npy"
+    np.save(path, data[:3])
+    return ["--data", str(path), "--components", "4"], "at least that many observations"
+
+
+@pytest.mark.parametrize("bad_input", [
+    _nan_file,
+    _three_rows,
+    lambda tmp_path, data: (["--data", str(tmp_path / "missing.csv")], "does not exist"),
+    lambda tmp_path, data: (["--components", "0"], "n_components must be an integer >= 1"),
+], ids=["nan", "more-components-than-rows", "missing-file", "zero-components"])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, small_data, bad_input):
+    argv, message = bad_input(tmp_path, small_data)
+    assert main(["em", "--quiet", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("freqvi: error: ") and err.count("\n") == 1
+    assert message in err
