@@ -84,18 +84,18 @@ def tipping_bishop(x, q):
 def test_ppca_reaches_tipping_bishop_mle():
     x = factor_data(n=400, isotropic=True)
     fa = FactorAnalysis(5, 2, "isotropic", init=start(noise="isotropic"))
-    freqvi.em(fa, x, tol=1e-13, max_iter=5000, progress=False)
+    freqvi.em(fa, x, tol=1e-10, max_iter=5000, progress=False)
     reference, sigma2 = tipping_bishop(x, 2)
     n = x.shape[0]
     ours = freqvi.log_likelihood(fa, None, x).total
     assert abs(ours - reference) / n < 1e-4
-    assert float(fa.noise_variance) == pytest.approx(sigma2, rel=1e-3)
+    assert float(fa.noise_variance.detach()) == pytest.approx(sigma2, rel=1e-3)
 
 
 def test_factor_analysis_matches_scikit_learn():
     x = factor_data(n=500)
     fa = FactorAnalysis(5, 2, init=start())
-    freqvi.em(fa, x, tol=1e-12, max_iter=5000, progress=False)
+    freqvi.em(fa, x, tol=1e-10, max_iter=5000, progress=False)
     sk = SkFactorAnalysis(2, tol=1e-10, max_iter=10000).fit(x.numpy())
     ours = freqvi.log_likelihood(fa, None, x).total / x.shape[0]
     assert ours == pytest.approx(sk.score(x.numpy()), abs=1e-3)

@@ -49,9 +49,9 @@ def add_em_command(subparsers: Subparsers) -> None:
                     help="covariance structure of each component (default: %(default)s)")
     em.add_argument("--max-iter", metavar="N", type=int, default=1000,
                     help="most EM iterations (default: %(default)s)")
-    em.add_argument("--tol", type=float, default=1e-7,
-                    help="stop when the log-likelihood changes by less than this fraction "
-                    "(default: %(default)s)")
+    em.add_argument("--tol", type=float, default=1e-5,
+                    help="stop when the log-likelihood per observation changes by less than "
+                    "this (default: %(default)s)")
     em.add_argument("--seed", type=int, default=0,
                     help="random seed of the k-means++ initialisation (default: %(default)s)")
     em.add_argument("--m-step", choices=M_STEPS, default="auto",
@@ -122,7 +122,7 @@ def format_em_report(report: dict, full: bool = False) -> str:
         "",
         f"log-likelihood  {ll['total']:.4f} total, {ll['mean_per_observation']:.6f} per observation",
         f"iterations      {fit['num_iter']} of at most {fit['max_iter']}",
-        f"converged       {'yes' if fit['converged'] else 'no'} (relative tolerance {fit['tol']:g})",
+        f"converged       {'yes' if fit['converged'] else 'no'} (tolerance {fit['tol']:g} per observation)",
         f"M-step          {fit['m_step']}",
         f"wall time       {fit['wall_time']:.2f} s",
     ]

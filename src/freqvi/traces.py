@@ -91,8 +91,9 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
     it out by enumeration. Returns the two traces.
     """
     try:
-        guide_trace = trace(guide, *data)
-        model_trace = trace(poutine.replay(model, trace=guide_trace), *data)
+        with torch.no_grad():
+            guide_trace = trace(guide, *data)
+            model_trace = trace(poutine.replay(model, trace=guide_trace), *data)
     except FreqviInputError:
         raise
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
@@ -117,10 +118,8 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
     return model_trace, guide_trace
 
 
-def param_names(fn: Callable, *args, **kwargs) -> set[str]:
-    """Names of the ``pyro.param`` sites that one run of ``fn`` touches."""
-    with poutine.block():
-        tr = poutine.trace(fn, param_only=True).get_trace(*args, **kwargs)
+def param_names(tr: Trace) -> set[str]:
+    """Names of the ``pyro.param`` sites recorded in a trace."""
     return {name for name, site in tr.nodes.items() if site["type"] == "param"}
 
 

@@ -22,6 +22,8 @@ from freqvi.models.base import ClosedFormMStep
 from freqvi.traces import (
     check_pair,
     data_plate,
+    is_enumerated,
+    latent_sites,
     max_plate_nesting,
     param_names,
     unconstrained_params,
@@ -40,7 +42,7 @@ class EMResult:
         guide this *is* the log-likelihood :math:`\\ell(\\theta_t)` (the bound is
         tight); with a variational guide it is a lower bound on it.
     :ivar num_iter: EM iterations (epochs, for online EM) taken.
-    :ivar converged: whether the relative tolerance was met before ``max_iter``.
+    :ivar converged: whether the tolerance was met before ``max_iter``.
     :ivar wall_time: seconds spent.
     :ivar m_step: ``"closed_form"`` or ``"gradient"``, the M-step that ran.
     """
@@ -59,7 +61,7 @@ def em(
     *,
     m_step: str = "auto",
     max_iter: int = 1000,
-    tol: float = 1e-7,
+    tol: float = 1e-5,
     batch_size: int | None = None,
     step_size: float | Callable[[int], float] = 0.6,
     m_step_lr: float = 0.05,
@@ -95,9 +97,12 @@ def em(
 
     The objective recorded after each E-step is :math:`\mathrm{ELBO}(q, \theta')`,
     exact over enumerated sites and a one-draw estimate over others; for the
-    exact posterior it equals :math:`\ell(\theta')` with no Monte-Carlo error,
-    and EM's ascent property makes it non-decreasing. Iteration stops when it
-    changes by less than ``tol`` times its magnitude.
+    exact posterior it equals :math:`\ell(\theta')` with no Monte-Carlo error
+    (a freqvi model's exact guide returns it), and EM's ascent property makes it
+    non-decreasing. Iteration stops when it changes by less than ``tol`` nats per
+    observation, the convention of scikit-learn's ``GaussianMixture`` (whose
+    default is 1e-3): a change far below the sampling error of
+    :math:`\hat\ell / n`, which is of order :math:`n^{-1/2}`.
 
     With ``batch_size`` (closed-form M-step only) this is online EM (Cappe and
     Moulines 2009): each minibatch's statistics are blended into running ones,
@@ -122,8 +127,11 @@ def em(
     m_step = _choose_m_step(m_step, pair)
     if batch_size is not None:
         batch_size = _check_online(batch_size, m_step, model_trace, data, data_plate_name)
-    step = _EMStep(pair, data, m_step, max_plate_nesting(model_trace, guide_trace),
+    if all(is_enumerated(site) for site in latent_sites(guide_trace).values()):
+        num_particles = 1  # Q is computed exactly by enumeration: more draws would repeat it
+    step = _EMStep(pair, data, m_step, model_trace, guide_trace,
                    m_step_lr, m_step_iters, m_step_tol, e_step_iters, e_step_lr, num_particles)
+    tol = tol * data[0].shape[0]  # per observation -> total
 
     result = EMResult(m_step=m_step)
     start = time.perf_counter()
@@ -146,14 +154,15 @@ def em(
             result.log_likelihood.append(value)
             result.num_iter = it
             bar.set_postfix(loglik=f"{value:.6g}")
-            if abs(value - previous) <= tol * abs(value):
+            if abs(value - previous) <= tol:
                 result.converged = True
                 break
     bar.close()
     result.wall_time = time.perf_counter() - start
     if not result.converged:
         warnings.warn(
-            f"EM stopped at max_iter={max_iter} before the relative change fell below tol={tol}; "
+            f"EM stopped at max_iter={max_iter} before the change per observation fell below "
+            f"tol={tol / data[0].shape[0]:g}; "
             "raise max_iter or tol.",
             ConvergenceWarning,
             stacklevel=2,
@@ -190,12 +199,18 @@ def _check_online(batch_size, m_step, model_trace, data, plate_name) -> int:
 class _EMStep:
     """The E-step, M-step and objective of one :func:`em` run."""
 
-    def __init__(self, pair: Pair, data, m_step, plate_nesting, m_lr, m_iters, m_tol,
+    def __init__(self, pair: Pair, data, m_step, model_trace, guide_trace, m_lr, m_iters, m_tol,
                  e_iters, e_lr, num_particles):
         self.pair, self.data, self.kind = pair, data, m_step
+        plate_nesting = max_plate_nesting(model_trace, guide_trace)
         self.elbo = TraceEnum_ELBO(max_plate_nesting=plate_nesting, strict_enumeration_warning=False)
-        model_names = param_names(pair.model, *data)
-        local_names = param_names(pair.guide, *data) - model_names
+        # The guide's latent sites marked for enumeration are recorded with their support
+        # rather than a draw: the E-step needs their distributions, not samples.
+        self.enum = poutine.enum(first_available_dim=-1 - plate_nesting)
+        owner = pair.owner
+        self.exact = owner is not None and pair.guide == owner.guide
+        model_names = param_names(model_trace)
+        local_names = param_names(guide_trace) - model_names
         self.local = unconstrained_params(local_names)
         self.e_optim = torch.optim.Adam(self.local, lr=e_lr) if self.local else None
         self.e_iters = e_iters
@@ -216,18 +231,16 @@ class _EMStep:
                     loss = self.elbo.differentiable_loss(self.pair.model, self.pair.guide, *self.data)
                 _descend(self.e_optim, self.local, loss)
         with torch.no_grad(), poutine.block(), handler:
-            return poutine.trace(self.pair.guide).get_trace(*self.data)
+            return poutine.trace(self.enum(self.pair.guide)).get_trace(*self.data)
 
     def objective(self, posterior) -> float:
         """ELBO(q, theta) with q the recorded posterior: log-likelihood when q is exact.
 
-        When the guide is a freqvi model's own exact posterior, the bound is tight and the
-        model's closed-form marginal gives the same number in one pass, so it is used.
+        When the guide is a freqvi model's own exact posterior, the bound is tight and
+        equals the posterior's normaliser, which that guide returns: no second pass.
         """
-        owner = self.pair.owner
-        if owner is not None and self.pair.guide == owner.guide and hasattr(owner, "log_marginal"):
-            with torch.no_grad():
-                return float(owner.log_marginal(*self.data).double().sum())
+        if self.exact:
+            return float(posterior.nodes["_RETURN"]["value"].double().sum())
         frozen = FrozenPosterior(posterior)(self.pair.guide)
         with torch.no_grad():
             return -self.elbo.loss(self.pair.model, frozen, *self.data)

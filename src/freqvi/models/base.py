@@ -20,8 +20,10 @@ class LatentVariableModel(PyroModule):
     """A model/guide pair whose parameters are created from the first data it sees.
 
     Subclasses define ``model(x)``, ``guide(x)`` (the exact posterior where one
-    exists), ``_initial_values(x)`` (default starting values from data) and
-    ``_estimate_names`` (the statistical names :meth:`estimates` reports).
+    exists, returning its normaliser ``log p(x_i)`` per visited row, so that EM
+    reads the log-likelihood off the E-step's trace), ``_initial_values(x)``
+    (default starting values from data) and ``_estimate_names`` (the statistical
+    names :meth:`estimates` reports).
     Each instance gets a unique Pyro name, so two models never share entries of
     Pyro's global parameter store.
     """

@@ -109,8 +109,10 @@ class FactorAnalysis(LatentVariableModel):
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact ``log N(x_i; mu, W W^T + Psi)``, shape ``(n,)`` (the Gaussian integral)."""
         self._prepare(x)
-        marginal = dist.LowRankMultivariateNormal(self.mean, self.loading, self._psi())
-        return marginal.log_prob(x)
+        return self._marginal().log_prob(x)
+
+    def _marginal(self) -> dist.LowRankMultivariateNormal:
+        return dist.LowRankMultivariateNormal(self.mean, self.loading, self._psi())
 
     def posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
         """The exact posterior of the factors, batch shape ``(n,)``, event shape ``(q,)``."""
@@ -133,11 +135,15 @@ class FactorAnalysis(LatentVariableModel):
             pyro.sample("obs", dist.Normal(loc, self._psi().sqrt()).to_event(1), obs=x[i])
 
     @pyro_method
-    def guide(self, x: torch.Tensor) -> None:
-        """The exact Gaussian posterior of the factors at the current parameters."""
+    def guide(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact Gaussian posterior of the factors at the current parameters.
+
+        Returns its normaliser, ``log p(x_i)`` for the rows the plate visits.
+        """
         self._prepare(x)
         with pyro.plate(self.data_plate, x.shape[0]) as i:
             pyro.sample("factors", self.posterior(x[i]))
+        return self._marginal().log_prob(x[i])
 
     def mean_field_guide(self) -> LocalMeanField:
         """A guide with free per-observation diagonal Gaussian factors (variational E-step)."""
