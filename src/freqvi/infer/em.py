@@ -208,7 +208,7 @@ class _EMStep:
         # rather than a draw: the E-step needs their distributions, not samples.
         self.enum = poutine.enum(first_available_dim=-1 - plate_nesting)
         owner = pair.owner
-        self.exact = owner is not None and pair.guide == owner.guide
+        self.exact = owner is not None and pair.guide == owner.guide and owner.exact_guide
         model_names = param_names(model_trace)
         local_names = param_names(guide_trace) - model_names
         self.local = unconstrained_params(local_names)

@@ -29,6 +29,9 @@ class LatentVariableModel(PyroModule):
     """
 
     data_plate = "data"
+    #: Whether ``guide`` is the exact posterior at the current parameters and returns
+    #: ``log p(x_i)``; a model with an intractable posterior sets it to ``False``.
+    exact_guide: bool = True
     _estimate_names: tuple[str, ...] = ()
 
     def __init__(self, init: dict | None = None, name: str | None = None):
