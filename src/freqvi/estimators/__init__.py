@@ -12,11 +12,19 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 
+from freqvi.estimators.diagnostics import GradientMoments, gradient_variance
+from freqvi.estimators.dreg import DReG_ELBO
+from freqvi.estimators.iwae import IWAE_ELBO
 from freqvi.estimators.q_function import QFunctionELBO
 from freqvi.estimators.registry import ESTIMATORS, get_estimator
+from freqvi.estimators.stl import STL_ELBO
 
 __all__ = [
     "ESTIMATORS",
+    "IWAE_ELBO",
+    "STL_ELBO",
+    "DReG_ELBO",
+    "GradientMoments",
     "QFunctionELBO",
     "RenyiELBO",
     "TraceEnum_ELBO",
@@ -24,4 +32,5 @@ __all__ = [
     "TraceMeanField_ELBO",
     "Trace_ELBO",
     "get_estimator",
+    "gradient_variance",
 ]

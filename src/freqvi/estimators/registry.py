@@ -12,7 +12,10 @@ from pyro.infer import (
 )
 
 from freqvi.errors import FreqviInputError
+from freqvi.estimators.dreg import DReG_ELBO
+from freqvi.estimators.iwae import IWAE_ELBO
 from freqvi.estimators.q_function import QFunctionELBO
+from freqvi.estimators.stl import STL_ELBO
 
 ESTIMATORS: dict[str, type[ELBO]] = {
     "trace": Trace_ELBO,
@@ -21,6 +24,9 @@ ESTIMATORS: dict[str, type[ELBO]] = {
     "enum": TraceEnum_ELBO,
     "renyi": RenyiELBO,
     "q_function": QFunctionELBO,
+    "iwae": IWAE_ELBO,
+    "dreg": DReG_ELBO,
+    "stl": STL_ELBO,
 }
 """Short name -> estimator class. Class names (``"Trace_ELBO"``) are accepted too."""
 

@@ -1,0 +1,260 @@
+"""Shared machinery of the particle estimators: log importance weights per observation.
+
+For ``K`` draws :math:`z_k \\sim q(z \\mid x)` (vectorised over an outermost
+particle plate) the log weight of draw ``k`` splits over the data plate,
+
+.. math::
+
+    \\log w_k = \\log p(x, z_k) - \\log q(z_k \\mid x)
+              = g_k + \\sum_i \\log w_{ik},
+
+where :math:`\\log w_{ik}` collects the sites inside the data plate (observation
+``i``) and :math:`g_k` the sites outside it. When every latent site lies inside
+the data plate, the draws of different observations are independent and each
+observation gets its own importance-weighted bound,
+:math:`\\sum_i \\log \\frac1K \\sum_k w_{ik}`, which is far tighter than the
+bound on the joint weight :math:`\\log \\frac1K \\sum_k w_k` (what
+:class:`pyro.infer.RenyiELBO` computes); otherwise the joint weight is used.
+
+Sites of the model that the guide lacks are drawn from the model's prior, the
+proposal for them, so their density cancels from the weight. Draws that are not
+reparameterisable (discrete sites) contribute score-function terms.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match
+
+from freqvi.traces import latent_sites, max_plate_nesting, trace
+from freqvi.validation import check_positive_int
+
+PARTICLE_PLATE = "num_particles_vectorized"
+
+
+@dataclass
+class LogWeights:
+    """Log importance weights of ``K`` particles, arranged for per-observation bounds.
+
+    :ivar log_w: :math:`\\log w_{ki}`, shape ``(K, b)``: one column per observation of
+        the (sub)sampled data plate, or a single column holding the joint weight
+        when a latent site lies outside the data plate.
+    :ivar score: the summed log proposal density of the non-reparameterised draws
+        behind each entry of ``log_w`` (attached to the parameters), shape ``(K, b)``.
+    :ivar scale: the factor :math:`n / b` of a subsampled data plate (1 if joint).
+    :ivar offset: terms outside the data plate that do not depend on the draws,
+        averaged over particles, shape ``()``.
+    :ivar values: the reparameterised draws of the guide, each with the shape that
+        lays a ``(K, b)`` tensor onto it (for gradient hooks).
+    """
+
+    log_w: torch.Tensor
+    score: torch.Tensor
+    scale: float
+    offset: torch.Tensor
+    values: list[tuple[torch.Tensor, tuple[int, ...]]]
+
+    def log_mean_weight(self) -> torch.Tensor:
+        """:math:`\\log \\frac1K \\sum_k w_{ki}`, shape ``(b,)``."""
+        return self.log_w.logsumexp(0) - math.log(self.log_w.shape[0])
+
+    def total(self, per_column: torch.Tensor) -> torch.Tensor:
+        """Sums a per-column quantity over the data plate, scaled, plus the offset."""
+        return self.scale * per_column.sum() + self.offset
+
+
+class ParticleELBO(ELBO):
+    """Base of the estimators built on :class:`LogWeights`.
+
+    A subclass implements :meth:`_objective`, which maps the weights to the
+    bound's value and a surrogate whose gradient is the estimator's; the loss is
+    the negative bound, carrying the surrogate's gradient.
+
+    :param num_particles: ``K``, draws per observation, vectorised.
+    :param max_plate_nesting: plates the model and guide nest (not counting the
+        particle plate); guessed from one run if infinite.
+    :param data_plate: the name of the plate over observations.
+    """
+
+    #: Whether the guide's log density is taken with its parameters held fixed,
+    #: so that guide gradients flow along the draws' paths only.
+    path_derivative = False
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf"),
+                 data_plate: str = "data"):
+        num_particles = check_positive_int(num_particles, "num_particles")
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
+                         vectorize_particles=True)
+        self.max_plate_nesting = max_plate_nesting  # without the particle plate, unlike Pyro's
+        self.data_plate = data_plate
+
+    # ----- the ELBO interface -----------------------------------------------------------------
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """The negative bound, whose gradient is this estimator's gradient estimate."""
+        value, surrogate = self._objective(self._log_weights(model, guide, args, kwargs))
+        return -(value.detach() + surrogate - surrogate.detach())
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The negative bound, a float."""
+        with torch.no_grad():
+            value, _ = self._objective(self._log_weights(model, guide, args, kwargs))
+        return -float(value)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The negative bound; its gradient estimate is accumulated into the parameters."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return float(loss.detach())
+
+    def _objective(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError  # traces are taken by _log_weights, all particles at once
+
+    # ----- the weights ------------------------------------------------------------------------
+    def _log_weights(self, model, guide, args, kwargs) -> LogWeights:
+        if self.max_plate_nesting == float("inf"):
+            self.max_plate_nesting = max_plate_nesting(*_check_traces(model, guide, args, kwargs))
+        dims = self.max_plate_nesting + 1  # the particle plate is the outermost dimension
+        particles = pyro.plate(PARTICLE_PLATE, self.num_particles, dim=-dims)
+        guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(
+            poutine.replay(particles(model), trace=guide_trace)).get_trace(*args, **kwargs)
+        if is_validation_enabled():
+            with warnings.catch_warnings():  # model sites the guide lacks are drawn from the prior
+                warnings.filterwarnings("ignore", "Found vars in model but not guide")
+                check_model_guide_match(model_trace, guide_trace, dims)
+        stopped = _stopped_log_q(particles(guide), guide_trace, args, kwargs) \
+            if self.path_derivative else {}
+        model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        return _Arrangement(model_trace, guide_trace, self.num_particles, dims, self.data_plate) \
+            .weights(stopped)
+
+
+def _check_traces(model, guide, args, kwargs) -> tuple[Trace, Trace]:
+    guide_trace = trace(guide, *args, **kwargs)
+    return trace(poutine.replay(model, trace=guide_trace), *args, **kwargs), guide_trace
+
+
+class _DetachParams(Messenger):
+    """Hands out every ``pyro.param`` value detached from the graph."""
+
+    def _pyro_post_param(self, msg) -> None:
+        msg["value"] = msg["value"].detach()
+
+
+def _stopped_log_q(guide, guide_trace: Trace, args, kwargs) -> dict[str, torch.Tensor]:
+    """``log q(z; stop(phi))`` at the recorded draws, per reparameterised guide site.
+
+    The guide is run again on the recorded draws (and subsample indices) with its
+    parameters detached, so these log densities depend on the parameters only
+    through the draws' paths. The guide must read its parameters through
+    ``pyro.param``, as PyroModules and ``pyro.module`` do.
+    """
+    with _DetachParams():  # (not under poutine.block, which would hide the params from it)
+        rerun = poutine.trace(poutine.replay(guide, trace=guide_trace)).get_trace(*args, **kwargs)
+    rerun = prune_subsample_sites(rerun)
+    rerun.compute_log_prob()
+    return {name: site["log_prob"] for name, site in latent_sites(rerun).items()
+            if site["fn"].has_rsample}
+
+
+class _Arrangement:
+    """Sorts the sites of one particle trace pair into :class:`LogWeights`.
+
+    ``dims`` counts the plate dimensions including the particles' (at ``-dims``).
+    """
+
+    def __init__(self, model_trace: Trace, guide_trace: Trace, num_particles: int, dims: int,
+                 plate_name: str):
+        self.model_trace, self.guide_trace = model_trace, guide_trace
+        self.k, self.dims = num_particles, dims
+        self.frame = _data_frame(model_trace, plate_name)
+        self.width = 1 if self.frame is None else self.frame.size
+        self.scale = 1.0 if self.frame is None else (self.frame.full_size or self.width) / self.width
+
+    def _inside(self, site) -> bool:
+        return self.frame is not None and any(f.name == self.frame.name for f in site["cond_indep_stack"])
+
+    def _reduce(self, site, log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inside, outside)`` parts of one site's log density: ``(K, b)`` and ``(K,)``."""
+        log_p = log_p.reshape((1,) * max(self.dims - log_p.dim(), 0) + log_p.shape)
+        if not self._inside(site):
+            return log_p.new_zeros(self.k, self.width), log_p.reshape(log_p.shape[0], -1).sum(-1)
+        keep = self.dims + self.frame.dim
+        summed = [d for d in range(1, self.dims) if d != keep]
+        if summed:  # (an empty list would make torch sum over every dimension)
+            log_p = log_p.sum(summed, keepdim=True)
+        inside = log_p.reshape(log_p.shape[0], log_p.shape[keep])
+        return (inside / self.scale).expand(self.k, self.width), log_p.new_zeros(self.k)
+
+    def weights(self, stopped: dict[str, torch.Tensor]) -> LogWeights:
+        guide_latent = latent_sites(self.guide_trace)
+        prior_drawn = {n: s for n, s in latent_sites(self.model_trace).items() if n not in guide_latent}
+        log_w, score, values = [], [], []
+        for name, site in self.model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if name not in prior_drawn:
+                log_w.append(self._reduce(site, site["log_prob"]))
+            elif not site["fn"].has_rsample:  # drawn from the prior, which cancels from the weight
+                score.append(self._reduce(site, site["log_prob"]))
+        for name, site in guide_latent.items():
+            inside, outside = self._reduce(site, stopped.get(name, site["log_prob"]))
+            log_w.append((-inside, -outside))
+            if not site["fn"].has_rsample:
+                score.append(self._reduce(site, site["log_prob"]))
+            elif site["value"].requires_grad:
+                values.append(site)
+        proposal = {**prior_drawn, **guide_latent}
+        joint = self.frame is None or not all(self._inside(site) for site in proposal.values())
+        log_w, score = self._total(log_w), self._total(score)
+        if joint:
+            log_w = (log_w[1] + self.scale * log_w[0].sum(-1)).unsqueeze(-1)
+            score = (score[1] + score[0].sum(-1)).unsqueeze(-1)
+            return LogWeights(log_w, score, 1.0, log_w.new_zeros(()), self._hooks(values, joint))
+        return LogWeights(log_w[0], score[0], self.scale, log_w[1].mean(), self._hooks(values, joint))
+
+    def _total(self, parts) -> tuple[torch.Tensor, torch.Tensor]:
+        inside, outside = torch.zeros(self.k, self.width), torch.zeros(self.k)
+        for a, b in parts:
+            inside, outside = inside + a, outside + b
+        return inside, outside
+
+    def _hooks(self, sites, joint: bool) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        """Each reparameterised draw with the shape that lays a ``(K, b)`` tensor onto it."""
+        placed = []
+        for site in sites:
+            value = site["value"]
+            batch_dims = value.dim() - site["fn"].event_dim
+            shape = [1] * value.dim()
+            shape[batch_dims - self.dims] = self.k
+            if not joint:
+                shape[batch_dims + self.frame.dim] = self.width
+            placed.append((value, tuple(shape)))
+        return placed
+
+
+def _data_frame(model_trace: Trace, plate_name: str):
+    """The vectorised plate frame called ``plate_name``, or ``None``."""
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample":
+            for frame in site["cond_indep_stack"]:
+                if frame.name == plate_name and frame.vectorized:
+                    return frame
+    return None
