@@ -6,18 +6,35 @@ and over the guide's as the E-step.
 """
 
 from freqvi import estimators, guides, models
-from freqvi.infer import EMResult, FitResult, LogLikelihood, em, fit, log_likelihood
+from freqvi.infer import (
+    EMResult,
+    FitResult,
+    Information,
+    InformationCriteria,
+    LogLikelihood,
+    compare,
+    em,
+    fit,
+    information_criteria,
+    log_likelihood,
+    observed_information,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EMResult",
     "FitResult",
+    "Information",
+    "InformationCriteria",
     "LogLikelihood",
+    "compare",
     "em",
     "estimators",
     "fit",
     "guides",
+    "information_criteria",
     "log_likelihood",
     "models",
+    "observed_information",
 ]

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import detach, scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
@@ -137,11 +137,10 @@ class ParticleELBO(ELBO):
             with warnings.catch_warnings():  # model sites the guide lacks are drawn from the prior
                 warnings.filterwarnings("ignore", "Found vars in model but not guide")
                 check_model_guide_match(model_trace, guide_trace, dims)
-        stopped = _stopped_log_q(particles(guide), guide_trace, args, kwargs) \
-            if self.path_derivative else {}
         model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
         model_trace.compute_log_prob()
         guide_trace.compute_log_prob()
+        stopped = _stopped_log_q(guide_trace) if self.path_derivative else {}
         return _Arrangement(model_trace, guide_trace, self.num_particles, dims, self.data_plate) \
             .weights(stopped)
 
@@ -151,27 +150,19 @@ def _check_traces(model, guide, args, kwargs) -> tuple[Trace, Trace]:
     return trace(poutine.replay(model, trace=guide_trace), *args, **kwargs), guide_trace
 
 
-class _DetachParams(Messenger):
-    """Hands out every ``pyro.param`` value detached from the graph."""
-
-    def _pyro_post_param(self, msg) -> None:
-        msg["value"] = msg["value"].detach()
-
-
-def _stopped_log_q(guide, guide_trace: Trace, args, kwargs) -> dict[str, torch.Tensor]:
+def _stopped_log_q(guide_trace: Trace) -> dict[str, torch.Tensor]:
     """``log q(z; stop(phi))`` at the recorded draws, per reparameterised guide site.
 
-    The guide is run again on the recorded draws (and subsample indices) with its
-    parameters detached, so these log densities depend on the parameters only
-    through the draws' paths. The guide must read its parameters through
-    ``pyro.param``, as PyroModules and ``pyro.module`` do.
+    Each site's distribution is copied with its parameters detached
+    (:func:`pyro.distributions.util.detach`), whatever mechanism produced them
+    (``pyro.param``, ``pyro.module``, an encoder), and scored at the attached draw,
+    so these log densities depend on the parameters only through the draws'
+    paths. A guide whose factor for one site depends on another site's draw
+    loses that path too: path-derivative estimators assume factors that depend
+    on the data and the parameters only (mean-field and amortised guides).
     """
-    with _DetachParams():  # (not under poutine.block, which would hide the params from it)
-        rerun = poutine.trace(poutine.replay(guide, trace=guide_trace)).get_trace(*args, **kwargs)
-    rerun = prune_subsample_sites(rerun)
-    rerun.compute_log_prob()
-    return {name: site["log_prob"] for name, site in latent_sites(rerun).items()
-            if site["fn"].has_rsample}
+    return {name: scale_and_mask(detach(site["fn"]).log_prob(site["value"]), site["scale"], site["mask"])
+            for name, site in latent_sites(guide_trace).items() if site["fn"].has_rsample}
 
 
 class _Arrangement:

@@ -91,7 +91,7 @@ def log_likelihood(
         model_trace = trace(pair.model, *data)
     n = data[0].shape[0]
     frame = data_plate(model_trace, data_plate_name, n)
-    exact = _exact_route(pair, model_trace)
+    exact = exact_route(pair, model_trace)
     if method == "exact" and exact is None:
         raise FreqviInputError(
             "no exact log-likelihood for this model: it has continuous latent sites and no "
@@ -99,7 +99,7 @@ def log_likelihood(
         )
     if exact is not None and method != "importance":
         with torch.no_grad():
-            per_obs = exact(data, model_trace, frame)
+            per_obs = exact(data, frame)
         return LogLikelihood(float(per_obs.double().sum()), per_obs, 0.0, None, "exact")
     if pair.guide is None:
         raise FreqviInputError("importance sampling needs a guide as proposal: pass guide=...")
@@ -112,13 +112,22 @@ def log_likelihood(
     return _importance_estimate(log_w)
 
 
-def _exact_route(pair: Pair, model_trace):
+def exact_route(pair: Pair, model_trace):
+    """``f(data, frame, wrap) -> log p(x_i)``, shape ``(n,)``, where one exists; else ``None``.
+
+    ``wrap`` (default: none) is applied to the program before it runs, e.g.
+    ``poutine.substitute`` to evaluate it at other parameter values.
+    """
     if pair.owner is not None and hasattr(pair.owner, "log_marginal"):
-        return lambda data, tr, frame: pair.owner.log_marginal(*data)
+        return lambda data, frame, wrap=_unwrapped: wrap(pair.owner.log_marginal)(*data)
     latents = latent_sites(model_trace)
     if latents and all(site["fn"].has_enumerate_support for site in latents.values()):
-        return lambda data, tr, frame: _enumerated(pair.model, data, tr, frame)
+        return lambda data, frame, wrap=_unwrapped: _enumerated(wrap(pair.model), data, model_trace, frame)
     return None
+
+
+def _unwrapped(fn):
+    return fn
 
 
 def _enumerated(model, data, model_trace, frame) -> torch.Tensor:
@@ -160,11 +169,11 @@ def _log_weights(pair: Pair, data, frame, k: int, model_trace) -> torch.Tensor:
                 continue
             if not site["is_observed"] and name not in proposed:
                 continue  # drawn from the model's prior: prior / proposal = 1
-            log_w = log_w + sign * _per_observation(site, particle_dim, frame)
+            log_w = log_w + sign * per_observation(site, particle_dim, frame)
     return log_w.expand(k, data[0].shape[0])
 
 
-def _per_observation(site, particle_dim: int, frame) -> torch.Tensor:
+def per_observation(site, particle_dim: int, frame) -> torch.Tensor:
     """A site's log-density summed over all dimensions but particles and the data plate."""
     if not any(f.name == frame.name for f in site["cond_indep_stack"]):
         raise FreqviInputError(

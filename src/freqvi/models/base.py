@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from pyro.distributions import constraints
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroModule, PyroParam, pyro_method
 from pyro.poutine.trace_struct import Trace
 from torch.distributions import transform_to
 
@@ -76,7 +76,16 @@ class LatentVariableModel(PyroModule):
     def estimates(self) -> dict[str, torch.Tensor]:
         """The fitted parameters under their statistical names, detached."""
         self._require_initialized()
-        return {k: getattr(self, k).detach() for k in self._estimate_names}
+        return {k: v.detach() for k, v in self.statistics().items()}
+
+    @pyro_method
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """The parameters under their statistical names, differentiable.
+
+        They are read through ``pyro.param``, so handlers such as
+        ``poutine.substitute`` apply (the delta method uses this).
+        """
+        return {k: getattr(self, k) for k in self._estimate_names}
 
     def _require_initialized(self) -> None:
         if not self.initialized:

@@ -59,6 +59,12 @@ class FactorAnalysis(LatentVariableModel):
         super().__init__(init=init, name=name)
 
     # ----- parameters -------------------------------------------------------------------------
+    @property
+    def num_parameters(self) -> int:
+        """Identified parameters: ``d`` means, ``d q`` loadings less ``q(q-1)/2`` rotations, the noise."""
+        d, q = self.dim, self.latent_dim
+        return d + d * q - q * (q - 1) // 2 + (d if self.noise == "diagonal" else 1)
+
     def _noise_shape(self) -> tuple[int, ...]:
         return (self.dim,) if self.noise == "diagonal" else ()
 

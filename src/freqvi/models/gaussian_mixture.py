@@ -75,6 +75,13 @@ class GaussianMixture(LatentVariableModel):
 
     # ----- parameters -------------------------------------------------------------------------
     @property
+    def num_parameters(self) -> int:
+        """Free parameters: ``K - 1`` weights, ``K d`` means and the covariances' free entries."""
+        k, d = self.n_components, self.dim
+        per_covariance = {"full": d * (d + 1) // 2, "diag": d, "spherical": 1}[self.covariance]
+        return k - 1 + k * d + k * per_covariance
+
+    @property
     def covariances(self) -> torch.Tensor:
         """Covariances in scikit-learn's shape for ``covariance``."""
         if self.covariance == "full":

@@ -1,0 +1,298 @@
+"""Observed information of a fitted model: exact, by Louis's identity, and the sandwich."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from torch.autograd.functional import hessian, jacobian
+from torch.distributions import transform_to
+
+from freqvi.errors import ConvergenceWarning, FreqviInputError, FreqviWarning
+from freqvi.infer.log_likelihood import exact_route, per_observation
+from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, param_names, trace
+from freqvi.validation import as_data, check_choice, check_positive_int
+
+METHODS = ("auto", "exact", "louis")
+KINDS = ("observed", "sandwich")
+
+
+class IdentifiabilityWarning(FreqviWarning):
+    """The log-likelihood is flat along some directions: those parameters have no standard error."""
+
+
+@dataclass
+class Parameters:
+    """The model's parameters as one flat vector of unconstrained coordinates.
+
+    Pyro stores each parameter unconstrained, and not every coordinate is free: a
+    simplex's softmax ignores a common shift, a ``lower_cholesky`` constraint its
+    upper triangle. :meth:`basis` spans the directions that change the
+    constrained values; information, covariances and parameter counts live there.
+    """
+
+    names: list[str]
+    unconstrained: list[torch.Tensor]
+    constraints: list
+
+    @classmethod
+    def of(cls, names) -> Parameters:
+        store = pyro.get_param_store()
+        names = sorted(names)
+        return cls(names, [store.get_param(n).unconstrained().detach().clone() for n in names],
+                   [store._constraints[n] for n in names])
+
+    @property
+    def vector(self) -> torch.Tensor:
+        return torch.cat([u.reshape(-1) for u in self.unconstrained])
+
+    def values(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Constrained parameter values at the unconstrained ``vector``."""
+        out, start = {}, 0
+        for name, u, c in zip(self.names, self.unconstrained, self.constraints, strict=True):
+            out[name] = transform_to(c)(vector[start:start + u.numel()].reshape(u.shape))
+            start += u.numel()
+        return out
+
+    def basis(self) -> torch.Tensor:
+        """Orthonormal basis ``(P, r)`` of the coordinates' directions that move the constrained values."""
+        def constrained(v: torch.Tensor) -> torch.Tensor:
+            return torch.cat([value.reshape(-1) for value in self.values(v).values()])
+
+        jac = jacobian(constrained, self.vector).double()  # (M, P)
+        _, singular, vh = torch.linalg.svd(jac, full_matrices=False)
+        return vh[singular > _RTOL * singular.max()].T
+
+
+@dataclass
+class Information:
+    r"""The observed information :math:`I = -\nabla^2 \ell(\hat\theta)` and what follows from it.
+
+    Computed in the unconstrained coordinates of :class:`Parameters` (a
+    variance's log, a simplex's logits, ...) and restricted to the directions
+    that change the model (:meth:`Parameters.basis`, ``B``). Standard errors are
+    reported on the scale the user reads (the model's statistical names) by the
+    delta method, :math:`\mathrm{Cov}(g(\hat u)) = J\, B (B^\top I B)^{-1} B^\top J^\top`,
+    :math:`J = \partial g / \partial u`.
+
+    :ivar matrix: :math:`I` in all unconstrained coordinates, shape ``(P, P)``, float64.
+    :ivar scores: per-observation scores :math:`\nabla \ell_i(\hat\theta)`, shape ``(n, P)``.
+    :ivar method: ``"exact"`` (autograd Hessian of the exact log-likelihood) or
+        ``"louis"`` (Louis's identity with importance-sampled posterior expectations).
+    """
+
+    matrix: torch.Tensor
+    scores: torch.Tensor
+    method: str
+    parameters: Parameters
+    pair: Pair
+
+    def __post_init__(self):
+        self.basis = self.parameters.basis()
+        self._reduced = self.basis.T @ self.matrix @ self.basis
+        values, vectors = torch.linalg.eigh(self._reduced)
+        flat = values.abs() <= _RTOL * values.abs().max()
+        self._flat = vectors[:, flat]
+        if (values[~flat] < 0).any():
+            warnings.warn(
+                "the observed information is not positive definite: the parameters are not at a "
+                "maximum of the likelihood; fit to convergence (e.g. a smaller tol) first.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def num_parameters(self) -> int:
+        """Identified free parameters: the basis' size less the flat directions of the likelihood."""
+        return self.basis.shape[1] - self._flat.shape[1]
+
+    def covariance(self, kind: str = "observed") -> torch.Tensor:
+        r"""Covariance of the unconstrained coordinates: :math:`I^{-1}`, or the sandwich.
+
+        Inverses are taken in the basis of free directions. :math:`B = \sum_i s_i
+        s_i^\top` from the per-observation scores; the sandwich stays valid when
+        the model is misspecified (Huber 1967; White 1982). Flat directions of the
+        log-likelihood (non-identified parameters) get a pseudo-inverse, and
+        :meth:`standard_errors` reports NaN for what they touch.
+        """
+        check_choice(kind, "kind", KINDS)
+        inverse = torch.linalg.pinv(self._reduced, hermitian=True, rtol=_RTOL)
+        if kind == "sandwich":
+            reduced_scores = self.scores @ self.basis
+            inverse = inverse @ (reduced_scores.T @ reduced_scores) @ inverse
+        return self.basis @ inverse @ self.basis.T
+
+    def standard_errors(self, kind: str = "observed") -> dict[str, torch.Tensor]:
+        """Standard errors under the statistical names, each with its estimate's shape.
+
+        Entries that move along a flat direction of the log-likelihood are NaN,
+        with an :class:`IdentifiabilityWarning` that names them.
+        """
+        estimates, jac = self._delta()
+        cov = self.covariance(kind)
+        flat = self.basis @ self._flat  # (P, f)
+        out, unidentified = {}, []
+        for name, value in estimates.items():
+            j = jac[name].reshape(value.numel(), -1).double()
+            se = (j @ cov @ j.T).diagonal().clamp_min(0).sqrt()
+            touched = (j @ flat).abs().sum(-1) > _RTOL ** 0.5 * j.abs().sum(-1)
+            if flat.shape[1] and touched.any():
+                se = torch.where(touched, torch.nan, se)
+                unidentified.append(name)
+            out[name] = se.reshape(value.shape)
+        if unidentified:
+            warnings.warn(
+                f"the log-likelihood is flat along {flat.shape[1]} direction(s) at the estimate, so "
+                f"{unidentified} are not identified there (e.g. a rotation of factor loadings); their "
+                "standard errors are NaN. Quantities invariant to those directions keep theirs.",
+                IdentifiabilityWarning,
+                stacklevel=2,
+            )
+        return out
+
+    def summary(self, level: float = 0.95, kind: str = "observed"):
+        """A parameter table like statsmodels': estimate, standard error, z, p-value, Wald interval.
+
+        One row per scalar entry, indexed by ``name[i, j]``; a ``pandas.DataFrame``.
+        The z statistic and p-value test the entry being 0, two-sided.
+        """
+        import pandas as pd  # ArviZ's dependency; imported when a table is asked for
+
+        if not 0 < level < 1:
+            raise FreqviInputError(f"level must be between 0 and 1; got {level!r}.")
+        estimates, _ = self._delta()
+        errors = self.standard_errors(kind)
+        quantile = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)).item()
+        rows = []
+        for name, value in estimates.items():
+            for index in _indices(value.shape):
+                est, se = float(value[index]), float(errors[name][index])
+                z = est / se if se > 0 else math.nan
+                rows.append({"parameter": name + (str(list(index)) if index else ""), "estimate": est,
+                             "std_err": se, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2)),
+                             f"[{(1 - level) / 2:g}": est - quantile * se,
+                             f"{(1 + level) / 2:g}]": est + quantile * se})
+        return pd.DataFrame(rows).set_index("parameter")
+
+    def _delta(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Estimates under their statistical names, and their Jacobians in the free coordinates."""
+        vector = self.parameters.vector
+
+        def statistics(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            substituted = poutine.substitute(_statistics, data=self.parameters.values(v))
+            return tuple(substituted(self.pair, self.parameters).values())
+
+        names = list(_statistics(self.pair, self.parameters))
+        values = statistics(vector)
+        jac = jacobian(statistics, vector)
+        return ({n: v.detach() for n, v in zip(names, values, strict=True)},
+                dict(zip(names, jac, strict=True)))
+
+
+# Eigenvalues within this fraction of the largest are flat directions: at a maximum found to
+# optimiser precision, a direction the likelihood cannot see keeps a tiny, sign-less curvature.
+_RTOL = 1e-7
+
+
+def _statistics(pair: Pair, parameters: Parameters) -> dict[str, torch.Tensor]:
+    """The model's statistical names (a freqvi model's), else its ``pyro.param`` values."""
+    if pair.owner is not None:
+        return pair.owner.statistics()
+    return {name: pyro.param(name) for name in parameters.names}
+
+
+def _indices(shape):
+    return [()] if len(shape) == 0 else [tuple(i) for i in torch.cartesian_prod(
+        *[torch.arange(s) for s in shape]).reshape(-1, len(shape)).tolist()]
+
+
+def observed_information(model, data, guide=None, *, method: str = "auto", num_samples: int = 1000,
+                         data_plate_name: str = "data", seed: int | None = None) -> Information:
+    r"""The observed information of a fitted model at its current parameters.
+
+    * ``"exact"``: the autograd Hessian of the exact log-likelihood (a model's
+      ``log_marginal``: log-sum-exp for mixtures, the Gaussian marginal,
+      quadrature; or enumeration of discrete latents), in float64 if the data are;
+    * ``"louis"``: Louis's identity (1982),
+
+      .. math::
+
+          I(\theta) = \sum_i \Bigl(\mathbb E\bigl[-\nabla^2 \log p(x_i, z_i)\bigr]
+              - \mathrm{Cov}\bigl[\nabla \log p(x_i, z_i)\bigr]\Bigr),
+
+      the expectations over the posterior :math:`p(z_i \mid x_i)` estimated by
+      self-normalised importance sampling with ``num_samples`` draws from the
+      guide, so an approximate guide still targets the exact posterior;
+    * ``"auto"``: exact where the model allows, else Louis's identity.
+
+    The parameters should be at a maximum of the likelihood (after :func:`~freqvi.em`
+    or :func:`~freqvi.fit`); the per-observation scores kept for the sandwich are
+    :math:`\nabla \ell_i`, exact or by Fisher's identity.
+
+    :param model: a freqvi model, a model callable, or a ``(model, guide)`` tuple.
+    :param data: the data the model was fitted to.
+    :param guide: the proposal for Louis's identity (a freqvi model brings its own).
+    """
+    check_choice(method, "method", METHODS)
+    num_samples = check_positive_int(num_samples, "num_samples", minimum=2)
+    data = as_data(data)
+    pair = resolve_pair(model, guide, require_guide=False)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    model_trace = check_pair(pair.model, pair.guide, data)[0] if pair.guide is not None \
+        else trace(pair.model, *data)
+    frame = data_plate(model_trace, data_plate_name, data[0].shape[0])
+    parameters = Parameters.of(param_names(model_trace))
+    exact = exact_route(pair, model_trace)
+    if method == "exact" and exact is None:
+        raise FreqviInputError("no exact log-likelihood for this model; use method='louis' with a guide.")
+    if exact is not None and method != "louis":
+        matrix, scores = _exact(exact, data, model_trace, frame, parameters)
+        return Information(matrix, scores, "exact", parameters, pair)
+    if pair.guide is None:
+        raise FreqviInputError("Louis's identity needs a guide as proposal: pass guide=...")
+    matrix, scores = _louis(pair, data, model_trace, frame, parameters, num_samples)
+    return Information(matrix, scores, "louis", parameters, pair)
+
+
+def _exact(exact, data, model_trace, frame, parameters: Parameters):
+    def per_observation_loglik(v: torch.Tensor) -> torch.Tensor:
+        return exact(data, frame, wrap=functools.partial(poutine.substitute, data=parameters.values(v)))
+
+    vector = parameters.vector
+    scores = jacobian(per_observation_loglik, vector, vectorize=True)  # (n, P)
+    matrix = -hessian(lambda v: per_observation_loglik(v).sum(), vector)
+    return matrix.double(), scores.double()
+
+
+def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_samples: int):
+    """Louis's identity with self-normalised importance weights over ``num_samples`` draws."""
+    dims = max_plate_nesting(model_trace) + 1
+    particles = pyro.plate("_louis_samples", num_samples, dim=-dims)
+    with torch.no_grad():
+        guide_trace = trace(particles(pair.guide), *data)
+        proposal = sum(per_observation(site, -dims, frame) for site in latent_sites(guide_trace).values())
+
+    def complete(v: torch.Tensor) -> torch.Tensor:  # log p(x_i, z_ik), shape (K, n)
+        model = poutine.substitute(particles(pair.model), data=parameters.values(v))
+        tr = trace(poutine.replay(model, trace=guide_trace), *data)
+        return sum(per_observation(site, -dims, frame) for site in tr.nodes.values()
+                   if site["type"] == "sample" and site["name"] != frame.name
+                   and not site["name"].startswith("_louis"))
+
+    vector = parameters.vector
+    with torch.no_grad():
+        weights = torch.softmax((complete(vector) - proposal).double(), 0)  # (K, n)
+    # Forward mode: one pass per coordinate keeps memory at (K, n, P), not (K n)^2 P.
+    scores = jacobian(complete, vector, vectorize=True, strategy="forward-mode").double()  # (K, n, P)
+    expected_hessian = hessian(lambda v: (weights * complete(v)).sum(), vector).double()
+    mean_score = (weights.unsqueeze(-1) * scores).sum(0)  # (n, P): Fisher's identity
+    centred = scores - mean_score
+    covariance = torch.einsum("kn,knp,knq->pq", weights, centred, centred)
+    return -expected_hessian - covariance, mean_score
