@@ -23,3 +23,21 @@ def factor_data(n=500, d=5, q=2, dtype=torch.float64, seed=2, isotropic=False):
     z = torch.randn(n, q, generator=g)
     x = mu + z @ w.T + psi.sqrt() * torch.randn(n, d, generator=g)
     return x.to(dtype)
+
+
+def grouped_logistic_data(m=200, n=10, beta=(-0.5, 1.0), sigma=1.0, ragged=False, dtype=torch.float64,
+                          seed=4):
+    """Flat ``(X, y, groups)`` from the random-intercept logistic model.
+
+    ``X`` is an intercept column then standard normal covariates; ``m`` groups of
+    ``n`` observations, or of sizes drawn uniformly from ``1..2n-1`` if ``ragged``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 2 * n, (m,), generator=g) if ragged else torch.full((m,), n)
+    groups = torch.repeat_interleave(torch.arange(m), sizes)
+    covariates = torch.randn(len(groups), len(beta) - 1, generator=g, dtype=torch.float64)
+    X = torch.cat([torch.ones(len(groups), 1, dtype=torch.float64), covariates], 1)
+    u = sigma * torch.randn(m, generator=g, dtype=torch.float64)
+    logits = X @ torch.tensor(beta, dtype=torch.float64) + u[groups]
+    y = torch.bernoulli(torch.sigmoid(logits), generator=g)
+    return X.to(dtype), y.to(dtype), groups

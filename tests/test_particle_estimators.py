@@ -14,6 +14,7 @@ from simulate import factor_data
 import freqvi
 from freqvi.errors import FreqviInputError
 from freqvi.estimators import IWAE_ELBO, STL_ELBO, DReG_ELBO, gradient_variance
+from freqvi.guides import AmortizedNormal
 from freqvi.models import FactorAnalysis
 
 N, D, Q = 40, 5, 2
@@ -180,3 +181,40 @@ def _draws_with(estimator, x, batch_size, num):
 def test_num_particles_must_be_a_positive_integer(cls):
     with pytest.raises(FreqviInputError, match="num_particles must be an integer >= 1; got 0"):
         cls(num_particles=0)
+
+
+class LinearEncoder(torch.nn.Module):
+    """``loc = x A + b``, ``scale = exp(s)``: the exact posterior family of one-factor PPCA."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = torch.nn.Linear(dim, 1).double()
+        self.log_scale = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.linear(x), self.log_scale.exp().expand(x.shape[0], 1)
+
+
+@pytest.mark.parametrize("estimator", [STL_ELBO(num_particles=4), DReG_ELBO(num_particles=4)],
+                         ids=["stl", "dreg"])
+def test_path_derivative_gradients_of_an_encoder_vanish_at_the_exact_posterior(estimator):
+    x = factor_data(n=N).double()
+    fa = FactorAnalysis(D, 1, "isotropic")
+    freqvi.em(fa, x, progress=False)
+    with torch.no_grad():
+        posterior = fa.posterior(x)  # loc linear in x, one shared variance
+        design = torch.cat([x, torch.ones(N, 1, dtype=x.dtype)], 1)
+        slope = torch.linalg.lstsq(design, posterior.mean).solution
+    encoder = LinearEncoder(D)
+    with torch.no_grad():
+        encoder.linear.weight.copy_(slope[:D].T)
+        encoder.linear.bias.copy_(slope[D])
+        encoder.log_scale.copy_(posterior.scale_tril[0, 0, 0].log())
+    guide = AmortizedNormal(fa.model, encoder)
+    moments = gradient_variance(fa.model, guide, x, estimator, num_draws=20)
+    encoder_grads = [m for m in moments.values() if m.owner == "guide"]
+    assert len(encoder_grads) == 3
+    for m in encoder_grads:
+        assert m.variance.max() < 1e-16 and m.mean.abs().max() < 1e-6
+    trace = gradient_variance(fa.model, guide, x, Trace_ELBO(), num_draws=20)
+    assert max(float(m.variance.max()) for m in trace.values() if m.owner == "guide") > 1e-3

@@ -3,5 +3,7 @@
 from freqvi.models.base import ClosedFormMStep, LatentVariableModel
 from freqvi.models.factor_analysis import FactorAnalysis
 from freqvi.models.gaussian_mixture import GaussianMixture
+from freqvi.models.random_intercept_logistic import RandomInterceptLogistic
 
-__all__ = ["ClosedFormMStep", "FactorAnalysis", "GaussianMixture", "LatentVariableModel"]
+__all__ = ["ClosedFormMStep", "FactorAnalysis", "GaussianMixture", "LatentVariableModel",
+           "RandomInterceptLogistic"]
