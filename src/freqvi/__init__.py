@@ -7,11 +7,13 @@ and over the guide's as the E-step.
 
 from freqvi import estimators, guides, models
 from freqvi.infer import (
+    Bootstrap,
     EMResult,
     FitResult,
     Information,
     InformationCriteria,
     LogLikelihood,
+    bootstrap,
     compare,
     em,
     fit,
@@ -23,11 +25,13 @@ from freqvi.infer import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bootstrap",
     "EMResult",
     "FitResult",
     "Information",
     "InformationCriteria",
     "LogLikelihood",
+    "bootstrap",
     "compare",
     "em",
     "estimators",

@@ -1,5 +1,6 @@
 """Drivers: the loops that fit a model/guide pair and measure the fit."""
 
+from freqvi.infer.bootstrap import Bootstrap, bootstrap
 from freqvi.infer.em import EMResult, em
 from freqvi.infer.fit import FitResult, fit
 from freqvi.infer.information import Information, observed_information
@@ -7,11 +8,13 @@ from freqvi.infer.log_likelihood import LogLikelihood, log_likelihood
 from freqvi.infer.model_choice import InformationCriteria, compare, information_criteria
 
 __all__ = [
+    "Bootstrap",
     "EMResult",
     "FitResult",
     "Information",
     "InformationCriteria",
     "LogLikelihood",
+    "bootstrap",
     "compare",
     "em",
     "fit",

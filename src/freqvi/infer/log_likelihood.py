@@ -43,6 +43,15 @@ class LogLikelihood:
     method: str
     num_samples: int = 0
 
+    def to_inference_data(self, name: str = "obs"):
+        """:attr:`per_observation` as ArviZ's ``log_likelihood`` group (one chain, one draw).
+
+        ``name`` is the observed variable's name in that group.
+        """
+        import arviz as az  # deferred: importing ArviZ is slow
+
+        return az.from_dict(log_likelihood={name: self.per_observation.detach().numpy()[None, None]})
+
 
 def log_likelihood(
     model,
