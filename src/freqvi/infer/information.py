@@ -235,6 +235,13 @@ def observed_information(model, data, guide=None, *, method: str = "auto", num_s
     or :func:`~freqvi.fit`); the per-observation scores kept for the sandwich are
     :math:`\nabla \ell_i`, exact or by Fisher's identity.
 
+    After variational EM (an approximate E-step, e.g. the GLMM with a Gaussian
+    guide), this is still the information of the *likelihood* at the estimate.
+    The estimate :math:`\theta_{VI}` maximises the ELBO, whose maximiser differs
+    from the likelihood's by a bias that does not shrink with ``n``; Wald
+    intervals around it therefore under-cover as ``n`` grows, even though their
+    width is right. For the GLMM, compare with the quadrature MLE.
+
     :param model: a freqvi model, a model callable, or a ``(model, guide)`` tuple.
     :param data: the data the model was fitted to.
     :param guide: the proposal for Louis's identity (a freqvi model brings its own).
