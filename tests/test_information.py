@@ -9,7 +9,7 @@ from scipy.stats import multivariate_normal, norm
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import freqvi
-from freqvi.infer.information import IdentifiabilityWarning
+from freqvi.infer.information import BoundaryWarning, IdentifiabilityWarning
 from freqvi.models import FactorAnalysis, GaussianMixture
 
 
@@ -148,3 +148,11 @@ def test_bic_picks_the_true_number_of_components():
         table = freqvi.compare({k: GaussianMixture(k, 2) for k in range(1, 6)}, x, seed=seed)
         hits += table.index[0] == 3
     assert hits >= 9
+
+
+def test_a_parameter_on_its_boundary_is_flagged():
+    x = torch.as_tensor(mixture_1d(100, seed=7))
+    gm = GaussianMixture(2, 1, "spherical", init={"weights": [1 - 1e-8, 1e-8], "locs": [[0.0], [9.0]],
+                                                   "covariances": [1.0, 1.0]})
+    with pytest.warns(BoundaryWarning, match=r"weights'\] have entries within 1e-06 of 0"):
+        freqvi.observed_information(gm, x)

@@ -11,7 +11,7 @@ import pyro
 import torch
 from pyro import poutine
 from torch.autograd.functional import hessian, jacobian
-from torch.distributions import transform_to
+from torch.distributions import constraints, transform_to
 
 from freqvi.errors import ConvergenceWarning, FreqviInputError, FreqviWarning
 from freqvi.infer.log_likelihood import exact_route, per_observation
@@ -25,6 +25,10 @@ KINDS = ("observed", "sandwich")
 
 class IdentifiabilityWarning(FreqviWarning):
     """The log-likelihood is flat along some directions: those parameters have no standard error."""
+
+
+class BoundaryWarning(FreqviWarning):
+    """A parameter sits on the boundary of its space, where Wald intervals are not valid."""
 
 
 @dataclass
@@ -94,6 +98,7 @@ class Information:
     pair: Pair
 
     def __post_init__(self):
+        _warn_on_boundary(self.parameters)
         self.basis = self.parameters.basis()
         self._reduced = self.basis.T @ self.matrix @ self.basis
         values, vectors = torch.linalg.eigh(self._reduced)
@@ -198,6 +203,26 @@ class Information:
 # Eigenvalues within this fraction of the largest are flat directions: at a maximum found to
 # optimiser precision, a direction the likelihood cannot see keeps a tiny, sign-less curvature.
 _RTOL = 1e-7
+_BOUNDARY = 1e-6  # a positive or simplex parameter this close to 0 is on its boundary
+
+
+def _warn_on_boundary(parameters: Parameters) -> None:
+    """Warns about positive and simplex parameters at (numerically) zero."""
+    at_boundary = []
+    for name, value, constraint in zip(parameters.names, parameters.values(parameters.vector).values(),
+                                       parameters.constraints, strict=True):
+        base = getattr(constraint, "base_constraint", constraint)
+        if base in (constraints.positive, constraints.simplex) and bool((value < _BOUNDARY).any()):
+            at_boundary.append(name)
+    if at_boundary:
+        warnings.warn(
+            f"{at_boundary} have entries within {_BOUNDARY:g} of 0, the boundary of their space (an "
+            "empty mixture component, a vanishing variance): the estimator is not normal there, so "
+            "Wald intervals and standard errors of those entries are not valid; use the bootstrap, "
+            "or refit a model without that component.",
+            BoundaryWarning,
+            stacklevel=4,
+        )
 
 
 def _statistics(pair: Pair, parameters: Parameters) -> dict[str, torch.Tensor]:

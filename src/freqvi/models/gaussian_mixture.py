@@ -53,6 +53,12 @@ class GaussianMixture(LatentVariableModel):
 
     Fitted parameters: ``weights`` ``(K,)``, ``locs`` ``(K, d)`` and
     ``covariances``: ``(K, d, d)`` full, ``(K, d)`` diag, ``(K,)`` spherical.
+
+    Labels are not identified: the likelihood is the same under any permutation
+    of the components. Standard errors (:func:`~freqvi.observed_information`)
+    follow the labelling of the estimate, as the Hessian there is local; they are
+    meaningful when the components are distinct enough that labels do not swap
+    under resampling, which the warm-started :func:`~freqvi.bootstrap` shows.
     """
 
     _estimate_names = ("weights", "locs", "covariances")
