@@ -113,7 +113,8 @@ def em(
     :param model: a freqvi model, a ``(model, guide)`` tuple, or a model callable
         with ``guide=...``. User-written pairs work: the guide is the E-step.
     :param data: one array or a tuple of arrays passed to model and guide.
-    :param num_particles: draws per Q estimate for non-enumerated sites (gradient M-step).
+    :param num_particles: draws per estimate of Q (gradient M-step) and of the recorded
+        objective, for non-enumerated sites.
     :param seed: seeds Python's, NumPy's and torch's generators first.
     """
     check_choice(m_step, "m_step", M_STEPS)
@@ -204,6 +205,11 @@ class _EMStep:
         self.pair, self.data, self.kind = pair, data, m_step
         plate_nesting = max_plate_nesting(model_trace, guide_trace)
         self.elbo = TraceEnum_ELBO(max_plate_nesting=plate_nesting, strict_enumeration_warning=False)
+        # The recorded objective averages num_particles draws over non-enumerated sites, so that
+        # its Monte-Carlo noise does not swamp the tolerance; the E-step's gradients take one.
+        self.objective_elbo = TraceEnum_ELBO(
+            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=plate_nesting,
+            strict_enumeration_warning=False)
         # The guide's latent sites marked for enumeration are recorded with their support
         # rather than a draw: the E-step needs their distributions, not samples.
         self.enum = poutine.enum(first_available_dim=-1 - plate_nesting)
@@ -243,7 +249,7 @@ class _EMStep:
             return float(posterior.nodes["_RETURN"]["value"].double().sum())
         frozen = FrozenPosterior(posterior)(self.pair.guide)
         with torch.no_grad():
-            return -self.elbo.loss(self.pair.model, frozen, *self.data)
+            return -self.objective_elbo.loss(self.pair.model, frozen, *self.data)
 
     def m_step(self, posterior) -> None:
         if self.kind == "closed_form":
