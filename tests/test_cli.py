@@ -103,3 +103,54 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, small_data, ba
     assert out == ""
     assert err.startswith("freqvi: error: ") and err.count("\n") == 1
     assert message in err
+
+
+# ----- freqvi vae ------------------------------------------------------------------------------
+VAE_QUICK = ["vae", "--quiet", "--steps", "30", "--num-samples", "50", "--hidden", "16", "--gap-steps", "20"]
+
+
+def test_vae_writes_metrics_and_pictures(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    assert main([*VAE_QUICK, "--latent-dim", "2", "--out", str(out_dir)]) == 0
+    out, _ = capsys.readouterr()
+    report = json.loads((out_dir / "metrics.json").read_text())
+    assert report["data"] == {"name": "digits", "n_train": 1500, "n_test": 297, "dim": 64}
+    assert report["model"]["latent_dim"] == 2 and report["fit"]["num_steps"] == 30
+    ll, terms = report["test_log_likelihood"], report["test_elbo"]
+    assert ll["num_samples"] == 50 and ll["mean_per_observation"] > terms["elbo_per_observation"]
+    assert terms["elbo_per_observation"] == pytest.approx(
+        terms["reconstruction_per_observation"] - terms["kl_per_observation"])
+    assert sorted(report["pictures"]) == ["latent.png", "reconstructions.png", "samples.png"]
+    assert all((out_dir / name).read_bytes()[:4] == b"\x89PNG" for name in report["pictures"])
+    assert f"{ll['mean_per_observation']:.3f} per test observation" in out
+
+
+def test_vae_on_a_users_file(tmp_path, capsys):
+    path = tmp_path / "pixels.npy"
+    np.save(path, np.random.default_rng(0).uniform(size=(50, 9)))
+    assert main([*VAE_QUICK, "--data", str(path), "--out", str(tmp_path), "--estimator", "iwae",
+                 "--particles", "3"]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["data"] == {"name": str(path), "n_train": 40, "n_test": 10, "dim": 9}
+    assert report["fit"]["estimator"] == "iwae"
+    assert report["pictures"] == ["reconstructions.png", "samples.png"]
+
+
+def _above_one(tmp_path):
+    path = tmp_path / "counts.npy"
+    np.save(path, np.arange(64.0 * 10).reshape(10, 64))
+    return ["--data", str(path)], "values in [0, 1]"
+
+
+@pytest.mark.parametrize("bad_input", [
+    _above_one,
+    lambda tmp_path: (["--latent-dim", "0"], "latent_dim must be an integer >= 1"),
+    lambda tmp_path: (["--data", str(tmp_path / "missing.npy")], "does not exist"),
+    lambda tmp_path: (["--hidden", "16,0"], "hidden width must be an integer >= 1"),
+], ids=["above-one", "zero-latent-dim", "missing-file", "zero-width"])
+def test_vae_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, bad_input):
+    argv, message = bad_input(tmp_path)
+    assert main([*VAE_QUICK, "--out", str(tmp_path / "out"), *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("freqvi: error: ") and err.count("\n") == 1
+    assert message in err

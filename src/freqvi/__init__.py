@@ -21,18 +21,23 @@ from freqvi.infer import (
     log_likelihood,
     observed_information,
 )
+from freqvi.infer.evaluation import AmortizationGap, ELBOTerms, amortization_gap, elbo_terms
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmortizationGap",
     "Bootstrap",
+    "ELBOTerms",
     "EMResult",
     "FitResult",
     "Information",
     "InformationCriteria",
     "LogLikelihood",
+    "amortization_gap",
     "bootstrap",
     "compare",
+    "elbo_terms",
     "em",
     "estimators",
     "fit",

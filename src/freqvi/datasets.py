@@ -1,4 +1,4 @@
-"""Data for freqvi: the embedded iris measurements and loaders for user arrays and files.
+"""Data for freqvi: the embedded iris and digits data and loaders for user arrays and files.
 
 Every loader returns a 2-D tensor of shape ``(n_observations, dim)``.
 """
@@ -14,9 +14,13 @@ import numpy as np
 import torch
 
 from freqvi.errors import FreqviInputError
-from freqvi.validation import as_tensor, check_finite
+from freqvi.validation import as_tensor, check_choice, check_finite
 
 FILE_TYPES = (".npy", ".csv")
+DIGITS_SPLITS = ("train", "test", "all")
+#: Training images of :func:`load_digits`; the other 297 of the 1,797 are the test split.
+DIGITS_TRAIN_SIZE = 1500
+_DIGITS_SPLIT_SEED = 0
 
 
 def load_iris(dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -39,11 +43,48 @@ def load_iris(dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def _sklearn_iris_csv() -> Path | None:
     """``sklearn/datasets/data/iris.csv``, found without importing scikit-learn."""
+    return _sklearn_data_file("iris.csv")
+
+
+def _sklearn_data_file(name: str) -> Path | None:
+    """``sklearn/datasets/data/<name>``, found without importing scikit-learn."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or spec.origin is None:
         return None
-    path = Path(spec.origin).parent / "datasets" / "data" / "iris.csv"
+    path = Path(spec.origin).parent / "datasets" / "data" / name
     return path if path.is_file() else None
+
+
+def load_digits(split: str = "train", dtype: torch.dtype = torch.float32,
+                return_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The 8x8 handwritten digits of the UCI repository, as scikit-learn embeds them.
+
+    1,797 images, each a row of 64 pixel intensities in ``0..16`` (row-major),
+    divided by 16 so that they lie in ``[0, 1]``. The fixed split: a permutation of
+    the rows drawn by ``numpy.random.default_rng(0)``; its first 1,500 rows are
+    ``"train"``, the remaining 297 ``"test"``; ``"all"`` is every row in the
+    original order.
+
+    :param split: ``"train"``, ``"test"`` or ``"all"``.
+    :param return_labels: also return the digits ``0..9``, an int64 tensor ``(n,)``.
+    :returns: the images, shape ``(n, 64)`` (and the labels).
+    """
+    split = check_choice(split, "split", DIGITS_SPLITS)
+    path = _sklearn_data_file("digits.csv.gz")
+    if path is not None:
+        table = np.loadtxt(path, delimiter=",")
+        pixels, labels = table[:, :-1], table[:, -1]
+    else:
+        from sklearn import datasets
+
+        bunch = datasets.load_digits()
+        pixels, labels = bunch.data, bunch.target
+    if split != "all":
+        order = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(pixels))
+        rows = order[:DIGITS_TRAIN_SIZE] if split == "train" else order[DIGITS_TRAIN_SIZE:]
+        pixels, labels = pixels[rows], labels[rows]
+    x = torch.as_tensor(pixels / 16.0, dtype=_check_dtype(dtype))
+    return (x, torch.as_tensor(labels, dtype=torch.int64)) if return_labels else x
 
 
 def load_array(path_or_array, dtype: torch.dtype | None = None) -> torch.Tensor:

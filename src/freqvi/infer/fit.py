@@ -19,8 +19,10 @@ from freqvi.estimators import get_estimator
 from freqvi.handlers import SubsamplePlate
 from freqvi.infer.optim import make_optimizer
 from freqvi.infer.pair import resolve_pair
-from freqvi.traces import check_pair, data_plate
+from freqvi.traces import check_pair, data_plate, param_names, unconstrained_params
 from freqvi.validation import as_data, check_positive_int
+
+_VALIDATION_SEED = 20_231_117
 
 
 @dataclass
@@ -32,6 +34,10 @@ class FitResult:
     :ivar converged: whether the ``tol`` criterion stopped the run.
     :ivar wall_time: seconds spent in the loop.
     :ivar loss: the estimator used.
+    :ivar validation_steps: the steps after which the held-out ELBO was evaluated.
+    :ivar validation_elbo: the held-out ELBO at those steps (``validation_data`` only).
+    :ivar best_step: the step whose parameters were kept: the held-out ELBO's argmax.
+    :ivar stopped_early: whether ``patience`` ended the run.
     """
 
     elbo: list[float] = field(default_factory=list)
@@ -39,6 +45,10 @@ class FitResult:
     converged: bool = False
     wall_time: float = 0.0
     loss: ELBO | None = None
+    validation_steps: list[int] = field(default_factory=list)
+    validation_elbo: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool = False
 
 
 def fit(
@@ -56,6 +66,9 @@ def fit(
     data_plate_name: str = "data",
     seed: int | None = None,
     progress: bool = True,
+    validation_data=None,
+    eval_every: int = 100,
+    patience: int | None = None,
     **loss_options,
 ) -> FitResult:
     r"""Maximises an ELBO over the model's and the guide's parameters by SVI.
@@ -81,17 +94,35 @@ def fit(
         less than ``tol`` times its magnitude from the window before.
     :param seed: seeds Python's, NumPy's and torch's generators first.
     :param progress: show a tqdm progress bar.
+    :param validation_data: held-out observations (an array or tuple like ``data``).
+        Every ``eval_every`` steps and after the last, the estimator's ELBO on them
+        is evaluated (no gradient, always the same random numbers, so that successive
+        values differ by the parameters only, and the training draws are those of a
+        run without ``validation_data``); at the end the parameters of the model
+        and guide are set back to those of the best evaluation.
+    :param eval_every: steps between held-out evaluations.
+    :param patience: with ``validation_data``, stop after this many evaluations
+        without a new best held-out ELBO (early stopping); ``None``: never.
     """
     num_steps = check_positive_int(num_steps, "num_steps")
     window = check_positive_int(window, "window")
+    eval_every = check_positive_int(eval_every, "eval_every")
+    if patience is not None:
+        patience = check_positive_int(patience, "patience")
     data = as_data(data)
+    held_out = as_data(validation_data, "validation_data") if validation_data is not None else None
     pair = resolve_pair(model, guide)
     if seed is not None:
         pyro.set_rng_seed(seed)
-    model_trace, _ = check_pair(pair.model, pair.guide, data)
+    model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
     batches = _batches(model_trace, data, batch_size, data_plate_name)
     elbo = get_estimator(loss, **loss_options)
     svi = SVI(pair.model, pair.guide, make_optimizer(optim, lr), elbo)
+    keeper = None
+    if held_out is not None:
+        with torch.random.fork_rng():
+            check_pair(pair.model, pair.guide, held_out)
+        keeper = _BestParameters(param_names(model_trace) | param_names(guide_trace))
 
     result = FitResult(loss=elbo)
     start = time.perf_counter()
@@ -110,10 +141,56 @@ def fit(
             bar.set_postfix(elbo=f"{-value:.4g}")
         if tol is not None and _window_converged(result.elbo, window, tol):
             result.converged = True
+        last = result.converged or step + 1 == num_steps
+        if keeper is not None and ((step + 1) % eval_every == 0 or last):
+            _validate(result, keeper, pair, elbo, held_out, step + 1)
+            result.stopped_early = not last and _patience_spent(result, patience)
+        if result.converged or result.stopped_early:
             break
     bar.close()
+    if keeper is not None:
+        keeper.restore()
     result.wall_time = time.perf_counter() - start
     return result
+
+
+def _patience_spent(result: FitResult, patience: int | None) -> bool:
+    """Whether the last ``patience`` held-out evaluations all failed to beat the best one."""
+    since_best = len(result.validation_steps) - 1 - result.validation_steps.index(result.best_step)
+    return patience is not None and since_best >= patience
+
+
+class _BestParameters:
+    """A copy of the unconstrained parameters at their best held-out ELBO, to restore in place.
+
+    In place, so optimisers and modules keep referring to the same tensors.
+    """
+
+    def __init__(self, names: set[str]):
+        self.tensors = unconstrained_params(names)
+        self.best: list[torch.Tensor] = []
+
+    def save(self) -> None:
+        self.best = [t.detach().clone() for t in self.tensors]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for tensor, best in zip(self.tensors, self.best, strict=True):
+                tensor.copy_(best)
+
+
+def _validate(result: FitResult, keeper: _BestParameters, pair, elbo: ELBO, held_out, step: int) -> None:
+    """Appends the held-out ELBO after ``step`` steps; saves the parameters if it is the best yet."""
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(_VALIDATION_SEED)  # common random numbers across evaluations
+        value = -elbo.loss(pair.model, pair.guide, *held_out)
+    if not math.isfinite(value):
+        raise FreqviError(f"step {step}: the held-out ELBO is {value}.")
+    if result.best_step is None or value > max(result.validation_elbo):
+        result.best_step = step
+        keeper.save()
+    result.validation_steps.append(step)
+    result.validation_elbo.append(value)
 
 
 def _batches(model_trace, data, batch_size, plate_name) -> Iterator:

@@ -4,6 +4,7 @@ from freqvi.models.base import ClosedFormMStep, LatentVariableModel
 from freqvi.models.factor_analysis import FactorAnalysis
 from freqvi.models.gaussian_mixture import GaussianMixture
 from freqvi.models.random_intercept_logistic import RandomInterceptLogistic
+from freqvi.models.vae import VAE, GaussianEncoder, mlp
 
-__all__ = ["ClosedFormMStep", "FactorAnalysis", "GaussianMixture", "LatentVariableModel",
-           "RandomInterceptLogistic"]
+__all__ = ["VAE", "ClosedFormMStep", "FactorAnalysis", "GaussianEncoder", "GaussianMixture",
+           "LatentVariableModel", "RandomInterceptLogistic", "mlp"]
