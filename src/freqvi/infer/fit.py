@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pyro
 import torch
-from pyro.infer import ELBO, SVI
+from pyro.infer import ELBO
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
@@ -19,8 +19,9 @@ from freqvi.estimators import get_estimator
 from freqvi.handlers import SubsamplePlate
 from freqvi.infer.optim import make_optimizer
 from freqvi.infer.pair import resolve_pair
+from freqvi.infer.step import GuardedStep
 from freqvi.traces import check_pair, data_plate, param_names, unconstrained_params
-from freqvi.validation import as_data, check_positive_int
+from freqvi.validation import as_data, check_positive_float, check_positive_int
 
 _VALIDATION_SEED = 20_231_117
 
@@ -38,6 +39,7 @@ class FitResult:
     :ivar validation_elbo: the held-out ELBO at those steps (``validation_data`` only).
     :ivar best_step: the step whose parameters were kept: the held-out ELBO's argmax.
     :ivar stopped_early: whether ``patience`` ended the run.
+    :ivar refused_steps: steps whose loss or gradients were not finite, so nothing was updated.
     """
 
     elbo: list[float] = field(default_factory=list)
@@ -49,6 +51,7 @@ class FitResult:
     validation_elbo: list[float] = field(default_factory=list)
     best_step: int | None = None
     stopped_early: bool = False
+    refused_steps: int = 0
 
 
 def fit(
@@ -57,7 +60,7 @@ def fit(
     data,
     *,
     loss: str | ELBO = "trace",
-    optim: str | PyroOptim = "adam",
+    optim: str | PyroOptim | torch.optim.Optimizer = "adam",
     lr: float = 0.01,
     num_steps: int = 1000,
     tol: float | None = None,
@@ -69,6 +72,8 @@ def fit(
     validation_data=None,
     eval_every: int = 100,
     patience: int | None = None,
+    max_retries: int = 3,
+    clip_norm: float | None = None,
     **loss_options,
 ) -> FitResult:
     r"""Maximises an ELBO over the model's and the guide's parameters by SVI.
@@ -87,8 +92,9 @@ def fit(
         positional arguments; float64 data fits in float64.
     :param loss: an :class:`~pyro.infer.ELBO` or a name from
         :data:`freqvi.estimators.ESTIMATORS`; ``loss_options`` go to its constructor.
-    :param optim: a :class:`~pyro.optim.PyroOptim` or a name from
-        :data:`freqvi.infer.optim.OPTIMIZERS`, with learning rate ``lr``.
+    :param optim: a name from :data:`freqvi.infer.optim.OPTIMIZERS` (one torch
+        optimiser over all parameters, learning rate ``lr``), a torch optimiser
+        already built over them, or a :class:`~pyro.optim.PyroOptim`.
     :param num_steps: maximum number of steps.
     :param tol: stop when the mean ELBO of the last ``window`` steps changes by
         less than ``tol`` times its magnitude from the window before.
@@ -103,9 +109,18 @@ def fit(
     :param eval_every: steps between held-out evaluations.
     :param patience: with ``validation_data``, stop after this many evaluations
         without a new best held-out ELBO (early stopping); ``None``: never.
+    :param max_retries: a step whose loss or gradients are not finite updates
+        nothing and the next draws are tried; after this many refusals in a row the
+        run stops with an error naming the step, estimator and offending site, the
+        last good parameters in place.
+    :param clip_norm: if given, each step's gradients are rescaled to at most this
+        total norm.
     """
     num_steps = check_positive_int(num_steps, "num_steps")
     window = check_positive_int(window, "window")
+    max_retries = check_positive_int(max_retries, "max_retries", minimum=0)
+    if clip_norm is not None:
+        clip_norm = check_positive_float(clip_norm, "clip_norm")
     eval_every = check_positive_int(eval_every, "eval_every")
     if patience is not None:
         patience = check_positive_int(patience, "patience")
@@ -117,36 +132,40 @@ def fit(
     model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
     batches = _batches(model_trace, data, batch_size, data_plate_name)
     elbo = get_estimator(loss, **loss_options)
-    svi = SVI(pair.model, pair.guide, make_optimizer(optim, lr), elbo)
+    names = sorted(param_names(model_trace) | param_names(guide_trace))
+    params = dict(zip(names, unconstrained_params(names), strict=True))
+    take_step = GuardedStep(pair.model, pair.guide, elbo, params,
+                            make_optimizer(optim, lr, list(params.values())), max_retries, clip_norm)
     keeper = None
     if held_out is not None:
         with torch.random.fork_rng():
             check_pair(pair.model, pair.guide, held_out)
-        keeper = _BestParameters(param_names(model_trace) | param_names(guide_trace))
+        keeper = _BestParameters(set(names))
 
     result = FitResult(loss=elbo)
     start = time.perf_counter()
     bar = tqdm(range(num_steps), disable=not progress, desc="fit", unit="step")
-    for step in bar:
-        with next(batches):
-            value = svi.step(*data)
-        if not math.isfinite(value):
-            raise FreqviError(
-                f"step {step}: the {type(elbo).__name__} loss is {value}; lower lr or check that the "
-                "model's densities are finite at the current parameters."
-            )
-        result.elbo.append(-value)
-        result.num_steps = step + 1
-        if step % 10 == 0:
-            bar.set_postfix(elbo=f"{-value:.4g}")
-        if tol is not None and _window_converged(result.elbo, window, tol):
-            result.converged = True
-        last = result.converged or step + 1 == num_steps
-        if keeper is not None and ((step + 1) % eval_every == 0 or last):
-            _validate(result, keeper, pair, elbo, held_out, step + 1)
-            result.stopped_early = not last and _patience_spent(result, patience)
-        if result.converged or result.stopped_early:
-            break
+    # check_pair validated the distributions' arguments; Pyro re-checks them at every step by
+    # default, a large share of a small model's step. GuardedStep refuses non-finite steps instead.
+    with pyro.validation_enabled(False):
+        for step in bar:
+            with next(batches):
+                value = take_step(step, *data)
+            if value is None:  # refused: nothing was updated
+                result.refused_steps += 1
+                continue
+            result.elbo.append(-value)
+            result.num_steps = step + 1
+            if step % 10 == 0:
+                bar.set_postfix(elbo=f"{-value:.4g}")
+            if tol is not None and _window_converged(result.elbo, window, tol):
+                result.converged = True
+            last = result.converged or step + 1 == num_steps
+            if keeper is not None and ((step + 1) % eval_every == 0 or last):
+                _validate(result, keeper, pair, elbo, held_out, step + 1)
+                result.stopped_early = not last and _patience_spent(result, patience)
+            if result.converged or result.stopped_early:
+                break
     bar.close()
     if keeper is not None:
         keeper.restore()
