@@ -122,12 +122,14 @@ def em(
     tol = check_positive_float(tol, "tol", allow_zero=True)
     data = as_data(data)
     pair = resolve_pair(model, guide)
+    m_step = _choose_m_step(m_step, pair)
+    if batch_size is not None:
+        batch_size = _check_online(batch_size, m_step, data)
     if seed is not None:
         pyro.set_rng_seed(seed)
     model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
-    m_step = _choose_m_step(m_step, pair)
     if batch_size is not None:
-        batch_size = _check_online(batch_size, m_step, model_trace, data, data_plate_name)
+        data_plate(model_trace, data_plate_name, data[0].shape[0])
     if all(is_enumerated(site) for site in latent_sites(guide_trace).values()):
         num_particles = 1  # Q is computed exactly by enumeration: more draws would repeat it
     step = _EMStep(pair, data, m_step, model_trace, guide_trace,
@@ -183,7 +185,7 @@ def _choose_m_step(m_step: str, pair: Pair) -> str:
     return m_step
 
 
-def _check_online(batch_size, m_step, model_trace, data, plate_name) -> int:
+def _check_online(batch_size, m_step, data) -> int:
     n = data[0].shape[0]
     batch_size = check_positive_int(batch_size, "batch_size")
     if batch_size > n:
@@ -193,7 +195,6 @@ def _check_online(batch_size, m_step, model_trace, data, plate_name) -> int:
             "batch_size (online EM) needs a closed-form M-step; for minibatch gradient fitting "
             "use freqvi.fit(model, guide, data, batch_size=...)."
         )
-    data_plate(model_trace, plate_name, n)
     return batch_size
 
 
