@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -17,8 +17,10 @@ from tqdm.auto import tqdm
 from freqvi.errors import FreqviError, FreqviInputError
 from freqvi.estimators import get_estimator
 from freqvi.handlers import SubsamplePlate
+from freqvi.infer.checkpoint import stable_name
 from freqvi.infer.optim import make_optimizer
 from freqvi.infer.pair import resolve_pair
+from freqvi.infer.run_state import RunState, deferred_interrupts
 from freqvi.infer.step import GuardedStep
 from freqvi.traces import check_pair, data_plate, param_names, unconstrained_params
 from freqvi.validation import as_data, check_positive_float, check_positive_int
@@ -74,6 +76,9 @@ def fit(
     patience: int | None = None,
     max_retries: int = 3,
     clip_norm: float | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1000,
+    resume: str | os.PathLike | None = None,
     **loss_options,
 ) -> FitResult:
     r"""Maximises an ELBO over the model's and the guide's parameters by SVI.
@@ -115,6 +120,14 @@ def fit(
         last good parameters in place.
     :param clip_norm: if given, each step's gradients are rescaled to at most this
         total norm.
+    :param checkpoint: a file to write the run's state to every ``checkpoint_every``
+        steps, at the end and on interruption (Ctrl-C or SIGTERM: the current step
+        finishes, the checkpoint is written, then ``KeyboardInterrupt`` is raised):
+        parameters, optimiser state, step, history, every random generator's state
+        and the minibatch order. Writes are atomic.
+    :param resume: a checkpoint to continue from: build the model and guide as for
+        the first run and call ``fit`` with the same arguments; the run then ends
+        with the parameters an uninterrupted run would have (bit for bit on CPU).
     """
     num_steps = check_positive_int(num_steps, "num_steps")
     window = check_positive_int(window, "window")
@@ -122,6 +135,7 @@ def fit(
     if clip_norm is not None:
         clip_norm = check_positive_float(clip_norm, "clip_norm")
     eval_every = check_positive_int(eval_every, "eval_every")
+    checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     if patience is not None:
         patience = check_positive_int(patience, "patience")
     data = as_data(data)
@@ -130,12 +144,13 @@ def fit(
     if seed is not None:
         pyro.set_rng_seed(seed)
     model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
-    batches = _batches(model_trace, data, batch_size, data_plate_name)
+    batches = _Minibatches(model_trace, data, batch_size, data_plate_name)
     elbo = get_estimator(loss, **loss_options)
-    names = sorted(param_names(model_trace) | param_names(guide_trace))
+    # Sorted by the names without instance numbers, so a rebuilt model resumes in the same order.
+    names = sorted(param_names(model_trace) | param_names(guide_trace), key=stable_name)
     params = dict(zip(names, unconstrained_params(names), strict=True))
-    take_step = GuardedStep(pair.model, pair.guide, elbo, params,
-                            make_optimizer(optim, lr, list(params.values())), max_retries, clip_norm)
+    optimizer = make_optimizer(optim, lr, list(params.values()))
+    take_step = GuardedStep(pair.model, pair.guide, elbo, params, optimizer, max_retries, clip_norm)
     keeper = None
     if held_out is not None:
         with torch.random.fork_rng():
@@ -143,27 +158,34 @@ def fit(
         keeper = _BestParameters(set(names))
 
     result = FitResult(loss=elbo)
+    run = RunState(params, optimizer, batches, result, _settings(elbo, batch_size))
+    if checkpoint is not None or resume is not None:
+        run.check_checkpointable(checkpoint, validation_data)
+    first = run.restore(resume) if resume is not None else 0
     start = time.perf_counter()
-    bar = tqdm(range(num_steps), disable=not progress, desc="fit", unit="step")
+    bar = tqdm(range(first, num_steps), initial=first, total=num_steps, disable=not progress, desc="fit",
+               unit="step")
     # check_pair validated the distributions' arguments; Pyro re-checks them at every step by
     # default, a large share of a small model's step. GuardedStep refuses non-finite steps instead.
-    with pyro.validation_enabled(False):
+    with pyro.validation_enabled(False), deferred_interrupts() as interrupted:
         for step in bar:
-            with next(batches):
+            with batches.next():
                 value = take_step(step, *data)
-            if value is None:  # refused: nothing was updated
+            if value is not None:
+                _record(result, bar, step, value)
+            else:  # refused: nothing was updated
                 result.refused_steps += 1
-                continue
-            result.elbo.append(-value)
-            result.num_steps = step + 1
-            if step % 10 == 0:
-                bar.set_postfix(elbo=f"{-value:.4g}")
             if tol is not None and _window_converged(result.elbo, window, tol):
                 result.converged = True
             last = result.converged or step + 1 == num_steps
             if keeper is not None and ((step + 1) % eval_every == 0 or last):
                 _validate(result, keeper, pair, elbo, held_out, step + 1)
                 result.stopped_early = not last and _patience_spent(result, patience)
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or last or interrupted()):
+                run.save(checkpoint, step + 1)
+            if interrupted():
+                raise KeyboardInterrupt(f"fit interrupted after step {step + 1}"
+                                        + (f"; checkpoint in {str(checkpoint)!r}" if checkpoint else ""))
             if result.converged or result.stopped_early:
                 break
     bar.close()
@@ -171,6 +193,19 @@ def fit(
         keeper.restore()
     result.wall_time = time.perf_counter() - start
     return result
+
+
+def _record(result: FitResult, bar, step: int, value: float) -> None:
+    result.elbo.append(-value)
+    result.num_steps = step + 1
+    if step % 10 == 0:
+        bar.set_postfix(elbo=f"{-value:.4g}")
+
+
+def _settings(elbo: ELBO, batch_size: int | None) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint (num_steps may grow)."""
+    return {"estimator": type(elbo).__name__, "num_particles": getattr(elbo, "num_particles", 1),
+            "batch_size": batch_size}
 
 
 def _patience_spent(result: FitResult, patience: int | None) -> bool:
@@ -212,20 +247,39 @@ def _validate(result: FitResult, keeper: _BestParameters, pair, elbo: ELBO, held
     result.validation_elbo.append(value)
 
 
-def _batches(model_trace, data, batch_size, plate_name) -> Iterator:
-    """Yields, per step, a handler selecting that step's observations (or none)."""
-    n = data[0].shape[0]
-    if batch_size is None:
-        while True:
-            yield nullcontext()
-    batch_size = check_positive_int(batch_size, "batch_size")
-    if batch_size > n:
-        raise FreqviInputError(f"batch_size must be between 1 and n = {n}; got {batch_size}.")
-    data_plate(model_trace, plate_name, n)
-    while True:
-        order = torch.randperm(n)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield SubsamplePlate(plate_name, order[start:start + batch_size])
+class _Minibatches:
+    """Epochs of a random permutation of the observations, ``batch_size`` at a time (or all of them).
+
+    Each call of :meth:`next` gives a handler selecting one step's observations; the
+    permutation and the position in it are part of a checkpoint.
+    """
+
+    def __init__(self, model_trace, data, batch_size: int | None, plate_name: str):
+        self.n = data[0].shape[0]
+        self.plate_name = plate_name
+        if batch_size is not None:
+            batch_size = check_positive_int(batch_size, "batch_size")
+            if batch_size > self.n:
+                raise FreqviInputError(f"batch_size must be between 1 and n = {self.n}; got {batch_size}.")
+            data_plate(model_trace, plate_name, self.n)
+        self.batch_size = batch_size
+        self.order = torch.empty(0, dtype=torch.long)
+        self.position = 0
+
+    def next(self):
+        if self.batch_size is None:
+            return nullcontext()
+        if self.position + self.batch_size > len(self.order):  # a new epoch; a last partial batch is dropped
+            self.order, self.position = torch.randperm(self.n), 0
+        indices = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return SubsamplePlate(self.plate_name, indices)
+
+    def state(self) -> dict:
+        return {"order": self.order, "position": self.position}
+
+    def load(self, state: dict) -> None:
+        self.order, self.position = state["order"], state["position"]
 
 
 def _window_converged(history: list[float], window: int, tol: float) -> bool:

@@ -1,0 +1,102 @@
+"""What a checkpoint of a :func:`~freqvi.fit` run holds, and interruptions that wait for a step to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+
+import torch
+
+from freqvi.errors import FreqviInputError
+from freqvi.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, stable_name
+
+
+class RunState:
+    """The state of a fit that a checkpoint saves and a resumed run restores.
+
+    :param params: unconstrained parameters by name, updated in place.
+    :param optimizer: the torch optimiser over them.
+    :param batches: the minibatch schedule (``state()``/``load()``).
+    :param result: the :class:`~freqvi.FitResult` being filled.
+    :param settings: what the resumed run must share with the first (estimator, batch size, ...).
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], optimizer, batches, result, settings: dict):
+        self.params, self.optimizer, self.batches, self.result = params, optimizer, batches, result
+        self.settings = settings
+
+    def check_checkpointable(self, checkpoint, validation_data) -> None:
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise FreqviInputError("checkpoints need a torch optimiser: pass optim by name or as a "
+                                   "torch.optim.Optimizer, not a pyro.optim wrapper.")
+        if validation_data is not None:
+            raise FreqviInputError("checkpoint/resume and validation_data cannot be combined yet.")
+        if checkpoint is not None and not os.path.isdir(os.path.dirname(os.path.abspath(checkpoint))):
+            raise FreqviInputError(f"checkpoint: the folder of {str(checkpoint)!r} does not exist.")
+
+    def save(self, path, step: int) -> None:
+        """Writes the state after ``step`` steps to ``path``, atomically."""
+        state = {
+            "step": step,
+            "params": {stable_name(n): p.detach() for n, p in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "batches": self.batches.state(),
+            "history": {"elbo": list(self.result.elbo), "refused_steps": self.result.refused_steps,
+                        "num_steps": self.result.num_steps},
+        }
+        shapes = {stable_name(n): list(p.shape) for n, p in self.params.items()}
+        save_checkpoint(path, state, {"settings": self.settings, "shapes": shapes})
+
+    def restore(self, path) -> int:
+        """Loads a checkpoint into the run; returns the step to continue from."""
+        state, metadata = load_checkpoint(path)
+        self._check(metadata, path)
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["params"][stable_name(name)])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load(state["batches"])
+        history = state["history"]
+        self.result.elbo[:] = history["elbo"]
+        self.result.refused_steps, self.result.num_steps = history["refused_steps"], history["num_steps"]
+        set_rng_state(state["rng"])
+        return state["step"]
+
+    def _check(self, metadata: dict, path) -> None:
+        if metadata["settings"] != self.settings:
+            raise FreqviInputError(
+                f"checkpoint {str(path)!r} was written with {metadata['settings']}; this run has "
+                f"{self.settings}: resume with the same estimator and batch_size."
+            )
+        shapes = {stable_name(n): list(p.shape) for n, p in self.params.items()}
+        if metadata["shapes"] != shapes:
+            raise FreqviInputError(
+                f"checkpoint {str(path)!r} holds parameters {metadata['shapes']}; the model and guide "
+                f"given have {shapes}: build them as for the run that wrote it."
+            )
+
+
+@contextmanager
+def deferred_interrupts():
+    """Turns Ctrl-C and SIGTERM into a flag, read between steps (main thread only).
+
+    Yields a function telling whether an interruption is pending; outside the
+    main thread, where handlers cannot be installed, it is always ``False``.
+    """
+    pending = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        pending.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(pending)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
