@@ -74,3 +74,23 @@ def test_a_changed_byte_is_caught(tmp_path):
     torch.save(payload, path)
     with pytest.raises(FreqviInputError, match="SHA-256"):
         run(10, resume=path)
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+@pytest.mark.parametrize("guide", ["exact", "mean_field"])
+def test_resumed_em_equals_the_uninterrupted_one(tmp_path, guide):
+    def em_run(max_iter, **options):
+        fa = FactorAnalysis(5, 2)
+        q = fa.guide if guide == "exact" else fa.mean_field_guide()
+        result = freqvi.em(fa, factor_data(n=60), q, max_iter=max_iter, tol=0.0, e_step_iters=5,
+                           m_step="gradient" if guide == "mean_field" else "auto", m_step_iters=5,
+                           seed=0, progress=False, **options)
+        return {k: v.clone() for k, v in fa.estimates().items()}, result
+
+    whole, whole_result = em_run(8)
+    path = tmp_path / "em.ckpt"
+    em_run(3, checkpoint=path)
+    resumed, result = em_run(8, resume=path)
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
+    assert result.log_likelihood == whole_result.log_likelihood

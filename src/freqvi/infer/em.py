@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -17,7 +19,9 @@ from tqdm.auto import tqdm
 from freqvi.errors import ConvergenceWarning, FreqviError, FreqviInputError
 from freqvi.estimators import QFunctionELBO
 from freqvi.handlers import FrozenPosterior, SubsamplePlate
+from freqvi.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, stable_name
 from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.run_state import deferred_interrupts
 from freqvi.models.base import ClosedFormMStep
 from freqvi.traces import (
     check_pair,
@@ -73,6 +77,9 @@ def em(
     data_plate_name: str = "data",
     seed: int | None = None,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    resume: str | os.PathLike | None = None,
 ) -> EMResult:
     r"""Expectation-maximisation driven by a model/guide pair.
 
@@ -116,9 +123,18 @@ def em(
     :param num_particles: draws per estimate of Q (gradient M-step) and of the recorded
         objective, for non-enumerated sites.
     :param seed: seeds Python's, NumPy's and torch's generators first.
+    :param checkpoint: a file to write the run's state to every ``checkpoint_every``
+        iterations, at the end and on Ctrl-C or SIGTERM (the iteration finishes,
+        the checkpoint is written, then ``KeyboardInterrupt`` is raised), atomically.
+    :param resume: a checkpoint to continue from, with the model built as for the
+        run that wrote it; the result equals an uninterrupted run's, bit for bit on CPU.
+
+    An iteration whose objective is not finite is undone (the parameters go back
+    to the previous iteration's) before the error is raised.
     """
     check_choice(m_step, "m_step", M_STEPS)
     max_iter = check_positive_int(max_iter, "max_iter")
+    checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     tol = check_positive_float(tol, "tol", allow_zero=True)
     data = as_data(data)
     pair = resolve_pair(model, guide)
@@ -138,27 +154,43 @@ def em(
 
     result = EMResult(m_step=m_step)
     start = time.perf_counter()
-    posterior = step.e_step()
-    result.log_likelihood.append(step.objective(posterior))
-    bar = tqdm(range(1, max_iter + 1), disable=not progress, desc="em", unit="iter")
+    if resume is None:
+        posterior = step.e_step()
+        result.log_likelihood.append(step.objective(posterior))
+    else:
+        step.restore(resume, result)
+        with torch.random.fork_rng():  # the recorded distributions, without drawing on the generators
+            posterior = step.e_step(draw_local=False)
+    first = result.num_iter + 1
+    bar = tqdm(range(first, max_iter + 1), initial=first - 1, total=max_iter, disable=not progress,
+               desc="em", unit="iter")
     # Distribution arguments were validated by check_pair; re-checking them each iteration
     # (Pyro's default) costs a third of an EM iteration on a mixture.
-    with pyro.validation_enabled(False):
+    with pyro.validation_enabled(False), deferred_interrupts() as interrupted:
         for it in bar:
+            good = step.snapshot()
             if batch_size is None:
                 step.m_step(posterior)
             else:
                 step.online_epoch(batch_size, data_plate_name, step_size)
             posterior = step.e_step()
             value = step.objective(posterior)
-            if not torch.isfinite(torch.tensor(value)):
-                raise FreqviError(f"iteration {it}: the objective is {value}; the fit diverged.")
+            if not math.isfinite(value):
+                step.load_snapshot(good)
+                raise FreqviError(f"iteration {it}: the objective is {value}; the fit diverged. The "
+                                  "parameters are those of the previous iteration.")
             previous = result.log_likelihood[-1]
             result.log_likelihood.append(value)
             result.num_iter = it
             bar.set_postfix(loglik=f"{value:.6g}")
-            if abs(value - previous) <= tol:
-                result.converged = True
+            result.converged = abs(value - previous) <= tol
+            if checkpoint is not None and (it % checkpoint_every == 0 or result.converged
+                                           or it == max_iter or interrupted()):
+                step.save(checkpoint, result)
+            if interrupted():
+                raise KeyboardInterrupt(f"em interrupted after iteration {it}"
+                                        + (f"; checkpoint in {str(checkpoint)!r}" if checkpoint else ""))
+            if result.converged:
                 break
     bar.close()
     result.wall_time = time.perf_counter() - start
@@ -218,6 +250,8 @@ class _EMStep:
         self.exact = owner is not None and pair.guide == owner.guide and owner.exact_guide
         model_names = param_names(model_trace)
         local_names = param_names(guide_trace) - model_names
+        self.names = sorted(model_names | local_names, key=stable_name)
+        self.params = unconstrained_params(self.names)
         self.local = unconstrained_params(local_names)
         self.e_optim = torch.optim.Adam(self.local, lr=e_lr) if self.local else None
         self.e_iters = e_iters
@@ -229,10 +263,44 @@ class _EMStep:
             self.m_lr = m_lr
             self.q = QFunctionELBO(num_particles=num_particles, max_plate_nesting=plate_nesting)
 
-    def e_step(self, handler=None):
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def load_snapshot(self, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, values, strict=True):
+                p.copy_(v)
+
+    def save(self, path, result: EMResult) -> None:
+        """Writes the parameters, local optimiser, online statistics, history and generators."""
+        state = {"params": dict(zip(map(stable_name, self.names), self.snapshot(), strict=True)),
+                 "e_optim": self.e_optim.state_dict() if self.e_optim else {},
+                 "statistics": self.statistics or {}, "t": self.t, "rng": rng_state(),
+                 "history": {"log_likelihood": list(result.log_likelihood), "num_iter": result.num_iter}}
+        save_checkpoint(path, state, {"kind": "em", "m_step": self.kind,
+                                      "params": [stable_name(n) for n in self.names]})
+
+    def restore(self, path, result: EMResult) -> None:
+        state, metadata = load_checkpoint(path)
+        names = [stable_name(n) for n in self.names]
+        if metadata.get("kind") != "em" or metadata.get("m_step") != self.kind or metadata["params"] != names:
+            raise FreqviInputError(
+                f"checkpoint {str(path)!r} was written by a different run ({metadata.get('kind')}, "
+                f"m_step {metadata.get('m_step')!r}, parameters {metadata.get('params')}); this one has "
+                f"m_step {self.kind!r} and parameters {names}."
+            )
+        self.load_snapshot([state["params"][n] for n in names])
+        if self.e_optim:
+            self.e_optim.load_state_dict(state["e_optim"])
+        self.statistics, self.t = state["statistics"] or None, state["t"]
+        result.log_likelihood[:] = state["history"]["log_likelihood"]
+        result.num_iter = state["history"]["num_iter"]
+        set_rng_state(state["rng"])
+
+    def e_step(self, handler=None, draw_local: bool = True):
         """Records the guide's distributions at the current theta (fitting local parameters first)."""
         handler = handler or nullcontext()
-        if self.local:
+        if self.local and draw_local:
             for _ in range(self.e_iters):
                 with handler:
                     loss = self.elbo.differentiable_loss(self.pair.model, self.pair.guide, *self.data)
