@@ -62,8 +62,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
         if hashlib.sha256(blob).hexdigest() != metadata.get("sha256"):
             raise ValueError("the state does not match its SHA-256 digest")
         state = torch.load(io.BytesIO(blob), weights_only=True)
-    except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile,
-            pickle.UnpicklingError) as exc:
+    except pickle.UnpicklingError as exc:  # torch's message is a page long; its first line suffices
+        raise FreqviInputError(
+            f"checkpoint {str(path)!r} holds objects other than tensors and plain values, which could "
+            f"run code when loaded, so it was refused ({_first_line(exc)}): it is tampered with or "
+            "not a freqvi checkpoint."
+        ) from None
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
         raise FreqviInputError(
             f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {exc}): it is truncated, "
             "tampered with or not a freqvi checkpoint."
@@ -71,6 +76,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     if metadata.get("format") != FORMAT:
         raise FreqviInputError(f"{str(path)!r} is not a {FORMAT} file (format {metadata.get('format')!r}).")
     return state, metadata
+
+
+def _first_line(exc: Exception) -> str:
+    """The line of torch's unpickler report that names what it refused, without its advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported" in line]
+    return (named or lines or [type(exc).__name__])[0].split(" Please use")[0]
 
 
 def rng_state() -> dict:

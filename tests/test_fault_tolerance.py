@@ -1,0 +1,154 @@
+"""Issue 8's acceptance checks on faults: a killed process, crafted and truncated files, a NaN at step k."""
+
+import math
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from simulate import factor_data
+
+import freqvi
+from freqvi.errors import FreqviError, FreqviInputError
+from freqvi.infer import checkpoint as checkpoint_module
+from freqvi.infer.checkpoint import load_checkpoint
+from freqvi.models import FactorAnalysis
+
+TESTS = Path(__file__).parent
+
+
+def run(num_steps, **options):
+    """A minibatched fit of a fresh factor model with its free guide, from seed 0."""
+    fa = FactorAnalysis(5, 2)
+    freqvi.fit(fa.model, fa.mean_field_guide(), factor_data(n=60), num_steps=num_steps, batch_size=16,
+               lr=0.02, seed=0, progress=False, **options)
+    return {k: v.clone() for k, v in fa.estimates().items()}
+
+
+CHILD = f"""
+import sys
+sys.path.insert(0, {str(TESTS)!r})
+from test_fault_tolerance import run
+run(10**7, checkpoint=sys.argv[1], checkpoint_every=7)
+"""
+
+
+def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)  # several more checkpoints; the kill may land inside a write
+        assert child.poll() is None, child.stderr.read().decode()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    stopped_at = load_checkpoint(path)[0]["step"]  # the last complete write, whatever the kill interrupted
+    assert stopped_at > 0 and stopped_at % 7 == 0
+    whole = run(stopped_at + 12)
+    resumed = run(stopped_at + 12, resume=path)
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
+
+
+class RunsCode:
+    """Unpickling this calls ``Path.touch`` on a marker file: code execution on load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, writer):
+    path, marker = tmp_path / "evil.ckpt", tmp_path / "code-ran"
+    payload = {"state": RunsCode(marker), "metadata": "{}"}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(FreqviInputError, match="could run code when loaded, so it was refused"):
+        run(10, resume=path)
+    assert not marker.exists()
+
+
+def test_a_write_cut_short_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path, partial = tmp_path / "fit.ckpt", tmp_path / "partial.ckpt"
+    run(5, checkpoint=path)
+
+    def die_before_the_disk_write(fd):  # the temporary file as a crash would leave it, then the crash
+        temporary = next(tmp_path.glob(".fit.ckpt.*.tmp")).read_bytes()
+        partial.write_bytes(temporary[: len(temporary) // 3])
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", die_before_the_disk_write)
+    with pytest.raises(KeyboardInterrupt, match="killed while writing"):
+        run(10, resume=path, checkpoint=path, checkpoint_every=1)
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(FreqviInputError, match=r"cannot be read .* truncated"):
+        load_checkpoint(partial)
+    assert load_checkpoint(path)[0]["step"] == 5
+    whole, resumed = run(10), run(10, resume=path)
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
+
+
+def poisoned(from_step: int):
+    """A model/guide pair whose model adds a NaN to the log-density from its ``from_step``-th step on.
+
+    Calls with gradients enabled are the steps; the drivers' checks run without.
+    """
+    calls = [0]
+
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        if torch.is_grad_enabled():
+            calls[0] += 1
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+        pyro.factor("poison", torch.tensor(math.nan if calls[0] > from_step else 0.0))
+
+    def guide(x):
+        scale = pyro.param("scale", torch.tensor(0.8), constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(0.5 * x, scale))
+
+    return model, guide
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_a_nan_at_step_k_stops_with_the_parameters_of_step_k_minus_1(tmp_path):
+    x, k = torch.linspace(-1.0, 2.0, 30), 6
+    model, guide = poisoned(k)
+    path = tmp_path / "fit.ckpt"
+    # steps k, k+1, k+2, k+3 are refused (max_retries=3), each updating nothing; the last raises
+    with pytest.raises(FreqviError, match=rf"^step {k + 3}: the Trace_ELBO loss was nan in 4 draws in a row; "
+                                          r"the model's site 'poison' has a non-finite log-density"):
+        freqvi.fit(model, guide, x, num_steps=50, lr=0.05, seed=3, progress=False, checkpoint=path,
+                   checkpoint_every=1)
+    stopped = {n: pyro.param(n).detach().clone() for n in ("loc", "scale")}
+    saved = load_checkpoint(path)[0]
+    pyro.clear_param_store()
+    model, guide = poisoned(10**9)
+    freqvi.fit(model, guide, x, num_steps=k, lr=0.05, seed=3, progress=False)  # steps 0 .. k-1
+    for name, value in stopped.items():
+        assert torch.equal(value, pyro.param(name).detach()), name
+    assert saved["step"] == k + 3  # steps k..k+2 were refused (nothing updated) and checkpointed
+    store = pyro.get_param_store()
+    for name in stopped:
+        assert torch.equal(saved["params"][name], store.get_param(name).unconstrained().detach()), name
+
