@@ -16,10 +16,10 @@ covered when ``|estimate - truth| <= 1.96 se``. Cases:
   likelihood unchanged) is aligned with the truth.
 * ``glmm-mle`` and ``glmm-vi``: ``RandomInterceptLogistic(2)``, 100 groups of 10,
   beta = (-0.5, 1.0), sigma = 1.0. ``mle``: the adaptive Gauss-Hermite
-  log-likelihood maximised by L-BFGS-B over (beta, log sigma), as in
-  ``tests/test_random_intercept_logistic.py``; ``vi``: joint SVI with the per-group
-  Gaussian guide (600 steps of decaying Adam, as in the tests). Both take standard
-  errors from the exact (quadrature) Hessian at their own estimate.
+  log-likelihood maximised directly by ``freqvi.maximize_likelihood`` (L-BFGS);
+  ``vi``: joint SVI with the per-group Gaussian guide (600 steps of decaying Adam, as
+  in the tests). Both take standard errors from the exact (quadrature) Hessian at
+  their own estimate.
 
 Each replication is seeded from ``numpy.random.SeedSequence(seed).spawn``, so the
 results do not depend on the number of workers. Run
@@ -38,7 +38,6 @@ from collections import Counter
 import numpy as np
 import pyro
 import torch
-from scipy.optimize import minimize
 
 import freqvi
 from freqvi.models import FactorAnalysis, GaussianMixture, RandomInterceptLogistic
@@ -105,24 +104,9 @@ def fit_ppca(data, seed):
 
 
 def quadrature_mle(data):
-    """The AGHQ log-likelihood maximised by L-BFGS-B over (beta, log sigma), from (0, 0, 0)."""
+    """The AGHQ log-likelihood maximised directly (``freqvi.maximize_likelihood``), from (0, 0, 1)."""
     model = RandomInterceptLogistic(2, init={"beta": [0.0, 0.0], "sigma": 1.0})
-    model.log_marginal(*data)
-    params = [model.beta_unconstrained, model.sigma_unconstrained]
-
-    def negative_log_likelihood(vector):
-        with torch.no_grad():
-            params[0].copy_(torch.as_tensor(vector[:2]))
-            params[1].copy_(torch.as_tensor(vector[2]))
-        loss = -model.log_marginal(*data).sum()
-        grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
-        return loss.item(), grad.numpy()
-
-    result = minimize(negative_log_likelihood, np.zeros(3), jac=True, method="L-BFGS-B",
-                      options={"gtol": 1e-9, "ftol": 1e-15})
-    negative_log_likelihood(result.x)  # leave the parameters at the optimum
-    if np.abs(result.jac).max() > 1e-5:
-        warnings.warn(f"L-BFGS-B stopped with gradient {np.abs(result.jac).max():.1e}", stacklevel=2)
+    freqvi.maximize_likelihood(model, data, tol=1e-9)
     return model
 
 

@@ -92,6 +92,17 @@ def test_ppca_reaches_tipping_bishop_mle():
     assert float(fa.noise_variance.detach()) == pytest.approx(sigma2, rel=1e-3)
 
 
+def test_direct_maximisation_reaches_the_tipping_bishop_mle():
+    x = factor_data(n=400, isotropic=True)
+    fa = FactorAnalysis(5, 2, "isotropic", init=start(noise="isotropic"))
+    result = freqvi.maximize_likelihood(fa, x)
+    reference, sigma2 = tipping_bishop(x, 2)
+    assert result.converged
+    assert result.log_likelihood == pytest.approx(reference, abs=1e-8 * x.shape[0])
+    assert freqvi.log_likelihood(fa, None, x).total == pytest.approx(result.log_likelihood, abs=1e-9)
+    assert float(fa.noise_variance.detach()) == pytest.approx(sigma2, rel=1e-6)
+
+
 def test_factor_analysis_matches_scikit_learn():
     x = factor_data(n=500)
     fa = FactorAnalysis(5, 2, init=start())

@@ -5,6 +5,8 @@ import re
 from types import SimpleNamespace
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from numpy.polynomial.hermite import hermgauss
@@ -188,6 +190,25 @@ def test_log_likelihood_takes_the_exact_route():
 
 
 # ----- variational fits against the quadrature MLE ---------------------------------------------
+def test_maximize_likelihood_agrees_with_scipy_on_the_quadrature_mle(data, mle):
+    model = RandomInterceptLogistic(2)
+    result = freqvi.maximize_likelihood(model, data)
+    assert result.converged
+    np.testing.assert_allclose(model.beta.detach().numpy(), mle.beta, atol=1e-6)
+    assert float(model.sigma) == pytest.approx(mle.sigma, abs=1e-6)
+    assert result.log_likelihood == pytest.approx(mle.log_likelihood, abs=1e-8)
+
+
+def test_maximize_likelihood_needs_an_exact_log_likelihood():
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(pyro.param("loc", torch.zeros(())), 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+    with pytest.raises(FreqviInputError, match="exact log-likelihood"):
+        freqvi.maximize_likelihood(model, torch.randn(5))
+
+
 def test_joint_svi_reaches_the_quadrature_mle_with_elbo_below_the_log_likelihood(data, mle, full_batch_fit):
     model = full_batch_fit
     assert_near(model.estimates(), mle)

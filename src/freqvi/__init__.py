@@ -13,12 +13,14 @@ from freqvi.infer import (
     Information,
     InformationCriteria,
     LogLikelihood,
+    MLEResult,
     bootstrap,
     compare,
     em,
     fit,
     information_criteria,
     log_likelihood,
+    maximize_likelihood,
     observed_information,
 )
 from freqvi.infer.evaluation import AmortizationGap, ELBOTerms, amortization_gap, elbo_terms
@@ -34,6 +36,7 @@ __all__ = [
     "Information",
     "InformationCriteria",
     "LogLikelihood",
+    "MLEResult",
     "amortization_gap",
     "bootstrap",
     "compare",
@@ -44,6 +47,7 @@ __all__ = [
     "guides",
     "information_criteria",
     "log_likelihood",
+    "maximize_likelihood",
     "models",
     "observed_information",
 ]

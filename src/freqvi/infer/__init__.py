@@ -5,6 +5,7 @@ from freqvi.infer.em import EMResult, em
 from freqvi.infer.fit import FitResult, fit
 from freqvi.infer.information import Information, observed_information
 from freqvi.infer.log_likelihood import LogLikelihood, log_likelihood
+from freqvi.infer.maximize_likelihood import MLEResult, maximize_likelihood
 from freqvi.infer.model_choice import InformationCriteria, compare, information_criteria
 
 __all__ = [
@@ -14,11 +15,13 @@ __all__ = [
     "Information",
     "InformationCriteria",
     "LogLikelihood",
+    "MLEResult",
     "bootstrap",
     "compare",
     "em",
     "fit",
     "information_criteria",
     "log_likelihood",
+    "maximize_likelihood",
     "observed_information",
 ]
