@@ -36,7 +36,7 @@ class GuardedStep:
 
     def __call__(self, step: int, *data) -> float | None:
         """The loss of an accepted step, or ``None`` if this step was refused."""
-        loss = self.elbo.loss_and_grads(self.model, self.guide, *data)
+        loss = self._loss_and_grads(data)
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         bad = self._non_finite(loss, norm)
@@ -55,6 +55,10 @@ class GuardedStep:
                 "clip gradients (clip_norm=...) or check the model's densities there."
             )
         return None
+
+    def _loss_and_grads(self, data) -> float:
+        """The loss estimate, its gradients left in the parameters' ``.grad``."""
+        return self.elbo.loss_and_grads(self.model, self.guide, *data)
 
     def _non_finite(self, loss: float, norm: torch.Tensor) -> str | None:
         """What was not finite, if anything; one norm over all gradients checks them at once."""
