@@ -168,3 +168,12 @@ def test_online_em_reaches_the_batch_optimum():
     reached = freqvi.log_likelihood(online, None, x).total / n
     assert result.num_iter == 30
     assert best - 2e-3 < reached <= best + 1e-9
+
+
+@IGNORE_MAX_ITER
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_default_start_leaves_the_data_untouched(k):
+    x = mixture_data(n=50)
+    before = x.clone()
+    freqvi.em(GaussianMixture(k, 2), x, max_iter=2, progress=False)
+    assert torch.equal(x, before)

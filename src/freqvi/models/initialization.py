@@ -18,7 +18,7 @@ def kmeans(x: torch.Tensor, k: int, num_iters: int = 10) -> torch.Tensor:
     :returns: labels of shape ``(n,)`` with values in ``0..k-1``.
     """
     n = x.shape[0]
-    centres = x[torch.randint(n, ())].unsqueeze(0)
+    centres = x[torch.randint(n, ())].unsqueeze(0).clone()  # a 0-d index gives a view; Lloyd writes here
     d2 = torch.cdist(x, centres).squeeze(-1).square()
     for _ in range(1, k):
         weights = d2 if d2.sum() > 0 else torch.ones_like(d2)
