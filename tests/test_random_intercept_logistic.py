@@ -199,6 +199,17 @@ def test_maximize_likelihood_agrees_with_scipy_on_the_quadrature_mle(data, mle):
     assert result.log_likelihood == pytest.approx(mle.log_likelihood, abs=1e-8)
 
 
+def test_the_mle_of_simulated_data_is_within_four_standard_errors_of_the_truth():
+    data = RandomInterceptLogistic.simulate(200, 8, beta=(0.3, -0.8, 0.5), sigma=1.5, seed=7)
+    assert [tuple(t.shape) for t in data] == [(200, 8, 3), (200, 8), (200, 8)]
+    model = RandomInterceptLogistic(3, quadrature_nodes=40)
+    freqvi.maximize_likelihood(model, data)
+    summary = freqvi.observed_information(model, data).summary()
+    truth = np.array([0.3, -0.8, 0.5, 1.5])
+    z = (summary["estimate"].to_numpy() - truth) / summary["std_err"].to_numpy()
+    assert np.abs(z).max() < 4, summary
+
+
 def test_maximize_likelihood_needs_an_exact_log_likelihood():
     def model(x):
         with pyro.plate("data", len(x)):

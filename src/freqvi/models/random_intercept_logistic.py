@@ -115,6 +115,27 @@ class RandomInterceptLogistic(LatentVariableModel):
             out[index, position] = values
         return padded
 
+    @classmethod
+    def simulate(cls, num_groups: int = 200, group_size: int = 10, beta: ArrayLike = (-0.5, 1.0),
+                 sigma: float = 1.0, *, seed: int = 0,
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded data ``(X, y, mask)`` drawn from the model with known ``beta`` and ``sigma``.
+
+        ``X`` holds an intercept column and ``len(beta) - 1`` standard normal covariates;
+        every group has ``group_size`` observations. A generator seeded with ``seed``
+        makes the draw reproducible without touching the global random state.
+        """
+        m, n = check_positive_int(num_groups, "num_groups"), check_positive_int(group_size, "group_size")
+        beta = torch.as_tensor(beta, dtype=torch.float64)
+        if beta.dim() != 1 or len(beta) < 1:
+            raise FreqviInputError(f"beta must be a vector, intercept first; got shape {tuple(beta.shape)}.")
+        g = torch.Generator().manual_seed(seed)
+        covariates = torch.randn(m, n, len(beta) - 1, generator=g, dtype=torch.float64)
+        X = torch.cat([torch.ones(m, n, 1, dtype=torch.float64), covariates], -1)
+        u = float(sigma) * torch.randn(m, 1, generator=g, dtype=torch.float64)
+        y = torch.bernoulli(torch.sigmoid(X @ beta + u), generator=g)
+        return X.to(dtype), y.to(dtype), torch.ones(m, n, dtype=dtype)
+
     def _as_tensors(self, X, y, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Checks the shapes (values are checked where they are read); ``y`` gets ``X``'s dtype."""
         X = as_tensor(X, "X")
