@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from freqvi.errors import FreqviInputError
-from freqvi.validation import as_tensor, check_choice, check_finite
+from freqvi.validation import as_tensor, check_choice, check_finite, check_positive_int
 
 FILE_TYPES = (".npy", ".csv")
 DIGITS_SPLITS = ("train", "test", "all")
@@ -178,3 +178,101 @@ def _check_dtype(dtype) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise FreqviInputError(f"dtype must be a floating torch dtype; got {dtype!r}.")
     return dtype
+
+
+class NpyBatches:
+    """Batches of rows of a ``.npy`` file too large for memory, read from disk as they are needed.
+
+    The header is parsed once (:func:`numpy.load` with ``mmap_mode="r"``, then the map
+    is dropped); each batch is read by its own call of :func:`numpy.fromfile` at its
+    byte offset into fresh memory, so no page of the file stays mapped and resident
+    memory holds a batch at a time, whatever the number of rows. The rows are cut
+    into consecutive blocks of ``batch_size`` (the last may be shorter); each pass
+    visits the blocks in a random order drawn from ``(seed, pass number)``, or in
+    file order with ``shuffle=False``. With ``world_size > 1`` (data-parallel runs),
+    process ``rank`` reads blocks ``rank, rank + world_size, ...`` of each pass's order,
+    every process the same number of them (leftover blocks sit that pass out).
+
+    Iterating yields tensors of shape ``(b, *row_shape)``: float64 for a float64 file,
+    else float32, unless ``dtype`` is given. ``num_observations`` is the number of rows
+    in the file (of all processes together) and ``len()`` the batches per pass here.
+    ``state_dict()``/``load_state_dict()`` save and restore the pass and the position in
+    it: the next iteration after a load continues from there (checkpoints, ``resume=``).
+    One iteration at a time: starting another moves the state to it.
+    """
+
+    def __init__(self, path: str | os.PathLike, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1):
+        self.path = Path(path)
+        self.shape, self.file_dtype, self.offset = _npy_layout(self.path)
+        self.num_observations = self.shape[0]
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.world_size = check_positive_int(world_size, "world_size")
+        self.rank = check_positive_int(rank, "rank", minimum=0)
+        if self.rank >= self.world_size:
+            raise FreqviInputError(f"rank must be below world_size = {self.world_size}; got {rank}.")
+        self.blocks = -(-self.num_observations // self.batch_size)
+        if self.blocks < self.world_size:
+            raise FreqviInputError(f"{self.path} holds {self.blocks} block(s) of batch_size rows, fewer than "
+                                   f"world_size = {self.world_size} processes; lower batch_size.")
+        self.shuffle, self.seed = bool(shuffle), int(seed)
+        default = torch.float64 if self.file_dtype == np.float64 else torch.float32
+        self.dtype = default if dtype is None else _check_dtype(dtype)
+        self.pass_number, self.position = -1, 0
+        self.resume_at: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return self.blocks // self.world_size
+
+    def __iter__(self):
+        if self.resume_at is not None:
+            (self.pass_number, self.position), self.resume_at = self.resume_at, None
+        else:
+            self.pass_number, self.position = self.pass_number + 1, 0
+        return self._batches(self._blocks(self.pass_number)[self.position:])
+
+    def state_dict(self) -> dict:
+        """The pass under way and how many of its batches were read."""
+        return {"pass": self.pass_number, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Makes the next iteration continue the pass ``state`` describes."""
+        self.resume_at = (int(state["pass"]), int(state["position"]))
+
+    def _blocks(self, pass_number: int) -> np.ndarray:
+        """This process's blocks in pass ``pass_number``, in reading order."""
+        order = (np.random.default_rng([self.seed, pass_number]).permutation(self.blocks) if self.shuffle
+                 else np.arange(self.blocks))
+        return order[self.rank::self.world_size][:len(self)]
+
+    def _batches(self, blocks: np.ndarray):
+        for block in blocks:
+            self.position += 1
+            yield self._read(int(block))
+
+    def _read(self, block: int) -> torch.Tensor:
+        """Rows ``block * batch_size`` onwards, at most ``batch_size`` of them, read into new memory."""
+        start = block * self.batch_size
+        rows = min(self.batch_size, self.num_observations - start)
+        row_size = int(np.prod(self.shape[1:]))
+        values = np.fromfile(self.path, dtype=self.file_dtype, count=rows * row_size,
+                             offset=self.offset + start * row_size * self.file_dtype.itemsize)
+        return torch.from_numpy(values.reshape(rows, *self.shape[1:])).to(self.dtype)
+
+
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, byte offset of the data)`` of a C-ordered numeric ``.npy`` file of 2+ dimensions."""
+    if path.suffix.lower() != ".npy" or not path.is_file():
+        raise FreqviInputError(f"expected an existing .npy file; got {str(path)!r}.")
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise FreqviInputError(f"{path} is not a readable .npy file (NumPy says: {exc}).") from None
+    shape, dtype, offset = mapped.shape, mapped.dtype, mapped.offset
+    c_order = mapped.flags.c_contiguous
+    del mapped
+    if dtype.kind not in "fiu" or len(shape) < 2 or shape[0] == 0 or not c_order:
+        order = "C" if c_order else "Fortran"
+        raise FreqviInputError(f"{path} must hold real numbers of shape (n_observations, dim, ...) in C "
+                               f"order; got dtype {dtype}, shape {shape}, {order} order.")
+    return shape, dtype, offset

@@ -44,23 +44,38 @@ class FrozenPosterior(Messenger):
 
 
 class SubsamplePlate(Messenger):
-    """Makes the plate called ``name`` visit only ``indices``.
+    """Makes the plate called ``name`` visit only ``indices`` and stand for ``size`` observations.
 
-    Pyro scales every site inside the plate by ``size / len(indices)``, so
-    the log-density of a minibatch is an unbiased estimate of the full data's.
-    The model must index its data with the plate's indices
-    (``with pyro.plate("data", n) as i: ... obs=x[i]``).
+    With ``indices`` (a 1-D ``LongTensor``), Pyro scales every site inside the
+    plate by ``full / len(indices)``, ``full`` the plate's declared size, so the
+    log-density of a minibatch is an unbiased estimate of the full data's; the
+    model must index its data with the plate's indices
+    (``with pyro.plate("data", n) as i: ... obs=x[i]``). With ``size``, the
+    plate's sites are further scaled by ``size / full`` and its frame records
+    ``size`` as the full size: the data passed in are ``full`` of ``size``
+    observations (a batch streamed from a larger data set, or one process's shard).
 
     :param name: the plate's name.
-    :param indices: a 1-D ``LongTensor`` of observation indices.
+    :param indices: the observations to visit, or ``None`` for all the plate declares.
+    :param size: the number of observations the plate stands for, or ``None`` for its declared size.
     """
 
-    def __init__(self, name: str, indices: torch.Tensor):
+    def __init__(self, name: str, indices: torch.Tensor | None = None, size: int | None = None):
         super().__init__()
         self.name = name
         self.indices = indices
+        self.size = size
 
     def _pyro_sample(self, msg) -> None:
-        if msg["name"] == self.name and isinstance(msg["fn"], _Subsample):
-            msg["value"] = self.indices
-            msg["done"] = True
+        if isinstance(msg["fn"], _Subsample):
+            if msg["name"] == self.name and self.indices is not None:
+                msg["value"] = self.indices
+                msg["done"] = True
+            return
+        if self.size is None:
+            return
+        stack = msg["cond_indep_stack"]
+        for k, frame in enumerate(stack):
+            if frame.name == self.name and frame.full_size != self.size:
+                msg["scale"] = msg["scale"] * (self.size / frame.full_size)
+                msg["cond_indep_stack"] = (*stack[:k], frame._replace(full_size=self.size), *stack[k + 1:])

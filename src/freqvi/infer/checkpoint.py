@@ -88,18 +88,22 @@ def _first_line(exc: Exception) -> str:
 def rng_state() -> dict:
     """The states of torch's, NumPy's and Python's generators, as checkpoint-safe values.
 
-    NumPy's is the legacy global generator, the one :func:`pyro.set_rng_seed` seeds.
+    NumPy's is the legacy global generator, the one :func:`pyro.set_rng_seed` seeds; CUDA's
+    are included once CUDA is in use.
     """
     kind, keys, position, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)),
                                                       int(position), int(has_gauss), float(gauss)],
             "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-            "python_gauss": random.getstate()[2]}
+            "python_gauss": random.getstate()[2], "cuda": cuda}
 
 
 def set_rng_state(state: dict) -> None:
     """Restores what :func:`rng_state` recorded."""
     torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
     kind, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))  # noqa: NPY002
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))

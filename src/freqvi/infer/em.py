@@ -18,21 +18,22 @@ from tqdm.auto import tqdm
 
 from freqvi.errors import ConvergenceWarning, FreqviError, FreqviInputError
 from freqvi.estimators import QFunctionELBO
-from freqvi.handlers import FrozenPosterior, SubsamplePlate
+from freqvi.handlers import FrozenPosterior
+from freqvi.infer.batches import BatchSource, StreamedBatches, make_batches
 from freqvi.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, stable_name
+from freqvi.infer.devices import move_to, on_device, resolve_device
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import deferred_interrupts
 from freqvi.models.base import ClosedFormMStep
 from freqvi.traces import (
     check_pair,
-    data_plate,
     is_enumerated,
     latent_sites,
     max_plate_nesting,
     param_names,
     unconstrained_params,
 )
-from freqvi.validation import as_data, check_choice, check_positive_float, check_positive_int
+from freqvi.validation import check_choice, check_positive_float, check_positive_int
 
 M_STEPS = ("auto", "closed_form", "gradient")
 
@@ -80,6 +81,8 @@ def em(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     resume: str | os.PathLike | None = None,
+    num_observations: int | None = None,
+    device: str | torch.device | None = None,
 ) -> EMResult:
     r"""Expectation-maximisation driven by a model/guide pair.
 
@@ -116,10 +119,17 @@ def em(
     :math:`s_t = (1 - \gamma_t) s_{t-1} + \gamma_t \hat s_t`, with
     :math:`\gamma_1 = 1` and :math:`\gamma_t = t^{-\kappa}` for ``step_size=kappa``
     (or ``step_size(t)`` if callable); one iteration is one pass over the data.
+    Data larger than memory come as an iterable of batches (a ``DataLoader``,
+    :class:`freqvi.datasets.NpyBatches`): online EM over them, one pass an iteration, the
+    recorded objective summed over a second pass at the iteration's parameters.
 
     :param model: a freqvi model, a ``(model, guide)`` tuple, or a model callable
         with ``guide=...``. User-written pairs work: the guide is the E-step.
-    :param data: one array or a tuple of arrays passed to model and guide.
+    :param data: one array or a tuple of arrays passed to model and guide, or an
+        iterable of batches (then the model is initialised from the first batch).
+    :param num_observations: with batches, the number of observations behind them
+        (default ``data.num_observations`` or ``len(data.dataset)``).
+    :param device: ``"cpu"``, ``"cuda"`` or a :class:`torch.device` to run on.
     :param num_particles: draws per estimate of Q (gradient M-step) and of the recorded
         objective, for non-enumerated sites.
     :param seed: seeds Python's, NumPy's and torch's generators first.
@@ -136,45 +146,50 @@ def em(
     max_iter = check_positive_int(max_iter, "max_iter")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     tol = check_positive_float(tol, "tol", allow_zero=True)
-    data = as_data(data)
+    device = resolve_device(device)
+    batches = make_batches(data, batch_size, data_plate_name, num_observations, device)
     pair = resolve_pair(model, guide)
     m_step = _choose_m_step(m_step, pair)
-    if batch_size is not None:
-        batch_size = _check_online(batch_size, m_step, data)
+    online = batch_size is not None or isinstance(batches, StreamedBatches)
+    if online:
+        _check_online(m_step)
+    if checkpoint is not None or resume is not None:
+        _check_resumable(batches)
+    move_to(device, pair.model, pair.guide)
     if seed is not None:
         pyro.set_rng_seed(seed)
-    model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
-    if batch_size is not None:
-        data_plate(model_trace, data_plate_name, data[0].shape[0])
+    with on_device(device):
+        model_trace, guide_trace = check_pair(pair.model, pair.guide, batches.first())
+    if online:
+        batches.check_plate(model_trace)
     if all(is_enumerated(site) for site in latent_sites(guide_trace).values()):
         num_particles = 1  # Q is computed exactly by enumeration: more draws would repeat it
-    step = _EMStep(pair, data, m_step, model_trace, guide_trace,
+    step = _EMStep(pair, batches, m_step, model_trace, guide_trace,
                    m_step_lr, m_step_iters, m_step_tol, e_step_iters, e_step_lr, num_particles)
-    tol = tol * data[0].shape[0]  # per observation -> total
+    tol = tol * batches.n  # per observation -> total
 
     result = EMResult(m_step=m_step)
     start = time.perf_counter()
-    if resume is None:
-        posterior = step.e_step()
-        result.log_likelihood.append(step.objective(posterior))
-    else:
-        step.restore(resume, result)
-        with torch.random.fork_rng():  # the recorded distributions, without drawing on the generators
-            posterior = step.e_step(draw_local=False)
-    first = result.num_iter + 1
-    bar = tqdm(range(first, max_iter + 1), initial=first - 1, total=max_iter, disable=not progress,
-               desc="em", unit="iter")
     # Distribution arguments were validated by check_pair; re-checking them each iteration
     # (Pyro's default) costs a third of an EM iteration on a mixture.
-    with pyro.validation_enabled(False), deferred_interrupts() as interrupted:
+    with pyro.validation_enabled(False), deferred_interrupts() as interrupted, on_device(device):
+        if resume is None:
+            posterior, value = step.evaluate()
+            result.log_likelihood.append(value)
+        else:
+            step.restore(resume, result)
+            with torch.random.fork_rng():  # the recorded distributions, without drawing on the generators
+                posterior = None if online else step.e_step(batches.first(), draw_local=False)
+        first = result.num_iter + 1
+        bar = tqdm(range(first, max_iter + 1), initial=first - 1, total=max_iter, disable=not progress,
+                   desc="em", unit="iter")
         for it in bar:
             good = step.snapshot()
-            if batch_size is None:
-                step.m_step(posterior)
+            if online:
+                step.online_epoch(step_size)
             else:
-                step.online_epoch(batch_size, data_plate_name, step_size)
-            posterior = step.e_step()
-            value = step.objective(posterior)
+                step.m_step(posterior, batches.first())
+            posterior, value = step.evaluate()
             if not math.isfinite(value):
                 step.load_snapshot(good)
                 raise FreqviError(f"iteration {it}: the objective is {value}; the fit diverged. The "
@@ -197,7 +212,7 @@ def em(
     if not result.converged:
         warnings.warn(
             f"EM stopped at max_iter={max_iter} before the change per observation fell below "
-            f"tol={tol / data[0].shape[0]:g}; "
+            f"tol={tol / batches.n:g}; "
             "raise max_iter or tol.",
             ConvergenceWarning,
             stacklevel=2,
@@ -217,25 +232,26 @@ def _choose_m_step(m_step: str, pair: Pair) -> str:
     return m_step
 
 
-def _check_online(batch_size, m_step, data) -> int:
-    n = data[0].shape[0]
-    batch_size = check_positive_int(batch_size, "batch_size")
-    if batch_size > n:
-        raise FreqviInputError(f"batch_size must be between 1 and n = {n}; got {batch_size}.")
+def _check_online(m_step: str) -> None:
     if m_step != "closed_form":
         raise FreqviInputError(
-            "batch_size (online EM) needs a closed-form M-step; for minibatch gradient fitting "
-            "use freqvi.fit(model, guide, data, batch_size=...)."
+            "batch_size or batched data (online EM) need a closed-form M-step; for minibatch gradient "
+            "fitting use freqvi.fit(model, guide, data, batch_size=...)."
         )
-    return batch_size
+
+
+def _check_resumable(batches: BatchSource) -> None:
+    reason = batches.resumable()
+    if reason is not None:
+        raise FreqviInputError(f"checkpoint/resume: {reason}.")
 
 
 class _EMStep:
     """The E-step, M-step and objective of one :func:`em` run."""
 
-    def __init__(self, pair: Pair, data, m_step, model_trace, guide_trace, m_lr, m_iters, m_tol,
-                 e_iters, e_lr, num_particles):
-        self.pair, self.data, self.kind = pair, data, m_step
+    def __init__(self, pair: Pair, batches: BatchSource, m_step, model_trace, guide_trace, m_lr, m_iters,
+                 m_tol, e_iters, e_lr, num_particles):
+        self.pair, self.batches, self.kind = pair, batches, m_step
         plate_nesting = max_plate_nesting(model_trace, guide_trace)
         self.elbo = TraceEnum_ELBO(max_plate_nesting=plate_nesting, strict_enumeration_warning=False)
         # The recorded objective averages num_particles draws over non-enumerated sites, so that
@@ -276,6 +292,7 @@ class _EMStep:
         state = {"params": dict(zip(map(stable_name, self.names), self.snapshot(), strict=True)),
                  "e_optim": self.e_optim.state_dict() if self.e_optim else {},
                  "statistics": self.statistics or {}, "t": self.t, "rng": rng_state(),
+                 "batches": self.batches.state(),
                  "history": {"log_likelihood": list(result.log_likelihood), "num_iter": result.num_iter}}
         save_checkpoint(path, state, {"kind": "em", "m_step": self.kind,
                                       "params": [stable_name(n) for n in self.names]})
@@ -293,22 +310,35 @@ class _EMStep:
         if self.e_optim:
             self.e_optim.load_state_dict(state["e_optim"])
         self.statistics, self.t = state["statistics"] or None, state["t"]
+        self.batches.load(state["batches"])
         result.log_likelihood[:] = state["history"]["log_likelihood"]
         result.num_iter = state["history"]["num_iter"]
         set_rng_state(state["rng"])
 
-    def e_step(self, handler=None, draw_local: bool = True):
-        """Records the guide's distributions at the current theta (fitting local parameters first)."""
+    def e_step(self, data, handler=None, draw_local: bool = True):
+        """Records the guide's distributions on ``data`` at theta (local parameters fitted first)."""
         handler = handler or nullcontext()
         if self.local and draw_local:
             for _ in range(self.e_iters):
                 with handler:
-                    loss = self.elbo.differentiable_loss(self.pair.model, self.pair.guide, *self.data)
+                    loss = self.elbo.differentiable_loss(self.pair.model, self.pair.guide, *data)
                 _descend(self.e_optim, self.local, loss)
         with torch.no_grad(), poutine.block(), handler:
-            return poutine.trace(self.enum(self.pair.guide)).get_trace(*self.data)
+            return poutine.trace(self.enum(self.pair.guide)).get_trace(*data)
 
-    def objective(self, posterior) -> float:
+    def evaluate(self) -> tuple:
+        """The E-step and the objective over every observation.
+
+        The objective is summed over the parts of the data's evaluation pass (one part,
+        all rows, for data in memory); the posterior returned is the last part's.
+        """
+        total = 0.0
+        for data in self.batches.evaluation_pass():
+            posterior = self.e_step(data)
+            total += self.objective(posterior, data)
+        return posterior, total
+
+    def objective(self, posterior, data) -> float:
         """ELBO(q, theta) with q the recorded posterior: log-likelihood when q is exact.
 
         When the guide is a freqvi model's own exact posterior, the bound is tight and
@@ -318,17 +348,17 @@ class _EMStep:
             return float(posterior.nodes["_RETURN"]["value"].double().sum())
         frozen = FrozenPosterior(posterior)(self.pair.guide)
         with torch.no_grad():
-            return -self.objective_elbo.loss(self.pair.model, frozen, *self.data)
+            return -self.objective_elbo.loss(self.pair.model, frozen, *data)
 
-    def m_step(self, posterior) -> None:
+    def m_step(self, posterior, data) -> None:
         if self.kind == "closed_form":
-            self.pair.owner.maximize(self.pair.owner.expected_statistics(posterior, *self.data))
+            self.pair.owner.maximize(self.pair.owner.expected_statistics(posterior, *data))
             return
         frozen = FrozenPosterior(posterior)(self.pair.guide)
         optimizer = torch.optim.Adam(self.theta, lr=self.m_lr)
         best, best_theta, previous = float("inf"), None, None
         for _ in range(self.m_iters):
-            loss = self.q.differentiable_loss(self.pair.model, frozen, *self.data)
+            loss = self.q.differentiable_loss(self.pair.model, frozen, *data)
             value = loss.item()
             if value < best:  # -Q at the parameters before this step
                 best, best_theta = value, [p.detach().clone() for p in self.theta]
@@ -341,14 +371,11 @@ class _EMStep:
             for p, b in zip(self.theta, best_theta, strict=True):
                 p.copy_(b)
 
-    def online_epoch(self, batch_size, plate_name, step_size) -> None:
-        """One pass of online EM over a random permutation of the data."""
-        n = self.data[0].shape[0]
-        order = torch.randperm(n)
+    def online_epoch(self, step_size) -> None:
+        """One pass of online EM over the batches (a random permutation of data in memory)."""
         owner = self.pair.owner
-        for start in range(0, n - batch_size + 1, batch_size):
-            handler = SubsamplePlate(plate_name, order[start:start + batch_size])
-            stats = owner.expected_statistics(self.e_step(handler), *self.data)
+        for batch in self.batches.epoch():
+            stats = owner.expected_statistics(self.e_step(batch.data, batch.handler), *batch.data)
             self.t += 1
             gamma = 1.0 if self.t == 1 else _gamma(step_size, self.t)
             if self.statistics is None:

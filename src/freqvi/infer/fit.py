@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import pyro
@@ -16,13 +15,15 @@ from tqdm.auto import tqdm
 
 from freqvi.errors import FreqviError, FreqviInputError
 from freqvi.estimators import get_estimator
-from freqvi.handlers import SubsamplePlate
+from freqvi.infer.batches import InMemoryBatches, make_batches
 from freqvi.infer.checkpoint import stable_name
+from freqvi.infer.devices import move_to, on_device, resolve_device
+from freqvi.infer.distributed import AveragedStep, DataParallel
 from freqvi.infer.optim import make_optimizer
 from freqvi.infer.pair import resolve_pair
 from freqvi.infer.run_state import RunState, deferred_interrupts
 from freqvi.infer.step import GuardedStep
-from freqvi.traces import check_pair, data_plate, param_names, unconstrained_params
+from freqvi.traces import check_pair, param_names, unconstrained_params
 from freqvi.validation import as_data, check_positive_float, check_positive_int
 
 _VALIDATION_SEED = 20_231_117
@@ -79,6 +80,9 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
     resume: str | os.PathLike | None = None,
+    num_observations: int | None = None,
+    device: str | torch.device | None = None,
+    distributed: bool = False,
     **loss_options,
 ) -> FitResult:
     r"""Maximises an ELBO over the model's and the guide's parameters by SVI.
@@ -94,7 +98,11 @@ def fit(
         exact-posterior guide) or a ``(model, guide)`` tuple.
     :param guide: the guide callable, or ``None`` as above.
     :param data: one array or a tuple of arrays, passed to model and guide as
-        positional arguments; float64 data fits in float64.
+        positional arguments; float64 data fits in float64. Or data larger than
+        memory: an iterable of batches (a :class:`torch.utils.data.DataLoader`,
+        :class:`freqvi.datasets.NpyBatches`, a generator; each batch an array or a
+        tuple of arrays), the model called with each batch in turn and its data plate
+        scaled by ``num_observations / len(batch)``.
     :param loss: an :class:`~pyro.infer.ELBO` or a name from
         :data:`freqvi.estimators.ESTIMATORS`; ``loss_options`` go to its constructor.
     :param optim: a name from :data:`freqvi.infer.optim.OPTIMIZERS` (one torch
@@ -127,7 +135,18 @@ def fit(
         and the minibatch order. Writes are atomic.
     :param resume: a checkpoint to continue from: build the model and guide as for
         the first run and call ``fit`` with the same arguments; the run then ends
-        with the parameters an uninterrupted run would have (bit for bit on CPU).
+        with the parameters an uninterrupted run would have (bit for bit on CPU). A
+        streamed source must be able to save its position (``state_dict()``); a plain
+        ``DataLoader`` cannot, and is refused.
+    :param num_observations: the number of observations the data plate stands for: of the
+        whole data set behind streamed batches (default ``source.num_observations`` or
+        ``len(source.dataset)``), or behind this process's shard.
+    :param device: ``"cpu"``, ``"cuda"`` or a :class:`torch.device`: the model's and guide's
+        modules and parameters are moved there, each batch is sent there, and tensors the
+        model creates land there.
+    :param distributed: data-parallel SVI under ``torchrun`` (:mod:`freqvi.infer.distributed`):
+        ``data`` is this process's shard, gradients are averaged across processes every
+        step, process 0 writes checkpoints and progress.
     """
     num_steps = check_positive_int(num_steps, "num_steps")
     window = check_positive_int(window, "window")
@@ -138,19 +157,34 @@ def fit(
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     if patience is not None:
         patience = check_positive_int(patience, "patience")
-    data = as_data(data)
-    held_out = as_data(validation_data, "validation_data") if validation_data is not None else None
+    device = resolve_device(device)
+    group = DataParallel(device) if distributed else None
+    if group is not None and validation_data is not None:
+        raise FreqviInputError("validation_data cannot be combined with distributed=True yet.")
+    batches = make_batches(data, batch_size, data_plate_name, num_observations, device)
+    if group is not None and num_observations is None and isinstance(batches, InMemoryBatches):
+        batches.n = group.total(batches.rows)  # the shards together
+    held_out = None
+    if validation_data is not None:
+        held_out = tuple(t.to(device) for t in as_data(validation_data, "validation_data"))
     pair = resolve_pair(model, guide)
+    move_to(device, pair.model, pair.guide)
     if seed is not None:
         pyro.set_rng_seed(seed)
-    model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
-    batches = _Minibatches(model_trace, data, batch_size, data_plate_name)
+    with on_device(device):
+        model_trace, guide_trace = check_pair(pair.model, pair.guide, batches.first())
+    batches.check_plate(model_trace)
     elbo = get_estimator(loss, **loss_options)
     # Sorted by the names without instance numbers, so a rebuilt model resumes in the same order.
     names = sorted(param_names(model_trace) | param_names(guide_trace), key=stable_name)
     params = dict(zip(names, unconstrained_params(names), strict=True))
     optimizer = make_optimizer(optim, lr, list(params.values()))
-    take_step = GuardedStep(pair.model, pair.guide, elbo, params, optimizer, max_retries, clip_norm)
+    step_options = (pair.model, pair.guide, elbo, params, optimizer, max_retries, clip_norm)
+    take_step = GuardedStep(*step_options) if group is None else AveragedStep(group, *step_options)
+    if group is not None:
+        group.broadcast(list(params.values()))  # every process starts from process 0's values
+        if seed is not None:
+            pyro.set_rng_seed(seed + group.rank)  # independent draws in each process
     keeper = None
     if held_out is not None:
         with torch.random.fork_rng():
@@ -158,19 +192,22 @@ def fit(
         keeper = _BestParameters(set(names))
 
     result = FitResult(loss=elbo)
-    run = RunState(params, optimizer, batches, result, _settings(elbo, batch_size))
+    run = RunState(params, optimizer, batches, result, _settings(elbo, batch_size, batches.n), group)
     if checkpoint is not None or resume is not None:
         run.check_checkpointable(checkpoint, validation_data)
     first = run.restore(resume) if resume is not None else 0
     start = time.perf_counter()
-    bar = tqdm(range(first, num_steps), initial=first, total=num_steps, disable=not progress, desc="fit",
-               unit="step")
+    bar = tqdm(range(first, num_steps), initial=first, total=num_steps,
+               disable=not progress or (group is not None and not group.writer), desc="fit", unit="step")
     # check_pair validated the distributions' arguments; Pyro re-checks them at every step by
     # default, a large share of a small model's step. GuardedStep refuses non-finite steps instead.
-    with pyro.validation_enabled(False), deferred_interrupts() as interrupted:
+    with pyro.validation_enabled(False), deferred_interrupts() as signalled, on_device(device):
+        # read once a step; in a group, a signal to any process stops all after the same step
+        interrupted = signalled if group is None else lambda: group.any(signalled())
         for step in bar:
-            with batches.next():
-                value = take_step(step, *data)
+            batch = batches.next()
+            with batch.handler:
+                value = take_step(step, *batch.data)
             if value is not None:
                 _record(result, bar, step, value)
             else:  # refused: nothing was updated
@@ -181,9 +218,10 @@ def fit(
             if keeper is not None and ((step + 1) % eval_every == 0 or last):
                 _validate(result, keeper, pair, elbo, held_out, step + 1)
                 result.stopped_early = not last and _patience_spent(result, patience)
-            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or last or interrupted()):
+            stop = interrupted()
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or last or stop):
                 run.save(checkpoint, step + 1)
-            if interrupted():
+            if stop:
                 raise KeyboardInterrupt(f"fit interrupted after step {step + 1}"
                                         + (f"; checkpoint in {str(checkpoint)!r}" if checkpoint else ""))
             if result.converged or result.stopped_early:
@@ -202,10 +240,10 @@ def _record(result: FitResult, bar, step: int, value: float) -> None:
         bar.set_postfix(elbo=f"{-value:.4g}")
 
 
-def _settings(elbo: ELBO, batch_size: int | None) -> dict:
+def _settings(elbo: ELBO, batch_size: int | None, n: int) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint (num_steps may grow)."""
     return {"estimator": type(elbo).__name__, "num_particles": getattr(elbo, "num_particles", 1),
-            "batch_size": batch_size}
+            "batch_size": batch_size, "num_observations": n}
 
 
 def _patience_spent(result: FitResult, patience: int | None) -> bool:
@@ -245,41 +283,6 @@ def _validate(result: FitResult, keeper: _BestParameters, pair, elbo: ELBO, held
         keeper.save()
     result.validation_steps.append(step)
     result.validation_elbo.append(value)
-
-
-class _Minibatches:
-    """Epochs of a random permutation of the observations, ``batch_size`` at a time (or all of them).
-
-    Each call of :meth:`next` gives a handler selecting one step's observations; the
-    permutation and the position in it are part of a checkpoint.
-    """
-
-    def __init__(self, model_trace, data, batch_size: int | None, plate_name: str):
-        self.n = data[0].shape[0]
-        self.plate_name = plate_name
-        if batch_size is not None:
-            batch_size = check_positive_int(batch_size, "batch_size")
-            if batch_size > self.n:
-                raise FreqviInputError(f"batch_size must be between 1 and n = {self.n}; got {batch_size}.")
-            data_plate(model_trace, plate_name, self.n)
-        self.batch_size = batch_size
-        self.order = torch.empty(0, dtype=torch.long)
-        self.position = 0
-
-    def next(self):
-        if self.batch_size is None:
-            return nullcontext()
-        if self.position + self.batch_size > len(self.order):  # a new epoch; a last partial batch is dropped
-            self.order, self.position = torch.randperm(self.n), 0
-        indices = self.order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return SubsamplePlate(self.plate_name, indices)
-
-    def state(self) -> dict:
-        return {"order": self.order, "position": self.position}
-
-    def load(self, state: dict) -> None:
-        self.order, self.position = state["order"], state["position"]
 
 
 def _window_converged(history: list[float], window: int, tol: float) -> bool:

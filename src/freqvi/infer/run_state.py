@@ -21,11 +21,14 @@ class RunState:
     :param batches: the minibatch schedule (``state()``/``load()``).
     :param result: the :class:`~freqvi.FitResult` being filled.
     :param settings: what the resumed run must share with the first (estimator, batch size, ...).
+    :param group: the :class:`~freqvi.infer.distributed.DataParallel` group of a data-parallel run:
+        every process's generators and position in its data are saved, by process 0 only.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], optimizer, batches, result, settings: dict):
+    def __init__(self, params: dict[str, torch.Tensor], optimizer, batches, result, settings: dict,
+                 group=None):
         self.params, self.optimizer, self.batches, self.result = params, optimizer, batches, result
-        self.settings = settings
+        self.settings, self.group = settings, group
 
     def check_checkpointable(self, checkpoint, validation_data) -> None:
         if not isinstance(self.optimizer, torch.optim.Optimizer):
@@ -33,17 +36,23 @@ class RunState:
                                    "torch.optim.Optimizer, not a pyro.optim wrapper.")
         if validation_data is not None:
             raise FreqviInputError("checkpoint/resume and validation_data cannot be combined yet.")
+        reason = self.batches.resumable()
+        if reason is not None:
+            raise FreqviInputError(f"checkpoint/resume: {reason}.")
         if checkpoint is not None and not os.path.isdir(os.path.dirname(os.path.abspath(checkpoint))):
             raise FreqviInputError(f"checkpoint: the folder of {str(checkpoint)!r} does not exist.")
 
     def save(self, path, step: int) -> None:
-        """Writes the state after ``step`` steps to ``path``, atomically."""
+        """Writes the state after ``step`` steps to ``path``, atomically (process 0 of a group)."""
+        local = {"rng": rng_state(), "batches": self.batches.state()}
+        ranks = [local] if self.group is None else self.group.gather(local)
+        if self.group is not None and not self.group.writer:
+            return
         state = {
             "step": step,
-            "params": {stable_name(n): p.detach() for n, p in self.params.items()},
+            "params": {stable_name(n): p.detach().cpu() for n, p in self.params.items()},
             "optimizer": self.optimizer.state_dict(),
-            "rng": rng_state(),
-            "batches": self.batches.state(),
+            "ranks": ranks,
             "history": {"elbo": list(self.result.elbo), "refused_steps": self.result.refused_steps,
                         "num_steps": self.result.num_steps},
         }
@@ -58,12 +67,21 @@ class RunState:
             for name, p in self.params.items():
                 p.copy_(state["params"][stable_name(name)])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.batches.load(state["batches"])
+        mine = self._own(state["ranks"], path)
+        self.batches.load(mine["batches"])
         history = state["history"]
         self.result.elbo[:] = history["elbo"]
         self.result.refused_steps, self.result.num_steps = history["refused_steps"], history["num_steps"]
-        set_rng_state(state["rng"])
+        set_rng_state(mine["rng"])
         return state["step"]
+
+    def _own(self, ranks: list[dict], path) -> dict:
+        """This process's generators and data position among those of every process saved."""
+        size, rank = (1, 0) if self.group is None else (self.group.size, self.group.rank)
+        if len(ranks) != size:
+            raise FreqviInputError(f"checkpoint {str(path)!r} was written by a run of {len(ranks)} "
+                                   f"process(es); this one has {size}: resume with as many.")
+        return ranks[rank]
 
     def _check(self, metadata: dict, path) -> None:
         if metadata["settings"] != self.settings:
