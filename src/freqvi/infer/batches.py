@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from freqvi.errors import FreqviInputError
+from freqvi.guides import LocalMeanField
 from freqvi.handlers import SubsamplePlate
 from freqvi.traces import data_plate
 from freqvi.validation import as_data, check_positive_int
@@ -66,7 +67,7 @@ class BatchSource(ABC):
         """Data to check the model and guide on, before any step."""
 
     @abstractmethod
-    def check_plate(self, model_trace) -> None:
+    def check_plate(self, model_trace, guide) -> None:
         """Raises unless the model has the data plate this source needs, over ``first()``'s rows."""
 
     @abstractmethod
@@ -142,7 +143,7 @@ class InMemoryBatches(BatchSource):
     def first(self) -> tuple[torch.Tensor, ...]:
         return self.data
 
-    def check_plate(self, model_trace) -> None:
+    def check_plate(self, model_trace, guide) -> None:
         if self.batch_size is not None or self.n != self.rows:
             data_plate(model_trace, self.plate_name, self.rows)
 
@@ -209,8 +210,15 @@ class StreamedBatches(BatchSource):
                 raise FreqviInputError(f"the data source ({type(self.source).__name__}) yields no batches.")
         return self.pending.data
 
-    def check_plate(self, model_trace) -> None:
+    def check_plate(self, model_trace, guide) -> None:
+        """Also refuses freqvi's guide with parameters per observation: a batch's rows are new each time."""
         data_plate(model_trace, self.plate_name, self.first()[0].shape[0])
+        if isinstance(getattr(guide, "__self__", guide), LocalMeanField):
+            raise FreqviInputError(
+                "a LocalMeanField guide has parameters per observation, which batches streamed from a larger "
+                "data set cannot index; use an amortised guide (freqvi.guides.AmortizedNormal) or hold the "
+                "data in memory."
+            )
 
     def evaluation_pass(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for batch in self.epoch():

@@ -161,7 +161,7 @@ def em(
     with on_device(device):
         model_trace, guide_trace = check_pair(pair.model, pair.guide, batches.first())
     if online:
-        batches.check_plate(model_trace)
+        batches.check_plate(model_trace, pair.guide)
     if all(is_enumerated(site) for site in latent_sites(guide_trace).values()):
         num_particles = 1  # Q is computed exactly by enumeration: more draws would repeat it
     step = _EMStep(pair, batches, m_step, model_trace, guide_trace,

@@ -77,6 +77,7 @@ def fit(
     patience: int | None = None,
     max_retries: int = 3,
     clip_norm: float | None = None,
+    jit: bool = False,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
     resume: str | os.PathLike | None = None,
@@ -128,6 +129,10 @@ def fit(
         last good parameters in place.
     :param clip_norm: if given, each step's gradients are rescaled to at most this
         total norm.
+    :param jit: trace the loss into a graph at the first step and replay it after
+        (:class:`~freqvi.infer.compiled.CompiledLoss`): the same estimator without Pyro's
+        per-step bookkeeping, for model/guide pairs of fixed structure whose Python code
+        reads no tensor's value (a pair that does is refused with an error).
     :param checkpoint: a file to write the run's state to every ``checkpoint_every``
         steps, at the end and on interruption (Ctrl-C or SIGTERM: the current step
         finishes, the checkpoint is written, then ``KeyboardInterrupt`` is raised):
@@ -173,13 +178,13 @@ def fit(
         pyro.set_rng_seed(seed)
     with on_device(device):
         model_trace, guide_trace = check_pair(pair.model, pair.guide, batches.first())
-    batches.check_plate(model_trace)
+    batches.check_plate(model_trace, pair.guide)
     elbo = get_estimator(loss, **loss_options)
     # Sorted by the names without instance numbers, so a rebuilt model resumes in the same order.
     names = sorted(param_names(model_trace) | param_names(guide_trace), key=stable_name)
     params = dict(zip(names, unconstrained_params(names), strict=True))
     optimizer = make_optimizer(optim, lr, list(params.values()))
-    step_options = (pair.model, pair.guide, elbo, params, optimizer, max_retries, clip_norm)
+    step_options = (pair.model, pair.guide, elbo, params, optimizer, max_retries, clip_norm, jit)
     take_step = GuardedStep(*step_options) if group is None else AveragedStep(group, *step_options)
     if group is not None:
         group.broadcast(list(params.values()))  # every process starts from process 0's values
