@@ -203,6 +203,7 @@ def vae_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Section:
         {"test_log_likelihood_per_observation": loglik.total / n,
          "test_log_likelihood_standard_error": loglik.standard_error / n,
          "pareto_k_max": float(loglik.pareto_k.max()), "test_elbo_per_observation": terms.elbo / n,
+         "test_elbo_standard_error": terms.standard_error / n,
          "reconstruction_per_observation": terms.reconstruction / n, "kl_per_observation": terms.kl / n,
          "num_steps": fit.num_steps, "best_step": fit.best_step, "wall_time": fit.wall_time},
     )
