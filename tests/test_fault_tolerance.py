@@ -18,6 +18,7 @@ import freqvi
 from freqvi.errors import FreqviError, FreqviInputError
 from freqvi.infer import checkpoint as checkpoint_module
 from freqvi.infer.checkpoint import load_checkpoint
+from freqvi.infer.run_state import RunState
 from freqvi.models import FactorAnalysis
 
 TESTS = Path(__file__).parent
@@ -152,3 +153,11 @@ def test_a_nan_at_step_k_stops_with_the_parameters_of_step_k_minus_1(tmp_path):
     for name in stopped:
         assert torch.equal(saved["params"][name], store.get_param(name).unconstrained().detach()), name
 
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [(None, [6]), (1e-9, [1, 2, 3, 4, 5, 6])])
+def test_checkpoint_seconds_writes_once_that_long_has_passed(tmp_path, monkeypatch, seconds, expected):
+    written = []
+    monkeypatch.setattr(RunState, "save", lambda self, path, step: written.append(step))
+    run(6, checkpoint=tmp_path / "fit.ckpt", checkpoint_every=10**9, checkpoint_seconds=seconds)
+    assert written == expected

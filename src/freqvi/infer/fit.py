@@ -80,6 +80,7 @@ def fit(
     jit: bool = False,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
+    checkpoint_seconds: float | None = None,
     resume: str | os.PathLike | None = None,
     num_observations: int | None = None,
     device: str | torch.device | None = None,
@@ -134,7 +135,8 @@ def fit(
         per-step bookkeeping, for model/guide pairs of fixed structure whose Python code
         reads no tensor's value (a pair that does is refused with an error).
     :param checkpoint: a file to write the run's state to every ``checkpoint_every``
-        steps, at the end and on interruption (Ctrl-C or SIGTERM: the current step
+        steps (and after the step that ends ``checkpoint_seconds`` since the last write,
+        if given), at the end and on interruption (Ctrl-C or SIGTERM: the current step
         finishes, the checkpoint is written, then ``KeyboardInterrupt`` is raised):
         parameters, optimiser state, step, history, every random generator's state
         and the minibatch order. Writes are atomic.
@@ -160,6 +162,8 @@ def fit(
         clip_norm = check_positive_float(clip_norm, "clip_norm")
     eval_every = check_positive_int(eval_every, "eval_every")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+    if checkpoint_seconds is not None:
+        checkpoint_seconds = check_positive_float(checkpoint_seconds, "checkpoint_seconds")
     if patience is not None:
         patience = check_positive_int(patience, "patience")
     device = resolve_device(device)
@@ -208,7 +212,8 @@ def fit(
     # default, a large share of a small model's step. GuardedStep refuses non-finite steps instead.
     with pyro.validation_enabled(False), deferred_interrupts() as signalled, on_device(device):
         # read once a step; in a group, a signal to any process stops all after the same step
-        interrupted = signalled if group is None else lambda: group.any(signalled())
+        agreed = (lambda flag: flag) if group is None else group.any
+        written = time.monotonic()
         for step in bar:
             batch = batches.next()
             with batch.handler:
@@ -223,9 +228,12 @@ def fit(
             if keeper is not None and ((step + 1) % eval_every == 0 or last):
                 _validate(result, keeper, pair, elbo, held_out, step + 1)
                 result.stopped_early = not last and _patience_spent(result, patience)
-            stop = interrupted()
-            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or last or stop):
+            stop = agreed(signalled())
+            due = checkpoint_seconds is not None and time.monotonic() - written > checkpoint_seconds
+            timely = checkpoint_seconds is not None and agreed(due)
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or last or stop or timely):
                 run.save(checkpoint, step + 1)
+                written = time.monotonic()
             if stop:
                 raise KeyboardInterrupt(f"fit interrupted after step {step + 1}"
                                         + (f"; checkpoint in {str(checkpoint)!r}" if checkpoint else ""))
