@@ -34,6 +34,7 @@ class DReG_ELBO(ParticleELBO):
     """
 
     path_derivative = True
+    traceable = False  # the hooks on the draws would not be part of a traced graph
 
     def _objective(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         bound = weights.log_mean_weight()

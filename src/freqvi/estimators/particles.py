@@ -90,6 +90,9 @@ class ParticleELBO(ELBO):
     #: Whether the guide's log density is taken with its parameters held fixed,
     #: so that guide gradients flow along the draws' paths only.
     path_derivative = False
+    #: Whether :meth:`differentiable_loss` can be traced into a graph
+    #: (:class:`~freqvi.infer.compiled.CompiledLoss`): no gradient hooks.
+    traceable = True
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf"),
                  data_plate: str = "data"):

@@ -10,6 +10,7 @@ from pyro.infer import ELBO
 from pyro.optim import PyroOptim
 
 from freqvi.errors import FreqviError
+from freqvi.infer.compiled import CompiledLoss
 from freqvi.traces import trace
 
 
@@ -25,13 +26,17 @@ class GuardedStep:
     :param params: the unconstrained parameters to update, by name.
     :param optimizer: a torch optimiser over them, or a :class:`~pyro.optim.PyroOptim`.
     :param clip_norm: if given, gradients are rescaled to this total norm at most.
+    :param jit: compute the loss by a graph traced at the first step
+        (:class:`~freqvi.infer.compiled.CompiledLoss`) instead of running the model
+        and guide through Pyro at every step.
     """
 
     def __init__(self, model, guide, elbo: ELBO, params: dict[str, torch.Tensor], optimizer,
-                 max_retries: int = 3, clip_norm: float | None = None):
+                 max_retries: int = 3, clip_norm: float | None = None, jit: bool = False):
         self.model, self.guide, self.elbo = model, guide, elbo
         self.params, self.optimizer = params, optimizer
         self.max_retries, self.clip_norm = max_retries, clip_norm
+        self.compiled = CompiledLoss(model, guide, elbo, params) if jit else None
         self.refused = 0
 
     def __call__(self, step: int, *data) -> float | None:
@@ -58,7 +63,12 @@ class GuardedStep:
 
     def _loss_and_grads(self, data) -> float:
         """The loss estimate, its gradients left in the parameters' ``.grad``."""
-        return self.elbo.loss_and_grads(self.model, self.guide, *data)
+        if self.compiled is None:
+            return self.elbo.loss_and_grads(self.model, self.guide, *data)
+        loss = self.compiled(data)
+        if loss.requires_grad:
+            loss.backward()
+        return float(loss.detach())
 
     def _non_finite(self, loss: float, norm: torch.Tensor) -> str | None:
         """What was not finite, if anything; one norm over all gradients checks them at once."""

@@ -9,6 +9,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroParam, pyro_method
 from torch import nn
 from torch.nn.functional import softplus
@@ -148,7 +149,8 @@ class VAE(LatentVariableModel):
         self._prepare(x)
         with pyro.plate(self.data_plate, x.shape[0]) as i:
             obs = x[i]
-            self.check_data(obs)  # the rows visited: a full pass before training, then cheap per step
+            if is_validation_enabled():  # fit checks the data once, then steps with validation off
+                self.check_data(obs)
             z = pyro.sample("latent", dist.Normal(x.new_zeros(()), 1.0).expand([self.latent_dim]).to_event(1))
             pyro.sample("obs", self.decode(z), obs=obs)
 
