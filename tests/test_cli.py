@@ -123,13 +123,19 @@ def test_vae_writes_metrics_and_pictures(tmp_path, capsys):
     assert sorted(report["pictures"]) == ["latent.png", "reconstructions.png", "samples.png"]
     assert all((out_dir / name).read_bytes()[:4] == b"\x89PNG" for name in report["pictures"])
     assert f"{ll['mean_per_observation']:.3f} per test observation" in out
+    # grey levels under a Bernoulli likelihood: the report says the number is a cross-entropy
+    assert not ll["normalised"] and "a cross-entropy, not a log-likelihood" in out
 
 
-def test_vae_on_a_users_file(tmp_path, capsys):
+@pytest.mark.parametrize("values", ["binary", "grey"])
+def test_vae_on_a_users_file(tmp_path, capsys, values):
     path = tmp_path / "pixels.npy"
-    np.save(path, np.random.default_rng(0).uniform(size=(50, 9)))
+    pixels = np.random.default_rng(0).uniform(size=(50, 9))
+    np.save(path, pixels.round() if values == "binary" else pixels)
     assert main([*VAE_QUICK, "--data", str(path), "--out", str(tmp_path), "--estimator", "iwae",
                  "--particles", "3"]) == 0
+    out, _ = capsys.readouterr()
+    assert ("cross-entropy" in out) == (values == "grey")
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["data"] == {"name": str(path), "n_train": 40, "n_test": 10, "dim": 9}
     assert report["fit"]["estimator"] == "iwae"

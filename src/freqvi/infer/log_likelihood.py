@@ -225,8 +225,10 @@ def _importance_estimate(log_w: torch.Tensor) -> LogLikelihood:
     if bad:
         warnings.warn(
             f"{bad} of {len(pareto_k)} observations have PSIS k-hat > {PARETO_K_THRESHOLD} "
-            f"(max {pareto_k.max():.2f}): their importance-sampling estimates cannot be trusted; "
-            "use a better guide or more samples.",
+            f"(max {pareto_k.max():.2f}): their importance-sampling estimates cannot be trusted. The "
+            "weights are heavy-tailed where the guide's tails are lighter than the posterior's; more "
+            "samples do not cure that: use a proposal with heavier tails (e.g. a Student-t guide with the "
+            "fitted guide's location and scale) or a guide closer to the posterior.",
             ImportanceSamplingWarning,
             stacklevel=3,
         )
