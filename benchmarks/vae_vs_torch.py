@@ -32,8 +32,8 @@ on these small matrices; use ``--threads 2`` on an idle two-core machine.
 With ``--budget 60`` each row instead trains for the steps that fit into 60 CPU seconds
 at its own rate (from a 100-step trial): the issue's equal-budget quality comparison.
 
-Measured (2-core machine shared with other jobs, load 7-9, ``--steps 1000``, four runs):
-``freqvi-jit`` 0.89, 1.10, 1.16, 1.72 x the torch step (the 1.72 with a test suite running
+Measured (2-core machine shared with other jobs, load 7-9, ``--steps 1000``, five runs):
+``freqvi-jit`` 0.89, 1.10, 1.16, 1.28, 1.72 x the torch step (the 1.72 with a test suite running
 beside it; the rows run one after another, so a change of load between rows moves the
 ratio); eager ``freqvi`` 1.27-2.0 x. ``--budget 60``: torch -23.19, freqvi-jit -23.20,
 freqvi (eager) -23.24, freqvi-iwae (K = 10, 1,338 steps) -23.63 nats per test image (SE 0.003).
