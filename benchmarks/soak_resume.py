@@ -4,7 +4,7 @@ What it does: ``freqvi.models.VAE(64, 8)`` (bernoulli decoder, hidden layers 128
 64, the same initial weights every time) fitted by ``freqvi.fit`` on
 ``freqvi.datasets.load_digits("train")`` (1,500 x 64) with the mean-field ELBO,
 minibatches of 128, Adam at 1e-3, ``seed=0``, ``--steps`` steps, each fit in a fresh
-Python process:
+single-threaded Python process:
 
 * ``reference``: one uninterrupted fit;
 * ``soak``: the same fit with ``checkpoint=..., checkpoint_seconds=30``, sent SIGTERM
@@ -39,6 +39,7 @@ def child(steps: int, out: str, checkpoint: str | None, resume: bool) -> None:
     from freqvi.datasets import load_digits
     from freqvi.models import VAE
 
+    torch.set_num_threads(1)  # every process alike, and none fighting the others for cores
     torch.manual_seed(0)
     vae = VAE(64, 8)
     x = load_digits("train")
@@ -92,7 +93,7 @@ def checkpoint_step(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--after", type=float, default=40.0, help="seconds of fitting before each SIGTERM")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
