@@ -1,4 +1,4 @@
-"""Data for freqvi: the embedded iris and digits data and loaders for user arrays and files.
+"""Data for freqvi: the embedded iris and digits data, two 2-D toy sets, loaders for user arrays and files.
 
 Every loader returns a 2-D tensor of shape ``(n_observations, dim)``.
 """
@@ -21,6 +21,10 @@ DIGITS_SPLITS = ("train", "test", "all")
 #: Training images of :func:`load_digits`; the other 297 of the 1,797 are the test split.
 DIGITS_TRAIN_SIZE = 1500
 _DIGITS_SPLIT_SEED = 0
+#: Points of :func:`load_moons` and :func:`load_swiss_roll` in each of the train and test splits.
+TOY_SPLIT_SIZE = 2000
+TOY_NOISE = {"moons": 0.1, "swiss_roll": 0.5}
+_TOY_SEED = 0
 
 
 def load_iris(dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -85,6 +89,40 @@ def load_digits(split: str = "train", dtype: torch.dtype = torch.float32,
         pixels, labels = pixels[rows], labels[rows]
     x = torch.as_tensor(pixels / 16.0, dtype=_check_dtype(dtype))
     return (x, torch.as_tensor(labels, dtype=torch.int64)) if return_labels else x
+
+
+def load_moons(split: str = "train", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """scikit-learn's two interleaving half circles, 2-D, standardised: shape ``(2000, 2)`` per split.
+
+    ``sklearn.datasets.make_moons(4000, noise=0.1, random_state=0)``; its first 2,000 rows are
+    ``"train"``, the other 2,000 ``"test"`` (``"all"``: both). Both splits are centred and
+    scaled by the training split's mean and standard deviation per coordinate.
+    """
+    from sklearn.datasets import make_moons
+
+    points, _ = make_moons(2 * TOY_SPLIT_SIZE, noise=TOY_NOISE["moons"], random_state=_TOY_SEED)
+    return _standardised_split(points, split, dtype)
+
+
+def load_swiss_roll(split: str = "train", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """scikit-learn's swiss roll seen from its axis, 2-D, standardised: shape ``(2000, 2)`` per split.
+
+    Columns 0 and 2 of ``sklearn.datasets.make_swiss_roll(4000, noise=0.5, random_state=0)``
+    (the spiral; column 1 is the roll's length); splits and scaling as in :func:`load_moons`.
+    """
+    from sklearn.datasets import make_swiss_roll
+
+    points, _ = make_swiss_roll(2 * TOY_SPLIT_SIZE, noise=TOY_NOISE["swiss_roll"], random_state=_TOY_SEED)
+    return _standardised_split(points[:, [0, 2]], split, dtype)
+
+
+def _standardised_split(points: np.ndarray, split: str, dtype: torch.dtype) -> torch.Tensor:
+    """The rows of ``split`` (first half train, second test), scaled by the train rows' mean and sd."""
+    split = check_choice(split, "split", DIGITS_SPLITS)
+    train = points[:TOY_SPLIT_SIZE]
+    scaled = (points - train.mean(0)) / train.std(0)
+    rows = {"train": slice(0, TOY_SPLIT_SIZE), "test": slice(TOY_SPLIT_SIZE, None), "all": slice(None)}[split]
+    return torch.as_tensor(scaled[rows], dtype=_check_dtype(dtype))
 
 
 def load_array(path_or_array, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Pictures of a fitted VAE, written to PNG files.
+"""Pictures of fitted models (a VAE, a diffusion model), written to PNG files.
 
 Figures are built with :class:`matplotlib.figure.Figure` and saved by its Agg
 canvas: no display is needed and pyplot's global state (and backend) is untouched.
@@ -68,6 +68,45 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
     if labels is not None:
         fig.colorbar(points, ax=ax, label="label")
     ax.set(xlabel="$z_1$", ylabel="$z_2$", title="encoder means of the data")
+    return _save(fig, path)
+
+
+NOISING_STEPS = (0, 10, 50, 100, 250, 500, 1000)
+
+
+def forward_noising(model, x: torch.Tensor, path: str | Path, *, steps: tuple[int, ...] = NOISING_STEPS,
+                    image_shape: tuple[int, int] = (8, 8), seed: int = 0) -> Path:
+    r"""The forward chain on a batch: :math:`x_t \sim q(x_t \mid x_0)` at each of ``steps`` (those <= T).
+
+    2-D data: one scatter per ``t``. Images (``h * w`` columns, values in ``[-1, 1]``): one row of
+    up to 10 images per ``t``. ``model`` needs ``q_sample(x0, t, eps)`` and ``num_steps``
+    (:class:`~freqvi.models.GaussianDiffusion`); one noise draw ``eps`` serves every ``t``.
+    """
+    steps = [t for t in steps if t <= model.num_steps] or [model.num_steps]
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+    noised = [model.q_sample(x, t, eps) for t in steps]
+    if x.shape[1] != 2:
+        grid = torch.cat([(n[:10] + 1) / 2 for n in noised])
+        return image_grid(grid, path, image_shape=image_shape, columns=min(10, len(x)),
+                          title=f"forward noising, one row per t in {steps}")
+    fig = Figure(figsize=(2.4 * len(steps), 2.6))
+    for ax, t, points in zip(fig.subplots(1, len(steps), squeeze=False)[0], steps, noised, strict=True):
+        ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=2)
+        ax.set(title=f"t = {t}", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), xticks=[], yticks=[])
+    return _save(fig, path)
+
+
+def samples_vs_data(samples: torch.Tensor, data: torch.Tensor, path: str | Path) -> Path:
+    """Model draws and data points side by side, 2-D scatters on common axes."""
+    samples, data = torch.as_tensor(samples).detach().cpu(), torch.as_tensor(data).detach().cpu()
+    if samples.dim() != 2 or samples.shape[1] != 2 or data.dim() != 2 or data.shape[1] != 2:
+        raise FreqviInputError(f"the scatter needs 2-D points; got {tuple(samples.shape)} and "
+                               f"{tuple(data.shape)}.")
+    fig = Figure(figsize=(9, 4.5))
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    for ax, points, title in ((axes[0], data, "held-out data"), (axes[1], samples, "model samples")):
+        ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=3)
+        ax.set(title=f"{title} (n = {len(points)})", aspect="equal")
     return _save(fig, path)
 
 

@@ -14,8 +14,10 @@ from pyro.infer import (
 from freqvi.errors import FreqviInputError
 from freqvi.estimators.dreg import DReG_ELBO
 from freqvi.estimators.iwae import IWAE_ELBO
+from freqvi.estimators.noise_prediction import NoisePredictionLoss
 from freqvi.estimators.q_function import QFunctionELBO
 from freqvi.estimators.stl import STL_ELBO
+from freqvi.estimators.time_subsampled import TimeSubsampledELBO
 
 ESTIMATORS: dict[str, type[ELBO]] = {
     "trace": Trace_ELBO,
@@ -27,6 +29,8 @@ ESTIMATORS: dict[str, type[ELBO]] = {
     "iwae": IWAE_ELBO,
     "dreg": DReG_ELBO,
     "stl": STL_ELBO,
+    "time_subsampled": TimeSubsampledELBO,
+    "simple": NoisePredictionLoss,
 }
 """Short name -> estimator class. Class names (``"Trace_ELBO"``) are accepted too."""
 
