@@ -156,3 +156,21 @@ def test_device_cpu_and_cuda_when_present():
         assert float(pyro.param("loc").detach()) == pytest.approx(float(x.mean()), abs=1e-3)
     with pytest.raises(FreqviInputError, match="device must be"):
         freqvi.fit(normal_mean, no_latents, x, device="abacus", progress=False)
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+def test_online_em_over_npy_batches_resumes_bit_for_bit(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, mixture_data(n=300, dtype=torch.float32).numpy())
+
+    def em_run(max_iter, **options):
+        gm = GaussianMixture(3, 2)
+        freqvi.em(gm, NpyBatches(path, batch_size=64), max_iter=max_iter, tol=0.0, seed=0, progress=False,
+                  **options)
+        return {k: v.clone() for k, v in gm.estimates().items()}
+
+    whole = em_run(5)
+    em_run(2, checkpoint=tmp_path / "em.ckpt")
+    resumed = em_run(5, resume=tmp_path / "em.ckpt")
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
