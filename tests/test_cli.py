@@ -6,10 +6,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from scipy.stats import multivariate_normal
 
 import freqvi
 from freqvi.cli import main
-from freqvi.datasets import load_iris
+from freqvi.datasets import load_iris, load_moons
 from freqvi.models import GaussianMixture
 
 
@@ -157,6 +158,51 @@ def _above_one(tmp_path):
 def test_vae_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, bad_input):
     argv, message = bad_input(tmp_path)
     assert main([*VAE_QUICK, "--out", str(tmp_path / "out"), *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("freqvi: error: ") and err.count("\n") == 1
+    assert message in err
+
+
+# ----- freqvi diffusion ------------------------------------------------------------------------
+DIFFUSION_QUICK = ["diffusion", "--quiet", "--steps", "20", "--diffusion-steps", "20", "--hidden", "16",
+                   "--samples", "200"]
+
+
+def test_diffusion_writes_metrics_and_pictures(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    assert main([*DIFFUSION_QUICK, "--out", str(out_dir)]) == 0
+    out, _ = capsys.readouterr()
+    report = json.loads((out_dir / "metrics.json").read_text())
+    assert report["data"] == {"name": "moons", "n_train": 2000, "n_test": 2000, "dim": 2}
+    assert report["model"]["num_steps"] == 20 and report["fit"]["num_steps"] == 20
+    nll, ed = report["test_nll_bound"], report["energy_distance"]
+    assert nll["bits_per_dim"] == pytest.approx(nll["nats_per_dim"] / np.log(2))
+    train, test = load_moons("train", torch.float64).numpy(), load_moons("test", torch.float64).numpy()
+    gaussian = multivariate_normal(train.mean(0), np.cov(train.T, bias=True)).logpdf(test)
+    assert nll["gaussian_nats_per_dim"] == pytest.approx(-gaussian.mean() / 2, rel=1e-9)
+    assert ed["num_points"] == 200 and ed["samples_vs_test"] > ed["test_half_vs_half"] > 0
+    assert sorted(report["pictures"]) == ["forward_noising.png", "samples.png"]
+    assert all((out_dir / name).read_bytes()[:4] == b"\x89PNG" for name in report["pictures"])
+    assert f"{nll['nats_per_dim']:.4f} nats/dim" in out
+
+
+def test_diffusion_on_digits_with_ddim(tmp_path):
+    assert main([*DIFFUSION_QUICK, "--dataset", "digits", "--steps", "3", "--sampler", "ddim", "--ddim-steps",
+                 "5", "--estimator", "simple", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["data"]["dim"] == 64 and "energy_distance" not in report
+    assert report["test_nll_bound"]["gaussian_nats_per_dim"] is None  # blank pixels: singular covariance
+    assert report["pictures"] == ["forward_noising.png", "samples.png"]
+
+
+@pytest.mark.parametrize("bad_input", [
+    (["--diffusion-steps", "0"], "num_steps must be an integer >= 1"),
+    (["--hidden", "16,0"], "layer width must be an integer >= 1"),
+    (["--samples", "0"], "num_samples must be an integer >= 1"),
+], ids=["zero-steps", "zero-width", "zero-samples"])
+def test_diffusion_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, bad_input):
+    argv, message = bad_input
+    assert main([*DIFFUSION_QUICK, "--out", str(tmp_path / "out"), *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("freqvi: error: ") and err.count("\n") == 1
     assert message in err

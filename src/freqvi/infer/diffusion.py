@@ -68,6 +68,24 @@ def diffusion_bound(model, data, *, guide=None, num_particles: int = 1, seed: in
     return DiffusionBound(nats, nats / math.log(2), se, per_obs)
 
 
+def gaussian_nll_per_dim(train, test) -> float:
+    r"""The baseline: held-out NLL per dimension of the maximum-likelihood Gaussian of ``train``.
+
+    :math:`-\frac{1}{nd} \sum_i \log \mathcal N(y_i; \bar x, S)`, with :math:`\bar x` and :math:`S`
+    (divisor ``m``) from ``train`` ``(m, d)`` and :math:`y_i` the rows of ``test`` ``(n, d)``; float64.
+    Raises :class:`~freqvi.errors.FreqviInputError` if :math:`S` is singular.
+    """
+    train, test = as_tensor(train, "train").double(), as_tensor(test, "test").double()
+    d = train.shape[1]
+    covariance = torch.cov(train.T, correction=0).reshape(d, d)
+    factor, info = torch.linalg.cholesky_ex(covariance)
+    if info:
+        raise FreqviInputError("the maximum-likelihood Gaussian of the training data is degenerate (its "
+                               "covariance is singular, e.g. a constant column); no density to compare with.")
+    law = torch.distributions.MultivariateNormal(train.mean(0), scale_tril=factor)
+    return float(-law.log_prob(test).mean()) / train.shape[1]
+
+
 def energy_distance(x, y) -> float:
     r"""The energy distance between samples ``x`` ``(m, d)`` and ``y`` ``(k, d)`` (Szekely and Rizzo 2004).
 
