@@ -186,6 +186,15 @@ def test_diffusion_writes_metrics_and_pictures(tmp_path, capsys):
     assert f"{nll['nats_per_dim']:.4f} nats/dim" in out
 
 
+def test_diffusion_on_a_users_file(tmp_path):
+    path = tmp_path / "points.csv"
+    _write_csv(path, np.random.default_rng(0).normal(size=(50, 3)))
+    assert main([*DIFFUSION_QUICK, "--data", str(path), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["data"] == {"name": str(path), "n_train": 40, "n_test": 10, "dim": 3}
+    assert report["pictures"] == [] and "energy_distance" not in report
+
+
 def test_diffusion_on_digits_with_ddim(tmp_path):
     assert main([*DIFFUSION_QUICK, "--dataset", "digits", "--steps", "3", "--sampler", "ddim", "--ddim-steps",
                  "5", "--estimator", "simple", "--out", str(tmp_path)]) == 0
@@ -199,7 +208,8 @@ def test_diffusion_on_digits_with_ddim(tmp_path):
     (["--diffusion-steps", "0"], "num_steps must be an integer >= 1"),
     (["--hidden", "16,0"], "layer width must be an integer >= 1"),
     (["--samples", "0"], "num_samples must be an integer >= 1"),
-], ids=["zero-steps", "zero-width", "zero-samples"])
+    (["--data", "missing.npy"], "does not exist"),
+], ids=["zero-steps", "zero-width", "zero-samples", "missing-file"])
 def test_diffusion_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, bad_input):
     argv, message = bad_input
     assert main([*DIFFUSION_QUICK, "--out", str(tmp_path / "out"), *argv]) == 2

@@ -258,13 +258,18 @@ def _vae_data(path: Path | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         train = load_digits("train")
         test, labels = load_digits("test", return_labels=True)
         return train, test, labels, "digits"
+    return (*_split_file(path, "vae"), None, str(path))
+
+
+def _split_file(path: Path, command: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a user's file split at random (seed 0): ``VAE_TEST_FRACTION`` of them held out."""
     x = load_array(path)
     n_test = round(VAE_TEST_FRACTION * len(x))
     if n_test < 1 or n_test == len(x):
-        raise FreqviInputError(f"{path} has {len(x)} rows; the vae command needs at least 3 to hold out "
-                               f"{VAE_TEST_FRACTION:.0%} of them for testing.")
+        raise FreqviInputError(f"{path} has {len(x)} rows; the {command} command needs at least 3 to hold "
+                               f"out {VAE_TEST_FRACTION:.0%} of them for testing.")
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return x[order[n_test:]], x[order[:n_test]], None, str(path)
+    return x[order[n_test:]], x[order[:n_test]]
 
 
 def _make_folder(path: Path) -> None:
@@ -397,11 +402,15 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
         "nats and bits per dimension (every t, Gaussian decoder), against a fitted Gaussian's exact NLL; "
         "for 2-D data the energy distance of samples to held-out points, against that between the two "
         "halves of the held-out split. Writes metrics.json, forward_noising.png and samples.png to --out. "
-        "Data: scikit-learn's two moons or swiss roll (2-D, standardised, 2,000 train / 2,000 test), or "
-        "the 8x8 digits scaled to [-1, 1] (1,500 / 297).",
+        "Data: scikit-learn's two moons or swiss roll (2-D, standardised, 2,000 train / 2,000 test), "
+        "the 8x8 digits scaled to [-1, 1] (1,500 / 297), or --data, whose rows are split at random (seed 0) "
+        f"into {1 - VAE_TEST_FRACTION:.0%} train and {VAE_TEST_FRACTION:.0%} test and used as they are "
+        "(standardise them first).",
     )
     diffusion.add_argument("--dataset", choices=tuple(DIFFUSION_DATA), default="moons",
                            help="embedded data (default: %(default)s)")
+    diffusion.add_argument("--data", metavar="PATH", type=Path,
+                           help="a .npy or .csv file, one observation per row, instead of --dataset")
     diffusion.add_argument("--diffusion-steps", metavar="T", type=int, default=1000,
                            help="steps of the chain (default: %(default)s)")
     diffusion.add_argument("--schedule", choices=SCHEDULES, default="linear",
@@ -433,7 +442,11 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
 
 def run_diffusion(args: argparse.Namespace) -> int:
     """Fits the diffusion model that ``args`` describes, evaluates it, prints a summary, writes ``--out``."""
-    train, test = DIFFUSION_DATA[args.dataset]("train"), DIFFUSION_DATA[args.dataset]("test")
+    if args.data is None:
+        load = DIFFUSION_DATA[args.dataset]
+        (train, test), data_name = (load("train"), load("test")), args.dataset
+    else:
+        (train, test), data_name = _split_file(args.data, "diffusion"), str(args.data)
     _make_folder(args.out)
     torch.manual_seed(args.seed)
     model = GaussianDiffusion(train.shape[1], args.diffusion_steps, args.schedule, hidden=args.hidden)
@@ -442,20 +455,20 @@ def run_diffusion(args: argparse.Namespace) -> int:
                         **DIFFUSION_ESTIMATORS[args.estimator])
     ddim = {"method": "ddim", "num_steps": args.ddim_steps} if args.sampler == "ddim" else {}
     samples = model.sample(args.samples, seed=args.seed, **ddim)
-    report = diffusion_report(train, test, model, result, samples, args)
+    report = diffusion_report(data_name, train, test, model, result, samples, args)
     report["pictures"] = [p.name for p in _diffusion_pictures(model, test, samples, args.out)]
     _write_json(report, args.out / "metrics.json")
     print(format_diffusion_report(report, args.out))
     return 0
 
 
-def diffusion_report(train: torch.Tensor, test: torch.Tensor, model: GaussianDiffusion,
+def diffusion_report(data_name: str, train: torch.Tensor, test: torch.Tensor, model: GaussianDiffusion,
                      result: freqvi.FitResult, samples: torch.Tensor, args: argparse.Namespace) -> dict:
     """The fit and its held-out evaluation as a JSON-ready dict."""
     bound = diffusion_bound(model, test, seed=args.seed)
     report = {
         "command": "diffusion",
-        "data": {"name": args.dataset, "n_train": len(train), "n_test": len(test), "dim": train.shape[1]},
+        "data": {"name": data_name, "n_train": len(train), "n_test": len(test), "dim": train.shape[1]},
         "model": {"class": "GaussianDiffusion", "num_steps": model.num_steps, "schedule": args.schedule,
                   "hidden": list(args.hidden), "reverse_variance": model.reverse_variance_type},
         "test_nll_bound": {"nats_per_dim": bound.nats_per_dim, "bits_per_dim": bound.bits_per_dim,
@@ -484,15 +497,18 @@ def _gaussian_baseline(train: torch.Tensor, test: torch.Tensor) -> float | None:
 
 def _diffusion_pictures(model: GaussianDiffusion, test: torch.Tensor, samples: torch.Tensor,
                         out: Path) -> list[Path]:
-    noising = plots.forward_noising(model, test[:500], out / "forward_noising.png")
+    """2-D data: noising scatters and samples against data; square images in [-1, 1]: image grids."""
+    noising = out / "forward_noising.png"
     if model.data_dim == 2:
-        return [noising, plots.samples_vs_data(samples, test[:len(samples)], out / "samples.png")]
+        return [plots.forward_noising(model, test[:500], noising),
+                plots.samples_vs_data(samples, test[:len(samples)], out / "samples.png")]
     square = math.isqrt(model.data_dim)
     if square * square != model.data_dim:
-        return [noising]
-    grid = plots.image_grid((samples[:50] + 1) / 2, out / "samples.png", image_shape=(square, square),
-                            title="samples from the model")
-    return [noising, grid]
+        return []  # neither points nor images: nothing to draw
+    shape = (square, square)
+    return [plots.forward_noising(model, test[:10], noising, image_shape=shape),
+            plots.image_grid((samples[:50] + 1) / 2, out / "samples.png", image_shape=shape,
+                             title="samples from the model")]
 
 
 def format_diffusion_report(report: dict, out: Path) -> str:
