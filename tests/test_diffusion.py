@@ -173,7 +173,8 @@ def test_time_subsampled_estimator_is_unbiased_for_the_full_chain_elbo():
         uniform, uniform_se, _ = batch_means(TimeSubsampledELBO(num_particles=200), model, x, 20)
         assert abs(uniform - trace) < 4 * math.hypot(uniform_se, trace_se)
         importance = TimeSubsampledELBO(time_sampling="importance")
-        batch_means(importance, model, x, 300)  # learns the law of t
+        for _ in range(300):  # training steps (with gradients) teach it the law of t
+            importance.loss_and_grads(model.model, model.guide, x)
         _, _, var_importance = batch_means(importance, model, x, 400)
         mean_i, se_i, _ = batch_means(importance, model, x, 400)
         _, _, var_uniform = batch_means(TimeSubsampledELBO(), model, x, 400)
@@ -260,6 +261,8 @@ def test_sampling_shapes_and_seeds():
     assert torch.equal(state, torch.random.get_rng_state())  # a seed leaves the global generator alone
     with pytest.raises(FreqviInputError, match="at most T = 20"):
         model.sample(2, method="ddim", num_steps=21)
+    with pytest.raises(FreqviInputError, match="ancestral sampling runs all T = 20"):
+        model.sample(2, num_steps=5)
     noisy = model.q_sample(torch.zeros(6, 3), 20)
     assert noisy.shape == (6, 3) and torch.equal(model.q_sample(torch.ones(2, 3), 0), torch.ones(2, 3))
 

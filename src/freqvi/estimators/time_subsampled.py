@@ -43,7 +43,8 @@ class TimeSubsampledELBO(DiffusionObjective):
     * ``"uniform"``: :math:`\pi_t = 1/T`, the scaling by the number of terms;
     * ``"importance"``: :math:`\pi_t \propto \sqrt{\mathbb E[Q_t^2]}` (Nichol and Dhariwal 2021),
       the second moment of each quadratic term :math:`Q_t` tracked by an exponentially
-      weighted average of the draws (``decay`` per step), mixed with the uniform law
+      weighted average of the training draws (``decay`` per step; evaluations without gradient,
+      such as :meth:`loss`, leave it alone), mixed with the uniform law
       (weight ``uniform_mix``) so every weight :math:`1/\pi_t` stays bounded; uniform until
       every step has been drawn. Unbiased for any such :math:`\pi`; the variance drops
       because the terms of small ``t`` are far larger than the rest;
@@ -85,7 +86,7 @@ class TimeSubsampledELBO(DiffusionObjective):
         else:
             t, inverse_prob = self._draw_steps(x0.shape[0], forward.num_steps)
             quad = quadratic_terms(reverse, forward, x0, t, torch.randn_like(x0))
-            if self.time_sampling == "importance":
+            if self.time_sampling == "importance" and torch.is_grad_enabled():  # training draws only
                 self._record(t, quad.detach(), forward.num_steps)
             drawn = inverse_prob.to(x0.dtype) * quad
         return drawn + prior_coef * x0.square().sum(-1) + constant

@@ -269,6 +269,9 @@ class GaussianDiffusion(LatentVariableModel):
         x = torch.randn(num_samples, self.data_dim, generator=gen, dtype=self._dtype())
         if method == "ddim":
             return self._ddim(x, self.num_steps if num_steps is None else num_steps)
+        if num_steps is not None:
+            raise FreqviInputError("num_steps chooses the steps of the ddim sampler; ancestral sampling "
+                                   f"runs all T = {self.num_steps}.")
         for t in range(self.num_steps, 0, -1):
             steps = torch.full((num_samples,), t, dtype=torch.long)
             noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
