@@ -30,8 +30,9 @@ from matplotlib.figure import Figure
 
 import freqvi
 from freqvi import plots
-from freqvi.datasets import load_digits, load_iris
-from freqvi.models import VAE, GaussianMixture, RandomInterceptLogistic
+from freqvi.datasets import load_digits, load_iris, load_moons
+from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
+from freqvi.models import VAE, GaussianDiffusion, GaussianMixture, RandomInterceptLogistic
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,9 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(glmm_groups=200, glmm_steps=1500, vae_steps=4000, vae_importance_samples=1000,
-                   diffusion_steps=6000, diffusion_samples=1000),
+                   diffusion_steps=15000, diffusion_samples=1000),
     "quick": Budget(glmm_groups=100, glmm_steps=300, vae_steps=400, vae_importance_samples=100,
-                    diffusion_steps=600, diffusion_samples=300),
+                    diffusion_steps=2000, diffusion_samples=300),
 }
 
 
@@ -216,7 +217,55 @@ def vae_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Section:
     )
 
 
-STAGES: list[Stage] = [mixture_stage, glmm_stage, vae_stage]
+# ----- 4. diffusion ----------------------------------------------------------------------------
+def diffusion_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Section:
+    """A denoising diffusion model on two moons: a VAE whose latent is the noising chain."""
+    train, test = load_moons("train"), load_moons("test")
+    torch.manual_seed(seed)  # the denoiser's initial weights
+    model = GaussianDiffusion(2, num_steps=1000)
+    fit = freqvi.fit(model, None, train, loss="time_subsampled", lr=2e-3, num_steps=budget.diffusion_steps,
+                     batch_size=256, seed=seed, progress=progress)
+    bound = diffusion_bound(model, test, seed=seed)
+    gaussian = gaussian_nll_per_dim(train, test)
+    half = min(budget.diffusion_samples, len(test) // 2)
+    samples = model.sample(half, seed=seed)
+    distance, floor = energy_distance(samples, test[:half]), energy_distance(test[half:2 * half], test[:half])
+    window = min(max(100, len(fit.elbo) // 20), len(fit.elbo))  # one-step t-draws are noisy
+    smooth = np.convolve(fit.elbo, np.ones(window) / window, mode="valid") / (len(train) * 2)
+    curve = _plot(out / "diffusion_elbo.png", "Diffusion training (time-subsampled ELBO)", "step",
+                  "ELBO per dimension", [(range(window, len(fit.elbo) + 1), smooth,
+                                          f"training (mean of {window} steps)", "-")],
+                  hline=(-bound.nats_per_dim, "held-out ELBO, every t"))
+    pictures = [plots.forward_noising(model, test[:500], out / "diffusion_noising.png", seed=seed),
+                plots.samples_vs_data(samples, test[:half], out / "diffusion_samples.png")]
+    return Section(
+        "A diffusion model (two moons)",
+        ["A denoising diffusion model is a VAE whose latent is the chain x_1, ..., x_T (T = 1000): the "
+         "model is the learned reverse chain, with a network predicting the noise, and the guide is the "
+         "fixed forward noising, with no parameters. It is fitted by maximising the same ELBO, estimated "
+         "without bias by one random time step per observation with the Gaussian KL of that step in "
+         "closed form (loss='time_subsampled'), at a cost that does not grow with T.",
+         "On held-out points the full ELBO, every one of the T terms evaluated, bounds the negative "
+         "log-likelihood per dimension; a Gaussian fitted to the training points is the baseline. The "
+         "energy distance of model samples to held-out points is set against its noise floor: the "
+         "distance between two halves of the held-out points."],
+        [("held-out NLL bound",
+          f"{bound.nats_per_dim:.3f} nats per dimension (s.e. {bound.standard_error:.3f})"),
+         ("fitted Gaussian's exact NLL", f"{gaussian:.3f} nats per dimension"),
+         ("energy distance, samples to held-out", f"{distance:.4f} ({half} points each)"),
+         ("energy distance, held-out half to half", f"{floor:.4f}"),
+         ("training", f"{fit.num_steps} steps of 256 points, {fit.wall_time:.1f} s")],
+        [(curve.name, "The time-subsampled ELBO during training and the full held-out ELBO."),
+         (pictures[0].name, "The forward chain q(x_t | x_0) on held-out points at several t."),
+         (pictures[1].name, "Held-out points and samples from the fitted model (ancestral sampling).")],
+        {"nll_bound_nats_per_dim": bound.nats_per_dim, "nll_bound_standard_error": bound.standard_error,
+         "bits_per_dim": bound.bits_per_dim, "gaussian_nll_nats_per_dim": gaussian,
+         "energy_distance": distance, "energy_distance_floor": floor, "num_points": half,
+         "num_steps": fit.num_steps, "wall_time": fit.wall_time},
+    )
+
+
+STAGES: list[Stage] = [mixture_stage, glmm_stage, vae_stage, diffusion_stage]
 
 
 # ----- the report ------------------------------------------------------------------------------
