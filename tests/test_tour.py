@@ -52,4 +52,8 @@ def test_metrics_agree_with_their_references(tour):
     # importance sampling with the encoder as proposal sits above the ELBO
     se = math.hypot(vae["test_log_likelihood_standard_error"], vae["test_elbo_standard_error"])
     assert vae["test_log_likelihood_per_observation"] >= vae["test_elbo_per_observation"] - 4 * se
+    # the diffusion bound in bits is the bound in nats over log 2; distances are non-negative
+    diffusion = list(metrics["sections"].values())[3]
+    assert diffusion["bits_per_dim"] == pytest.approx(diffusion["nll_bound_nats_per_dim"] / math.log(2))
+    assert diffusion["energy_distance"] >= 0 and diffusion["energy_distance_floor"] >= 0
     assert all(math.isfinite(section["seconds"]) for section in metrics["sections"].values())
