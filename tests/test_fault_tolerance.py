@@ -136,8 +136,10 @@ def test_a_nan_at_step_k_stops_with_the_parameters_of_step_k_minus_1(tmp_path):
     x, k = torch.linspace(-1.0, 2.0, 30), 6
     model, guide = poisoned(k)
     path = tmp_path / "fit.ckpt"
-    # steps k, k+1, k+2, k+3 are refused (max_retries=3), each updating nothing; the last raises
-    with pytest.raises(FreqviError, match=rf"^step {k + 3}: the Trace_ELBO loss was nan in 4 draws in a row; "
+    # steps k, k+1, k+2, k+3 are refused (max_retries=3), each updating nothing; the last raises,
+    # naming step k, the first that failed
+    with pytest.raises(FreqviError, match=rf"^step {k}: the Trace_ELBO loss was nan in 4 draws in a row "
+                                          rf"\(steps {k} to {k + 3}\); "
                                           r"the model's site 'poison' has a non-finite log-density"):
         freqvi.fit(model, guide, x, num_steps=50, lr=0.05, seed=3, progress=False, checkpoint=path,
                    checkpoint_every=1)

@@ -27,7 +27,8 @@ def test_persistent_non_finite_loss_stops_with_the_last_good_parameters():
     result = freqvi.fit(out_of_support_model, no_latents, x, num_steps=20, lr=0.5, progress=False)
     assert result.refused_steps == 0
     good = float(pyro.param("loc").detach())
-    with pytest.raises(FreqviError, match=r"step \d+: the Trace_ELBO loss was inf in 4 draws in a row; "
+    with pytest.raises(FreqviError, match=r"step \d+: the Trace_ELBO loss was inf in 4 draws in a row "
+                                          r"\(steps \d+ to \d+\); "
                                           r"the model's site 'obs' has a non-finite log-density"):
         freqvi.fit(out_of_support_model, no_latents, torch.tensor([0.5, 5.0]), num_steps=20, progress=False)
     assert float(pyro.param("loc").detach()) == good

@@ -54,8 +54,10 @@ class GuardedStep:
         self._zero_grad()
         self.refused += 1
         if self.refused > self.max_retries:
+            first = step - self.refused + 1  # refused steps count as steps
             raise FreqviError(
-                f"step {step}: the {type(self.elbo).__name__} {bad} in {self.refused} draws in a row; "
+                f"step {first}: the {type(self.elbo).__name__} {bad} in {self.refused} draws in a row "
+                f"(steps {first} to {step}); "
                 f"{self._culprit(data)}. The parameters are those of the last good step; lower lr, "
                 "clip gradients (clip_norm=...) or check the model's densities there."
             )
