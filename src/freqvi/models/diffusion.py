@@ -183,8 +183,8 @@ class GaussianDiffusion(LatentVariableModel):
         _check_denoiser(self.denoiser, self.data_dim, self.num_steps)
         self.guide = ForwardNoising(self.schedule, self.data_plate)
         tab = self.schedule.table()
-        sigma2 = tab.betas if reverse_variance == "beta" else tab.posterior_variance.clone()
-        sigma2[1] = tab.betas[1]
+        sigma2 = (tab.betas if reverse_variance == "beta" else tab.posterior_variance).clone()
+        sigma2[1] = tab.betas[1]  # the decoder's variance in both cases
         # mean = x_t / sqrt(alpha_t) - eps_coef_t eps, eps_coef_t = beta_t / (sqrt(alpha_t) sqrt(1 - abar_t))
         eps_coef = tab.betas / ((1 - tab.alphas_cumprod).clamp_min(1e-300).sqrt() * tab.alphas.sqrt())
         self._columns = _Columns([tab.alphas.rsqrt(), eps_coef, sigma2])
