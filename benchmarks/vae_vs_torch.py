@@ -43,21 +43,24 @@ Threads: ``--threads`` (default 1) sets torch's intra-op threads. On a small sha
 machine two OpenMP threads that wait for a busy core cost far more than they give
 on these small matrices; use ``--threads 2`` on an idle two-core machine.
 
-Measured (2-core machine shared with other jobs, load 3-9, ``--budget 60``, one thread; the
-log-likelihoods in nats per test image, evaluator SE 0.002-0.003 each; runs with different
-``--seed`` show the training noise, which is larger):
+Measured (2-core machine shared with other jobs, load 3-9, ``--budget 60``, one thread, five
+runs, seeds 1, 2, 1, 3 for the jit rows; nats per test image, evaluator SE 0.002-0.003 each;
+the seed-to-seed spread of a row, the training noise, is larger):
 
-* torch -23.195, -23.147, -23.182 (10,234-10,552 steps); ``freqvi-jit`` -23.138, -23.165
-  (9,329-9,849 steps); eager ``freqvi`` -23.216 (7,045 steps): freqvi matches the loop
-  within the seed-to-seed spread of the loop itself (0.05);
-* ``freqvi-iwae`` (batch 26) -23.328, -23.300 (9,326 and 9,719 steps, but 50-52 of the 60 s:
-  the calibration saw a heavier load); -23.267, -23.237 in runs that used 68-70 s;
-  ``iwae-b256`` -23.533 (1,699 steps). At an equal CPU budget of 60 s the IWAE rows score
-  below the ELBO rows (by 0.13-0.19 nats at batch 26, 0.35 at batch 256): the bound's
-  gain does not pay for its K-fold cost per image in 60 s. At an equal number of steps
-  on the same batch it wins (``--quick``, 200 steps: -24.50 against -24.81);
-* ``freqvi-jit`` / torch step, medians of five alternated calibrations: 1.14 (0.89-1.24)
-  and 1.14 (0.95-1.26); eager ``freqvi`` 1.45 (one calibration).
+* torch -23.195, -23.147, -23.182, -23.179, -23.161 (10,234-10,552 steps); ``freqvi-jit``
+  -23.138, -23.165, -23.135, -23.199 (7,667-10,618 steps); eager ``freqvi`` -23.216 (7,045
+  steps). freqvi-jit minus torch in the same run: +0.057, -0.018, +0.043, -0.038: no
+  systematic gap, but the runs' budgets missed 60 s by up to 15% either way (51-69 CPU s:
+  a 300-step calibration mispredicts the cost of the next minute when the load moves), and
+  that miss moves a row by a few hundredths;
+* ``freqvi-iwae`` (batch 26) -23.328, -23.300, -23.281, -23.339 (9,247-11,001 steps),
+  0.13-0.19 below ``freqvi-jit`` of the same run; ``iwae-b256`` -23.533 (1,699 steps). So at
+  an equal 60-s CPU budget IWAE (K = 10) scores below the ELBO even at equal decoder work
+  per step: each step sees 10 times fewer images. At an equal number of steps on the same
+  batch it scores above (``--quick``, 200 steps: -24.50 against -24.81);
+* ``freqvi-jit`` / torch step, medians of five alternated calibrations per run: 1.14
+  (0.89-1.24), 1.14 (0.95-1.26), 1.10 (0.97-1.48), 1.11 (1.07-1.34); eager ``freqvi`` 1.45
+  (one calibration).
 
 Run ``python benchmarks/vae_vs_torch.py`` (a few minutes), or ``--quick`` for a smoke run.
 """
