@@ -219,11 +219,16 @@ def add_vae_command(subparsers: Subparsers) -> None:
                      help="importance samples per observation for the log-likelihood (default: %(default)s)")
     vae.add_argument("--gap-steps", metavar="N", type=int, default=500,
                      help="Adam steps of the per-point guides (amortisation gap) (default: %(default)s)")
-    vae.add_argument("--out", metavar="DIR", type=Path, default=Path("vae-out"),
-                     help="output folder, created if missing (default: %(default)s)")
-    vae.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    vae.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_arguments(vae, Path("vae-out"))
     vae.set_defaults(run=run_vae)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """``--out``, ``--seed`` and ``--quiet``, shared by the commands that write a folder."""
+    parser.add_argument("--out", metavar="DIR", type=Path, default=out,
+                        help="output folder, created if missing (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -365,10 +370,7 @@ def add_tour_command(subparsers: Subparsers) -> None:
     )
     tour.add_argument("--quick", action="store_true",
                       help="smaller budgets: the same stages in under a minute")
-    tour.add_argument("--out", metavar="DIR", type=Path, default=Path("freqvi-tour"),
-                      help="output folder, created if missing (default: %(default)s)")
-    tour.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    tour.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_arguments(tour, Path("freqvi-tour"))
     tour.set_defaults(run=run_tour_command)
 
 
@@ -433,10 +435,7 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
                            help="ancestral (exact draws) or ddim (deterministic) (default: %(default)s)")
     diffusion.add_argument("--ddim-steps", metavar="K", type=int, default=50,
                            help="steps of the ddim sampler (default: %(default)s)")
-    diffusion.add_argument("--out", metavar="DIR", type=Path, default=Path("diffusion-out"),
-                           help="output folder, created if missing (default: %(default)s)")
-    diffusion.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    diffusion.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_arguments(diffusion, Path("diffusion-out"))
     diffusion.set_defaults(run=run_diffusion)
 
 
