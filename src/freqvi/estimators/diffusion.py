@@ -173,6 +173,7 @@ class DiffusionObjective(ELBO):
 
     def _per_observation(self, reverse: ReverseProcess, forward: ForwardProcess,
                          x0: torch.Tensor) -> torch.Tensor:
+        """Each subclass's estimate per observation, shape ``(b,)``; the base class sums and scales it."""
         raise NotImplementedError
 
     def _get_trace(self, model, guide, args, kwargs):

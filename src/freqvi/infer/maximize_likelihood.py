@@ -84,7 +84,7 @@ def maximize_likelihood(model, data, *, max_iter: int = 500, tol: float = 1e-7,
     gradient = max(float(p.grad.abs().max()) for p in params)
     for p in params:
         p.grad = None
-    num_iter = optimizer.state[optimizer._params[0]]["n_iter"]
+    num_iter = optimizer.state[params[0]]["n_iter"]  # LBFGS keeps its state on the first parameter
     converged = gradient <= tol
     if not converged:
         warnings.warn(f"maximize_likelihood stopped after {num_iter} iterations with a gradient of "
