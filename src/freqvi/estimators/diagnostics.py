@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pyro
@@ -45,7 +46,9 @@ def gradient_variance(model, guide, data, loss: str | ELBO = "trace", num_draws:
     r"""Draws ``num_draws`` independent gradient estimates of ``loss`` at the current parameters.
 
     Each draw is one call of the estimator's ``loss_and_grads`` (what one SVI step
-    uses), parameters unchanged, so estimators can be compared on the same model
+    uses), parameters unchanged and estimators that adapt while training (the importance
+    law over t of :class:`~freqvi.estimators.TimeSubsampledELBO`) held fixed through
+    their ``frozen()`` context, so estimators can be compared on the same model
     and guide: by bias (against each other's :attr:`~GradientMoments.mean`, or a
     known gradient), by variance and by signal-to-noise ratio. Gradients are of
     the ELBO (not of the loss) with respect to the unconstrained parameters, in
@@ -63,9 +66,10 @@ def gradient_variance(model, guide, data, loss: str | ELBO = "trace", num_draws:
     elbo = get_estimator(loss, **loss_options)
     guide_names = _param_names(guide, data)
     draws: dict[str, list[torch.Tensor]] = {}
-    for _ in range(num_draws):
-        for name, grad in _one_draw(elbo, model, guide, data).items():
-            draws.setdefault(name, []).append(grad)
+    with getattr(elbo, "frozen", nullcontext)():
+        for _ in range(num_draws):
+            for name, grad in _one_draw(elbo, model, guide, data).items():
+                draws.setdefault(name, []).append(grad)
     return {name: _moments(torch.stack(g), "guide" if name in guide_names else "model")
             for name, g in draws.items()}
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from freqvi.estimators.diffusion import (
@@ -44,7 +47,7 @@ class TimeSubsampledELBO(DiffusionObjective):
     * ``"importance"``: :math:`\pi_t \propto \sqrt{\mathbb E[Q_t^2]}` (Nichol and Dhariwal 2021),
       the second moment of each quadratic term :math:`Q_t` tracked by an exponentially
       weighted average of the training draws (``decay`` per step; evaluations without gradient,
-      such as :meth:`loss`, leave it alone), mixed with the uniform law
+      such as :meth:`loss`, and draws inside :meth:`frozen` leave it alone), mixed with the uniform law
       (weight ``uniform_mix``) so every weight :math:`1/\pi_t` stays bounded; uniform until
       every step has been drawn. Unbiased for any such :math:`\pi`; the variance drops
       because the terms of small ``t`` are far larger than the rest;
@@ -77,6 +80,17 @@ class TimeSubsampledELBO(DiffusionObjective):
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
         self._second_moment = torch.zeros(0, dtype=torch.float64)  # running sums of Q_t^2, index t - 1
         self._weight = torch.zeros(0, dtype=torch.float64)  # their decayed counts
+        self._adapting = True
+
+    @contextmanager
+    def frozen(self) -> Iterator[TimeSubsampledELBO]:
+        """A context in which gradient draws leave the importance law as it is, so that they are
+        independent draws of one estimator (:func:`freqvi.estimators.gradient_variance` uses it)."""
+        adapting, self._adapting = self._adapting, False
+        try:
+            yield self
+        finally:
+            self._adapting = adapting
 
     def _per_observation(self, reverse: ReverseProcess, forward: ForwardProcess,
                          x0: torch.Tensor) -> torch.Tensor:
@@ -86,7 +100,7 @@ class TimeSubsampledELBO(DiffusionObjective):
         else:
             t, inverse_prob = self._draw_steps(x0.shape[0], forward.num_steps)
             quad = quadratic_terms(reverse, forward, x0, t, torch.randn_like(x0))
-            if self.time_sampling == "importance" and torch.is_grad_enabled():  # training draws only
+            if self.time_sampling == "importance" and self._adapting and torch.is_grad_enabled():
                 self._record(t, quad.detach(), forward.num_steps)
             drawn = inverse_prob.to(x0.dtype) * quad
         return drawn + prior_coef * x0.square().sum(-1) + constant
