@@ -96,7 +96,9 @@ def test_what_a_graph_would_get_wrong_is_refused(loss, options, message):
 
 
 def test_a_resumed_jit_fit_equals_the_uninterrupted_one(tmp_path):
-    """The tracing run draws under a forked generator, so a resumed run traces without shifting the draws."""
+    """The tracing run draws under a forked generator, so a resumed run traces without shifting the draws,
+    and graphs run unoptimised, so the resumed run's first replays round as the uninterrupted run's later
+    ones (under the optimising executor 35 steps differed by 2e-9 while 40 happened to agree)."""
     x = load_digits("train")[:300]
 
     def run(num_steps, **options):
@@ -106,9 +108,10 @@ def test_a_resumed_jit_fit_equals_the_uninterrupted_one(tmp_path):
                             seed=0, progress=False, jit=True, **options)
         return vae.state_dict(), result.elbo
 
-    whole, whole_elbo = run(40)
     run(21, checkpoint=tmp_path / "half.ckpt")
-    resumed, resumed_elbo = run(40, resume=tmp_path / "half.ckpt")
-    assert resumed_elbo == whole_elbo
-    for name, value in whole.items():
-        assert torch.equal(resumed[name], value), name
+    for num_steps in (22, 35, 40):
+        whole, whole_elbo = run(num_steps)
+        resumed, resumed_elbo = run(num_steps, resume=tmp_path / "half.ckpt")
+        assert resumed_elbo == whole_elbo
+        for name, value in whole.items():
+            assert torch.equal(resumed[name], value), (num_steps, name)
