@@ -113,3 +113,18 @@ def test_enumeration_route_is_exact():
     reference = torch.logsumexp(w.log() + torch.distributions.Normal(locs, 1.0).log_prob(x[:, None]), -1)
     assert ll.method == "exact"
     torch.testing.assert_close(ll.per_observation, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_fit_checks_the_pair_on_one_minibatch_not_on_every_row():
+    """Before the first step fit traces model and guide once to check them: on one minibatch's rows, since
+    a trace keeps every intermediate value (for a diffusion model, T denoiser outputs per row)."""
+    visited = []
+
+    def counting_model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("data", len(x)) as i:
+            visited.append(len(i))
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=x[i])
+
+    freqvi.fit(counting_model, lambda x: None, torch.randn(1000), batch_size=10, num_steps=3, progress=False)
+    assert visited == [10, 10, 10, 10]  # the check, then three steps

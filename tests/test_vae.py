@@ -220,6 +220,14 @@ def test_bad_data_is_refused_before_training(make_data, message):
             freqvi.fit(VAE(64, 2, likelihood=likelihood), None, make_data(), num_steps=1, progress=False)
 
 
+def test_a_bad_row_beyond_the_first_minibatch_is_refused_before_training():
+    """fit traces the pair on one minibatch; the VAE's check_data still reads every row."""
+    x = torch.rand(40, 64)
+    x[-1, 0] = 1.5
+    with pytest.raises(FreqviInputError, match=re.escape("values in [0, 1]")):
+        freqvi.fit(VAE(64, 2), None, x, batch_size=8, num_steps=1, progress=False)
+
+
 def test_gaussian_likelihood_takes_any_real_values():
     x = torch.randn(20, 64) * 3
     result = freqvi.fit(VAE(64, 2, (8,), "gaussian"), None, x, num_steps=2, progress=False)

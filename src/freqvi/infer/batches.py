@@ -37,6 +37,10 @@ class Batch:
     data: tuple[torch.Tensor, ...]
     handler: SubsamplePlate | nullcontext
 
+    def bind(self, fn):
+        """``fn`` run under :attr:`handler` (for code that blocks enclosing handlers, as tracing does)."""
+        return fn if isinstance(self.handler, nullcontext) else self.handler(fn)
+
 
 class BatchSource(ABC):
     """The observations of a run, one step's batch at a time, in passes over the data.
@@ -65,6 +69,11 @@ class BatchSource(ABC):
     @abstractmethod
     def first(self) -> tuple[torch.Tensor, ...]:
         """Data to check the model and guide on, before any step."""
+
+    @abstractmethod
+    def check_batch(self) -> Batch:
+        """The observations of one step, before any step, the plate at its declared size (what
+        :meth:`check_plate` reads): what a driver checks the model and guide on."""
 
     @abstractmethod
     def check_plate(self, model_trace, guide) -> None:
@@ -143,6 +152,12 @@ class InMemoryBatches(BatchSource):
     def first(self) -> tuple[torch.Tensor, ...]:
         return self.data
 
+    def check_batch(self) -> Batch:
+        """The first ``batch_size`` rows in order (all rows without minibatches): no random draw."""
+        if self.batch_size is None:
+            return Batch(self.data, nullcontext())
+        return Batch(self.data, SubsamplePlate(self.plate_name, torch.arange(self.batch_size)))
+
     def check_plate(self, model_trace, guide) -> None:
         if self.batch_size is not None or self.n != self.rows:
             data_plate(model_trace, self.plate_name, self.rows)
@@ -209,6 +224,9 @@ class StreamedBatches(BatchSource):
             if self.pending is None:
                 raise FreqviInputError(f"the data source ({type(self.source).__name__}) yields no batches.")
         return self.pending.data
+
+    def check_batch(self) -> Batch:
+        return Batch(self.first(), nullcontext())
 
     def check_plate(self, model_trace, guide) -> None:
         """Also refuses freqvi's guide with parameters per observation: a batch's rows are new each time."""

@@ -11,16 +11,17 @@ import pyro
 import torch
 from pyro.infer import ELBO
 from pyro.optim import PyroOptim
+from pyro.poutine.trace_struct import Trace
 from tqdm.auto import tqdm
 
 from freqvi.errors import FreqviError, FreqviInputError
 from freqvi.estimators import get_estimator
-from freqvi.infer.batches import InMemoryBatches, make_batches
+from freqvi.infer.batches import BatchSource, InMemoryBatches, make_batches
 from freqvi.infer.checkpoint import stable_name
 from freqvi.infer.devices import move_to, on_device, resolve_device
 from freqvi.infer.distributed import AveragedStep, DataParallel
 from freqvi.infer.optim import make_optimizer
-from freqvi.infer.pair import resolve_pair
+from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import RunState, deferred_interrupts
 from freqvi.infer.step import GuardedStep
 from freqvi.traces import check_pair, param_names, unconstrained_params
@@ -181,7 +182,7 @@ def fit(
     if seed is not None:
         pyro.set_rng_seed(seed)
     with on_device(device):
-        model_trace, guide_trace = check_pair(pair.model, pair.guide, batches.first())
+        model_trace, guide_trace = _check_pair(pair, batches)
     batches.check_plate(model_trace, pair.guide)
     elbo = get_estimator(loss, **loss_options)
     # Sorted by the names without instance numbers, so a rebuilt model resumes in the same order.
@@ -196,8 +197,10 @@ def fit(
             pyro.set_rng_seed(seed + group.rank)  # independent draws in each process
     keeper = None
     if held_out is not None:
-        with torch.random.fork_rng():
-            check_pair(pair.model, pair.guide, held_out)
+        rows = batch_size and min(batch_size, held_out[0].shape[0])
+        checked = InMemoryBatches(held_out, rows, data_plate_name)
+        with torch.random.fork_rng():  # adding validation data leaves the training draws as they were
+            _check_pair(pair, checked)
         keeper = _BestParameters(set(names))
 
     result = FitResult(loss=elbo)
@@ -244,6 +247,20 @@ def fit(
         keeper.restore()
     result.wall_time = time.perf_counter() - start
     return result
+
+
+def _check_pair(pair: Pair, batches: BatchSource) -> tuple[Trace, Trace]:
+    """:func:`~freqvi.traces.check_pair` on the observations of one step, after the owner's ``check_data``
+    (where the model has one) on every row.
+
+    One step's rows, not all: a trace of every row keeps every intermediate value (for a diffusion
+    model, ``T`` denoiser outputs per row: gigabytes and seconds before the first step).
+    """
+    batch = batches.check_batch()
+    check_data = getattr(pair.owner, "check_data", None)
+    if check_data is not None:
+        check_data(*batch.data)
+    return check_pair(batch.bind(pair.model), batch.bind(pair.guide), batch.data)
 
 
 def _record(result: FitResult, bar, step: int, value: float) -> None:
