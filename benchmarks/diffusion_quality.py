@@ -4,7 +4,7 @@ The acceptance check of issue 5. :class:`~freqvi.models.GaussianDiffusion` (T = 
 schedule, default :class:`~freqvi.models.TimeMLP`) is fitted on :func:`freqvi.datasets.load_moons`'s
 2,000 training points by :func:`freqvi.fit` (batch 256, Adam) for the steps that fit into
 ``--budget`` seconds (one thread; the rate from the training loop of a 200-step trial fit, which
-excludes the one-time check of the pair that runs the whole chain once), then measured on
+excludes the one-time check of the pair that runs the whole chain once on one minibatch), then measured on
 the 2,000 test points:
 
 * energy distance (:func:`freqvi.infer.diffusion.energy_distance`) between 1,000 ancestral

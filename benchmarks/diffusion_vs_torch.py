@@ -21,7 +21,7 @@ Every row starts from the same initial weights (each builds its model after
 
 Seconds per step count the loop only (``FitResult.wall_time``; :func:`time.perf_counter`
 around the torch loop), after a few untimed warm-up steps of the torch loop (fit's check of the
-pair, which runs the whole chain once, warms freqvi's up). The ratio is freqvi's
+pair, which runs the whole chain once on one minibatch, warms freqvi's up). The ratio is freqvi's
 step time over the torch loop's. The rows run interleaved, ``--repeats`` times, and the
 median of each row's times is reported, as the machine is shared. Then the full-chain
 :class:`~pyro.infer.Trace_ELBO` step (the literal hierarchical VAE, 2T sample sites) on moons

@@ -48,17 +48,17 @@ on these small matrices; use ``--threads 2`` on an idle two-core machine.
 Measured, binary pixels (idle 2-core machine, ``--budget 60``, one thread, seed 1; nats per
 test image, evaluator s.e. 0.01-0.02; the seed-to-seed spread of a row is about 0.05):
 
-* torch -17.182 (28,015 steps), ``freqvi-jit`` -17.102 (24,801), ``freqvi-iwae`` (batch 26)
-  -16.568 (30,751), ``iwae-b256`` -16.445 (2,696 steps in 40 CPU s: its calibration
-  overestimated its step, 22 ms against 15). IWAE against the ELBO: +0.53 nats (batch 26),
-  +0.66 (batch 256, in two thirds of the budget);
+* torch -17.189 (27,977 steps), ``freqvi-jit`` -17.140 (25,854), ``freqvi-iwae`` (batch 26)
+  -16.578 (31,877), ``iwae-b256`` -16.398 (4,809). IWAE against the ELBO: +0.56 nats (batch
+  26), +0.74 (batch 256). A run before graphs were replayed unoptimised: -17.182, -17.102,
+  -16.568 and -16.445 (2,696 steps in 40 CPU s: its calibration overestimated its step);
 * why: 60 s is far past where the ELBO's held-out log-likelihood peaks on 1,500 binary images
   (``vae_learning_curves.py``: best -16.43 at 18 s, -16.87 at 60 s), while IWAE overfits more
   slowly (batch 26: best -16.45 at 28 s, -16.59 at 60 s; batch 256 still rising at 60 s, -16.45).
   At their best points the two tie (within the seed spread): the gain at 60 s is IWAE's slower
   overfitting, and early stopping on a held-out set gives the ELBO most of it back;
-* ``freqvi-jit`` / torch step, five alternated calibrations: 1.13, 1.18, 1.18, 1.18, 1.19
-  (median 1.18, target 1.25).
+* ``freqvi-jit`` / torch step, five alternated calibrations: 1.08, 1.10, 1.11, 1.11, 1.14
+  (median 1.11, target 1.25); 1.13-1.19 (median 1.18) before graphs were replayed unoptimised.
 
 Measured earlier, grey pixels (machine shared, load 3-9, five runs; seeds 1, 2, 1, 3): torch
 -23.195, -23.147, -23.182, -23.179, -23.161 (10,234-10,552 steps); ``freqvi-jit`` -23.138,

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from sklearn import datasets
 
@@ -271,3 +272,5 @@ def test_pictures_are_written(tmp_path, digits):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FreqviInputError, match="latent_dim = 2"):
         plots.latent_scatter(VAE(64, 3), x_test, tmp_path / "no.png")
+    figure = plots.samples(vae, num_images=20)  # no path: the figure, to show or restyle
+    assert isinstance(figure, Figure) and sum(ax.has_data() for ax in figure.axes) == 20

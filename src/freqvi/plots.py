@@ -1,7 +1,9 @@
-"""Pictures of fitted models (a VAE, a diffusion model), written to PNG files.
+"""Pictures of fitted models (a VAE, a diffusion model): PNG files, or figures to show.
 
-Figures are built with :class:`matplotlib.figure.Figure` and saved by its Agg
-canvas: no display is needed and pyplot's global state (and backend) is untouched.
+Each function writes a PNG file to ``path`` and returns the path, or, without ``path``,
+returns the :class:`matplotlib.figure.Figure` (a notebook shows it; ``fig.axes`` can be
+restyled). Figures are built without pyplot and saved by the Agg canvas: no display is
+needed and pyplot's global state (and backend) is untouched.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from matplotlib.figure import Figure
 from freqvi.errors import FreqviInputError
 
 
-def image_grid(images: torch.Tensor, path: str | Path, *, image_shape: tuple[int, int] = (8, 8),
-               columns: int = 10, title: str | None = None) -> Path:
+def image_grid(images: torch.Tensor, path: str | Path | None = None, *,
+               image_shape: tuple[int, int] = (8, 8), columns: int = 10,
+               title: str | None = None) -> Path | Figure:
     """Draws ``images`` ``(n, h * w)`` as a grid of ``h x w`` grey images, ``columns`` per row.
 
     Intensities are shown on ``[0, 1]`` (clipped), white for 0 as on paper.
@@ -38,8 +41,8 @@ def image_grid(images: torch.Tensor, path: str | Path, *, image_shape: tuple[int
     return _save(fig, path)
 
 
-def reconstructions(model, x: torch.Tensor, path: str | Path, *, num_images: int = 10,
-                    image_shape: tuple[int, int] = (8, 8)) -> Path:
+def reconstructions(model, x: torch.Tensor, path: str | Path | None = None, *, num_images: int = 10,
+                    image_shape: tuple[int, int] = (8, 8)) -> Path | Figure:
     """Pairs of rows: ``num_images`` observations above the model's reconstructions of them.
 
     ``model`` needs ``reconstruct(x)`` (e.g. :meth:`freqvi.models.VAE.reconstruct`).
@@ -50,13 +53,15 @@ def reconstructions(model, x: torch.Tensor, path: str | Path, *, num_images: int
                       title="data (top) and reconstructions (bottom)")
 
 
-def samples(model, path: str | Path, *, num_images: int = 50, image_shape: tuple[int, int] = (8, 8)) -> Path:
+def samples(model, path: str | Path | None = None, *, num_images: int = 50,
+            image_shape: tuple[int, int] = (8, 8)) -> Path | Figure:
     """``num_images`` images from the model: the means of :math:`p(x \\mid z)`, :math:`z \\sim p(z)`."""
     return image_grid(model.sample(num_images), path, image_shape=image_shape, columns=10,
                       title="samples from the model (decoder means)")
 
 
-def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None) -> Path:
+def latent_scatter(model, x: torch.Tensor, path: str | Path | None = None,
+                   labels: torch.Tensor | None = None) -> Path | Figure:
     """The encoder's means :math:`\\mu_\\phi(x_i)` in a 2-D latent space, coloured by ``labels``."""
     loc, _ = model.encode(x)
     if loc.shape[1] != 2:
@@ -74,8 +79,9 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
 NOISING_STEPS = (0, 10, 50, 100, 250, 500, 1000)
 
 
-def forward_noising(model, x: torch.Tensor, path: str | Path, *, steps: tuple[int, ...] = NOISING_STEPS,
-                    image_shape: tuple[int, int] = (8, 8), seed: int = 0) -> Path:
+def forward_noising(model, x: torch.Tensor, path: str | Path | None = None, *,
+                    steps: tuple[int, ...] = NOISING_STEPS, image_shape: tuple[int, int] = (8, 8),
+                    seed: int = 0) -> Path | Figure:
     r"""The forward chain on a batch: :math:`x_t \sim q(x_t \mid x_0)` at each of ``steps`` (those <= T).
 
     2-D data: one scatter per ``t``. Images (``h * w`` columns, values in ``[-1, 1]``): one row of
@@ -96,7 +102,8 @@ def forward_noising(model, x: torch.Tensor, path: str | Path, *, steps: tuple[in
     return _save(fig, path)
 
 
-def samples_vs_data(samples: torch.Tensor, data: torch.Tensor, path: str | Path) -> Path:
+def samples_vs_data(samples: torch.Tensor, data: torch.Tensor,
+                    path: str | Path | None = None) -> Path | Figure:
     """Model draws and data points side by side, 2-D scatters on common axes."""
     samples, data = torch.as_tensor(samples).detach().cpu(), torch.as_tensor(data).detach().cpu()
     if samples.dim() != 2 or samples.shape[1] != 2 or data.dim() != 2 or data.shape[1] != 2:
@@ -110,7 +117,10 @@ def samples_vs_data(samples: torch.Tensor, data: torch.Tensor, path: str | Path)
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path | None) -> Path | Figure:
+    """``fig`` written to ``path`` (the path returned), or ``fig`` itself without a path."""
+    if path is None:
+        return fig
     path = Path(path)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
