@@ -73,7 +73,7 @@ def em(
     m_step_iters: int = 100,
     m_step_tol: float = 1e-7,
     e_step_iters: int = 50,
-    e_step_lr: float = 0.1,
+    e_step_lr: float = 0.01,
     num_particles: int = 16,
     data_plate_name: str = "data",
     seed: int | None = None,
@@ -130,6 +130,10 @@ def em(
     :param num_observations: with batches, the number of observations behind them
         (default ``data.num_observations`` or ``len(data.dataset)``).
     :param device: ``"cpu"``, ``"cuda"`` or a :class:`torch.device` to run on.
+    :param e_step_iters: Adam steps on the local parameters per E-step (variational EM).
+    :param e_step_lr: their learning rate. Each step uses one draw, so the local parameters
+        jitter by about this much: with 0.1 a Poisson log-normal model (500 counts, the
+        README's) stalled 50 nats below the bound that 0.01 reached in 50 iterations.
     :param num_particles: draws per estimate of Q (gradient M-step) and of the recorded
         objective, for non-enumerated sites.
     :param seed: seeds Python's, NumPy's and torch's generators first.
