@@ -136,8 +136,9 @@ def test_fit_checks_the_pair_on_one_minibatch_not_on_every_row():
 def test_variational_em_with_a_local_guide_reaches_the_likelihood_maximum():
     """The README's Poisson log-normal model by EM with free local factors (LocalMeanField): after 50
     iterations the recorded ELBO is within 10 nats of the exact maximum log-likelihood, by quadrature
-    (-1098.1; the mean-field gap and the estimate's noise take a few nats: 4.6 measured). With the
-    former default e_step_lr = 0.1 the local factors jittered too much to settle: 50 nats short."""
+    (-1098.1; the mean-field gap and the estimate's noise take a few nats: 4.6 measured). With
+    e_step_lr = 0.1, the default for enumerated sites, the drawn factors jittered too much to settle:
+    50 nats short."""
     from scipy import optimize, special
 
     from freqvi.guides import LocalMeanField

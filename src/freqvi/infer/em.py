@@ -73,7 +73,7 @@ def em(
     m_step_iters: int = 100,
     m_step_tol: float = 1e-7,
     e_step_iters: int = 50,
-    e_step_lr: float = 0.01,
+    e_step_lr: float | None = None,
     num_particles: int = 16,
     data_plate_name: str = "data",
     seed: int | None = None,
@@ -131,9 +131,12 @@ def em(
         (default ``data.num_observations`` or ``len(data.dataset)``).
     :param device: ``"cpu"``, ``"cuda"`` or a :class:`torch.device` to run on.
     :param e_step_iters: Adam steps on the local parameters per E-step (variational EM).
-    :param e_step_lr: their learning rate. Each step uses one draw, so the local parameters
-        jitter by about this much: with 0.1 a Poisson log-normal model (500 counts, the
-        README's) stalled 50 nats below the bound that 0.01 reached in 50 iterations.
+    :param e_step_lr: their learning rate. By default 0.1 when the guide's latent sites are all
+        enumerated (the E-step's gradient is then exact) and 0.01 when any is drawn: a
+        one-draw gradient keeps the local parameters jittering by about the learning rate,
+        and with 0.1 a Poisson log-normal model (500 counts, the README's) stalled 50 nats
+        below the bound that 0.01 reached in 50 iterations, while categorical factors of a
+        mixture on iris need 0.1 (-184.5 after 30 iterations, -322.7 with 0.01).
     :param num_particles: draws per estimate of Q (gradient M-step) and of the recorded
         objective, for non-enumerated sites.
     :param seed: seeds Python's, NumPy's and torch's generators first.
@@ -166,8 +169,12 @@ def em(
         model_trace, guide_trace = check_pair(pair.model, pair.guide, batches.first())
     if online:
         batches.check_plate(model_trace, pair.guide)
-    if all(is_enumerated(site) for site in latent_sites(guide_trace).values()):
+    enumerated = all(is_enumerated(site) for site in latent_sites(guide_trace).values())
+    if enumerated:
         num_particles = 1  # Q is computed exactly by enumeration: more draws would repeat it
+    if e_step_lr is None:
+        e_step_lr = 0.1 if enumerated else 0.01
+    e_step_lr = check_positive_float(e_step_lr, "e_step_lr")
     step = _EMStep(pair, batches, m_step, model_trace, guide_trace,
                    m_step_lr, m_step_iters, m_step_tol, e_step_iters, e_step_lr, num_particles)
     tol = tol * batches.n  # per observation -> total
