@@ -194,7 +194,7 @@ def test_time_subsampled_gradient_is_less_noisy_than_the_full_chain_at_equal_cos
     integrates x_{t-1} out. Measured total variances (Trace_ELBO, T uniform draws): 43.3 and 17.7 at
     the optimal linear denoiser, 983 and 595 for the untrained MLP on 30 moons points (ratios 2.4
     and 1.7); 17.7 and 15.0 at the 50% too small denoiser (not asserted: too close for 400 draws).
-    Evaluating every t once per draw gives 16, 599 and 12.9.
+    Evaluating every t once per draw (time_sampling="all") gives 16 at the optimal denoiser.
     Margin: a sample variance of n draws has relative s.e. sqrt(2 / (n - 1)) (normal draws), so
     the log of the ratio of two has s.e. 0.1 at n = 400; asserted with 3 of them."""
     torch.manual_seed(0)
