@@ -7,9 +7,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.distributions import constraints
+from scipy import optimize, special
 from scipy.stats import norm
 
 import freqvi
+from freqvi.guides import LocalMeanField
 
 TRUE_MU, TRUE_TAU = 1.0, 1.5
 
@@ -139,10 +141,6 @@ def test_variational_em_with_a_local_guide_reaches_the_likelihood_maximum():
     (-1098.1; the mean-field gap and the estimate's noise take a few nats: 4.6 measured). With
     e_step_lr = 0.1, the default for enumerated sites, the drawn factors jittered too much to settle:
     50 nats short."""
-    from scipy import optimize, special
-
-    from freqvi.guides import LocalMeanField
-
     def poisson_log_normal(x):
         mu = pyro.param("mu", torch.tensor(0.0))
         sigma = pyro.param("sigma", torch.tensor(1.0), constraint=constraints.positive)
