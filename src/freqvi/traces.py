@@ -44,6 +44,17 @@ def observed_sites(tr: Trace) -> dict[str, dict]:
     }
 
 
+def is_auxiliary(site: dict) -> bool:
+    """Whether a guide site is auxiliary: drawn by the guide only, to compute the model's latents.
+
+    Pyro's autoguides that draw one joint vector (``AutoDiagonalNormal``,
+    ``AutoMultivariateNormal``, ...) mark it ``infer={"is_auxiliary": True}`` and give each
+    model latent as a ``Delta`` whose log-density carries the transform's Jacobian, so the
+    guide's total log-density is that of the model's latent values.
+    """
+    return bool(site["infer"].get("is_auxiliary", False))
+
+
 def is_enumerated(site: dict) -> bool:
     """Whether a site asks to be summed out by parallel enumeration."""
     return site["infer"].get("enumerate") == "parallel"
@@ -86,7 +97,8 @@ def data_plate(model_trace: Trace, name: str, num_data: int):
 def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...]):
     """Runs model and guide once and checks that their latent sites agree.
 
-    Every latent site of the guide must be a latent site of the model, and every
+    Every latent site of the guide must be a latent site of the model (or be marked
+    auxiliary, as Pyro's autoguides mark their joint draw), and every
     latent site of the model must be covered by the guide unless the model sums
     it out by enumeration. Returns the two traces.
     """
@@ -102,7 +114,8 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
         ) from exc
     model_latent = latent_sites(model_trace)
     guide_latent = latent_sites(guide_trace)
-    extra = sorted(set(guide_latent) - set(model_latent))
+    extra = sorted(name for name, site in guide_latent.items()
+                   if name not in model_latent and not is_auxiliary(site))
     missing = sorted(
         name for name, site in model_latent.items()
         if name not in guide_latent and not is_enumerated(site)
@@ -110,7 +123,9 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
     if extra or missing:
         parts = []
         if extra:
-            parts.append(f"the guide samples {extra}, which the model does not have as latent sites")
+            parts.append(f"the guide samples {extra}, which the model does not have as latent sites "
+                         "(a site the guide draws only to compute others needs "
+                         "infer={'is_auxiliary': True})")
         if missing:
             parts.append(f"the model's latent sites {missing} have no site in the guide "
                          "(and are not marked infer={'enumerate': 'parallel'})")
