@@ -25,6 +25,7 @@ from freqvi.errors import FreqviError, FreqviInputError, FreqviWarning
 from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
 from freqvi.infer.em import M_STEPS
 from freqvi.infer.evaluation import amortization_gap, elbo_terms
+from freqvi.infer.threads import ENV_VAR, intra_op_threads, step_entries
 from freqvi.models import VAE, GaussianDiffusion, GaussianMixture
 from freqvi.models.diffusion import SAMPLERS
 from freqvi.models.gaussian_mixture import COVARIANCE_TYPES
@@ -69,6 +70,7 @@ def add_em_command(subparsers: Subparsers) -> None:
     em.add_argument("--json", metavar="PATH", type=Path,
                     help="also write the estimates and metrics to this JSON file")
     em.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads_argument(em)
     em.set_defaults(run=run_em)
 
 
@@ -78,13 +80,14 @@ def run_em(args: argparse.Namespace) -> int:
     if args.json is not None:
         _check_writable(args.json)
     model = GaussianMixture(args.components, x.shape[1], args.covariance)
-    result = freqvi.em(model, x, m_step=args.m_step, max_iter=args.max_iter, tol=args.tol,
-                       seed=args.seed, progress=not args.quiet)
-    loglik = freqvi.log_likelihood(model, None, x)
-    report = em_report(data_name, x, model, result, loglik, args)
-    print(format_em_report(report, full=args.full))
-    if args.json is not None:
-        _write_json(report, args.json)
+    with intra_op_threads(entries=step_entries(x)):
+        result = freqvi.em(model, x, m_step=args.m_step, max_iter=args.max_iter, tol=args.tol,
+                           seed=args.seed, progress=not args.quiet)
+        loglik = freqvi.log_likelihood(model, None, x)
+        report = em_report(data_name, x, model, result, loglik, args)
+        print(format_em_report(report, full=args.full))
+        if args.json is not None:
+            _write_json(report, args.json)
     return 0
 
 
@@ -229,6 +232,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
                         help="output folder, created if missing (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads_argument(parser)
+
+
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", metavar="N", type=int,
+                        help=f"torch's intra-op threads (default: ${ENV_VAR} if set, else one for small "
+                        "data, as freqvi's drivers choose)")
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -245,15 +255,17 @@ def run_vae(args: argparse.Namespace) -> int:
     model = VAE(train.shape[1], args.latent_dim, args.hidden, args.likelihood)
     model.check_data(train)
     model.check_data(test)
-    options = {"num_particles": args.particles} if args.estimator in ("iwae", "dreg") else {}
-    result = freqvi.fit(model, None, train, loss=args.estimator, lr=args.lr, num_steps=args.steps,
-                        batch_size=min(args.batch_size, len(train)), seed=args.seed, progress=not args.quiet,
-                        validation_data=test, eval_every=VAE_EVAL_EVERY, patience=args.patience, **options)
-    report = vae_report(data_name, train, test, model, result, args)
-    pictures = _vae_pictures(model, test, labels, args.out)
-    report["pictures"] = [p.name for p in pictures]
-    _write_json(report, args.out / "metrics.json")
-    print(format_vae_report(report, args.out))
+    with intra_op_threads(entries=step_entries(train, args.batch_size)):
+        options = {"num_particles": args.particles} if args.estimator in ("iwae", "dreg") else {}
+        result = freqvi.fit(model, None, train, loss=args.estimator, lr=args.lr, num_steps=args.steps,
+                            batch_size=min(args.batch_size, len(train)), seed=args.seed,
+                            progress=not args.quiet, validation_data=test, eval_every=VAE_EVAL_EVERY,
+                            patience=args.patience, **options)
+        report = vae_report(data_name, train, test, model, result, args)
+        pictures = _vae_pictures(model, test, labels, args.out)
+        report["pictures"] = [p.name for p in pictures]
+        _write_json(report, args.out / "metrics.json")
+        print(format_vae_report(report, args.out))
     return 0
 
 
@@ -448,16 +460,17 @@ def run_diffusion(args: argparse.Namespace) -> int:
         (train, test), data_name = _split_file(args.data, "diffusion"), str(args.data)
     _make_folder(args.out)
     torch.manual_seed(args.seed)
-    model = GaussianDiffusion(train.shape[1], args.diffusion_steps, args.schedule, hidden=args.hidden)
-    result = freqvi.fit(model, None, train, lr=args.lr, num_steps=args.steps,
-                        batch_size=min(args.batch_size, len(train)), seed=args.seed, progress=not args.quiet,
-                        **DIFFUSION_ESTIMATORS[args.estimator])
-    ddim = {"method": "ddim", "num_steps": args.ddim_steps} if args.sampler == "ddim" else {}
-    samples = model.sample(args.samples, seed=args.seed, **ddim)
-    report = diffusion_report(data_name, train, test, model, result, samples, args)
-    report["pictures"] = [p.name for p in _diffusion_pictures(model, test, samples, args.out)]
-    _write_json(report, args.out / "metrics.json")
-    print(format_diffusion_report(report, args.out))
+    with intra_op_threads(entries=step_entries(train, args.batch_size)):
+        model = GaussianDiffusion(train.shape[1], args.diffusion_steps, args.schedule, hidden=args.hidden)
+        result = freqvi.fit(model, None, train, lr=args.lr, num_steps=args.steps,
+                            batch_size=min(args.batch_size, len(train)), seed=args.seed,
+                            progress=not args.quiet, **DIFFUSION_ESTIMATORS[args.estimator])
+        ddim = {"method": "ddim", "num_steps": args.ddim_steps} if args.sampler == "ddim" else {}
+        samples = model.sample(args.samples, seed=args.seed, **ddim)
+        report = diffusion_report(data_name, train, test, model, result, samples, args)
+        report["pictures"] = [p.name for p in _diffusion_pictures(model, test, samples, args.out)]
+        _write_json(report, args.out / "metrics.json")
+        print(format_diffusion_report(report, args.out))
     return 0
 
 
@@ -577,7 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ArviZ (imported lazily for importance sampling) warns once a day about its refactor.
         warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
         try:
-            return args.run(args)
+            with intra_op_threads(args.threads):
+                return args.run(args)
         except FreqviError as exc:
             print(f"freqvi: error: {_error_message(exc)}", file=sys.stderr)
             return EXIT_ERROR

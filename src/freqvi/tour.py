@@ -32,6 +32,7 @@ import freqvi
 from freqvi import plots
 from freqvi.datasets import load_digits, load_iris, load_moons
 from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
+from freqvi.infer.threads import intra_op_threads
 from freqvi.models import VAE, GaussianDiffusion, GaussianMixture, RandomInterceptLogistic
 
 
@@ -273,23 +274,31 @@ STAGES: list[Stage] = [mixture_stage, glmm_stage, vae_stage, diffusion_stage]
 
 
 # ----- the report ------------------------------------------------------------------------------
-def run_tour(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = True) -> Path:
+def run_tour(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = True,
+             num_threads: int | None = None) -> Path:
     """Runs every stage, writes ``report.md``, ``report.html``, ``metrics.json`` and the PNGs to ``out``.
 
     Prints one line as each stage starts; returns the HTML report's path.
+
+    :param num_threads: torch's intra-op threads for the whole tour, as the drivers'
+        ``num_threads`` (:mod:`freqvi.infer.threads`): by default ``$FREQVI_NUM_THREADS``, else
+        one, since every stage's data are embedded and small (at most 1,500 x 64 entries); the
+        caller's count is restored afterwards.
     """
     budget = BUDGETS["quick" if quick else "full"]
     out.mkdir(parents=True, exist_ok=True)
     sections, start = [], time.perf_counter()
-    for number, stage in enumerate(STAGES, 1):
-        print(f"[{number}/{len(STAGES)}] {stage.__doc__.splitlines()[0]}", flush=True)
-        stage_start = time.perf_counter()
-        section = stage(out, budget, seed, progress)
-        section.metrics["seconds"] = time.perf_counter() - stage_start
-        sections.append(section)
+    largest = max(x.numel() for x in (load_iris(), load_digits("train"), load_moons("train")))
+    with intra_op_threads(num_threads, entries=largest) as threads:
+        for number, stage in enumerate(STAGES, 1):
+            print(f"[{number}/{len(STAGES)}] {stage.__doc__.splitlines()[0]}", flush=True)
+            stage_start = time.perf_counter()
+            section = stage(out, budget, seed, progress)
+            section.metrics["seconds"] = time.perf_counter() - stage_start
+            sections.append(section)
     versions = {"freqvi": freqvi.__version__, "pyro": pyro.__version__, "torch": torch.__version__}
     header = {"mode": "quick" if quick else "full", "seed": seed, "seconds": time.perf_counter() - start,
-              "versions": versions}
+              "threads": threads, "versions": versions}
     metrics = {**header, "sections": {s.title: s.metrics for s in sections}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
     (out / "report.md").write_text(render_markdown(sections, header))
@@ -306,7 +315,7 @@ INTRO = ("EM, variational EM, a variational autoencoder and a diffusion model, f
 def _subtitle(header: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in header["versions"].items())
     return (f"{header['mode']} tour, seed {header['seed']}, {header['seconds']:.0f} s on this machine "
-            f"({versions}).")
+            f"({header['threads']} torch thread(s); {versions}).")
 
 
 def render_markdown(sections: list[Section], header: dict) -> str:

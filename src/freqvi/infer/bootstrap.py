@@ -18,6 +18,7 @@ from pyro import poutine
 from freqvi.errors import ConvergenceWarning, FreqviInputError
 from freqvi.infer.em import em
 from freqvi.infer.pair import resolve_pair
+from freqvi.infer.threads import thread_policy
 from freqvi.validation import as_data, check_choice, check_positive_int
 
 KINDS = ("nonparametric", "parametric")
@@ -73,6 +74,7 @@ class Bootstrap:
         return az.from_dict(posterior={name: d[None] for name, d in self.draws.items()})
 
 
+@thread_policy
 def bootstrap(model, data, *, num_replicates: int = 200, kind: str = "nonparametric", fit: Callable = em,
               num_workers: int | None = None, seed: int = 0, **fit_options) -> Bootstrap:
     r"""Refits a fitted freqvi model on ``num_replicates`` bootstrap data sets.

@@ -17,6 +17,7 @@ import torch
 from freqvi.errors import FreqviInputError
 from freqvi.estimators.time_subsampled import TimeSubsampledELBO
 from freqvi.infer.pair import resolve_pair
+from freqvi.infer.threads import thread_policy
 from freqvi.validation import as_tensor
 
 
@@ -38,6 +39,7 @@ class DiffusionBound:
     per_observation: torch.Tensor
 
 
+@thread_policy
 def diffusion_bound(model, data, *, guide=None, num_particles: int = 1, seed: int | None = None,
                     chunk_size: int = 64) -> DiffusionBound:
     r"""The full-chain negative ELBO of ``data`` ``(n, d)`` per dimension, in nats and bits.

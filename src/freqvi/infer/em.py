@@ -24,6 +24,7 @@ from freqvi.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint,
 from freqvi.infer.devices import move_to, on_device, resolve_device
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import deferred_interrupts
+from freqvi.infer.threads import thread_policy
 from freqvi.models.base import ClosedFormMStep
 from freqvi.traces import (
     check_pair,
@@ -59,6 +60,7 @@ class EMResult:
     m_step: str = ""
 
 
+@thread_policy
 def em(
     model,
     data,

@@ -23,6 +23,7 @@ from freqvi.errors import FreqviInputError
 from freqvi.guides import AmortizedNormal, LocalMeanField
 from freqvi.infer.log_likelihood import per_observation
 from freqvi.infer.pair import resolve_pair
+from freqvi.infer.threads import thread_policy
 from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, trace
 from freqvi.validation import as_data, check_positive_float, check_positive_int
 
@@ -49,6 +50,7 @@ class ELBOTerms:
     num_samples: int
 
 
+@thread_policy
 def elbo_terms(model, guide=None, data=None, *, num_samples: int = 100, data_plate_name: str = "data",
                seed: int | None = None) -> ELBOTerms:
     r"""Estimates the reconstruction term and the KL term of the ELBO per observation.
@@ -134,6 +136,7 @@ class AmortizationGap:
     standard_error: float
 
 
+@thread_policy
 def amortization_gap(model, guide: AmortizedNormal, data, *, num_steps: int = 500, lr: float = 0.02,
                      num_samples: int = 1000, seed: int | None = None) -> AmortizationGap:
     r"""The amortisation gap on ``data`` (a few observations): how much ELBO the shared encoder gives up.

@@ -24,6 +24,7 @@ from freqvi.infer.optim import make_optimizer
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import RunState, deferred_interrupts
 from freqvi.infer.step import GuardedStep
+from freqvi.infer.threads import thread_policy
 from freqvi.traces import check_pair, param_names, unconstrained_params
 from freqvi.validation import as_data, check_positive_float, check_positive_int
 
@@ -58,6 +59,7 @@ class FitResult:
     refused_steps: int = 0
 
 
+@thread_policy
 def fit(
     model,
     guide,

@@ -16,6 +16,7 @@ from torch.distributions import constraints, transform_to
 from freqvi.errors import ConvergenceWarning, FreqviInputError, FreqviWarning
 from freqvi.infer.log_likelihood import exact_route, per_observation
 from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.threads import thread_policy
 from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, param_names, trace
 from freqvi.validation import as_data, check_choice, check_positive_int
 
@@ -237,6 +238,7 @@ def _indices(shape):
         *[torch.arange(s) for s in shape]).reshape(-1, len(shape)).tolist()]
 
 
+@thread_policy
 def observed_information(model, data, guide=None, *, method: str = "auto", num_samples: int = 1000,
                          data_plate_name: str = "data", seed: int | None = None) -> Information:
     r"""The observed information of a fitted model at its current parameters.

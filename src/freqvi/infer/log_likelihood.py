@@ -17,6 +17,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 
 from freqvi.errors import FreqviInputError, ImportanceSamplingWarning
 from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.threads import thread_policy
 from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, trace
 from freqvi.validation import as_data, check_choice, check_positive_int
 
@@ -53,6 +54,7 @@ class LogLikelihood:
         return az.from_dict(log_likelihood={name: self.per_observation.detach().numpy()[None, None]})
 
 
+@thread_policy
 def log_likelihood(
     model,
     guide=None,

@@ -12,6 +12,7 @@ import torch
 from freqvi.errors import ConvergenceWarning, FreqviInputError
 from freqvi.infer.log_likelihood import exact_route
 from freqvi.infer.pair import resolve_pair
+from freqvi.infer.threads import thread_policy
 from freqvi.traces import data_plate, param_names, trace, unconstrained_params
 from freqvi.validation import as_data, check_positive_float, check_positive_int
 
@@ -34,6 +35,7 @@ class MLEResult:
     wall_time: float
 
 
+@thread_policy
 def maximize_likelihood(model, data, *, max_iter: int = 500, tol: float = 1e-7,
                         data_plate_name: str = "data") -> MLEResult:
     r"""Maximises the exact log-likelihood :math:`\ell(\theta) = \sum_i \log p(x_i; \theta)` by L-BFGS.

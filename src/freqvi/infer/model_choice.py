@@ -10,6 +10,7 @@ from freqvi.infer.em import em
 from freqvi.infer.information import Parameters
 from freqvi.infer.log_likelihood import log_likelihood
 from freqvi.infer.pair import resolve_pair
+from freqvi.infer.threads import thread_policy
 from freqvi.traces import param_names, trace
 from freqvi.validation import as_data
 
@@ -38,6 +39,7 @@ class InformationCriteria:
         return -2 * self.log_likelihood + self.num_parameters * math.log(self.num_observations)
 
 
+@thread_policy
 def information_criteria(model, data, guide=None, *, num_samples: int = 1000,
                          seed: int | None = None) -> InformationCriteria:
     """AIC and BIC of a fitted model at its current parameters.
@@ -63,6 +65,7 @@ def _num_parameters(model, guide, data) -> int:
     return Parameters.of(param_names(trace(pair.model, *data))).basis().shape[1]
 
 
+@thread_policy
 def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_samples: int = 1000,
             seed: int | None = None, **fit_options):
     """Fits each candidate model to ``data`` and tabulates their criteria, best BIC first.
