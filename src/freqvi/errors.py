@@ -24,3 +24,7 @@ class ConvergenceWarning(FreqviWarning):
 
 class ImportanceSamplingWarning(FreqviWarning):
     """Importance weights are too heavy-tailed to trust (PSIS k-hat > 0.7)."""
+
+
+class FitInterruptedWarning(FreqviWarning):
+    """A fit was interrupted (Ctrl-C) and returned the result of the steps it had taken."""

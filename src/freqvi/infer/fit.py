@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyro
@@ -14,7 +17,7 @@ from pyro.optim import PyroOptim
 from pyro.poutine.trace_struct import Trace
 from tqdm.auto import tqdm
 
-from freqvi.errors import FreqviError, FreqviInputError
+from freqvi.errors import FitInterruptedWarning, FreqviError, FreqviInputError
 from freqvi.estimators import get_estimator
 from freqvi.infer.batches import BatchSource, InMemoryBatches, make_batches
 from freqvi.infer.checkpoint import stable_name
@@ -45,6 +48,11 @@ class FitResult:
     :ivar best_step: the step whose parameters were kept: the held-out ELBO's argmax.
     :ivar stopped_early: whether ``patience`` ended the run.
     :ivar refused_steps: steps whose loss or gradients were not finite, so nothing was updated.
+    :ivar cpu_time: CPU seconds this process spent in the loop (every thread's).
+    :ivar stop_reason: why the run ended: ``"num_steps"``, ``"converged"`` (``tol``), ``"patience"``,
+        ``"max_time"``, ``"max_cpu_time"``, ``"on_step"`` or ``"on_evaluation"`` (a callback asked),
+        ``"interrupted"`` (Ctrl-C), or, in a data-parallel group, ``"stopped by another process"``.
+    :ivar interrupted: whether Ctrl-C ended the run (``stop_reason == "interrupted"``).
     """
 
     elbo: list[float] = field(default_factory=list)
@@ -57,6 +65,9 @@ class FitResult:
     best_step: int | None = None
     stopped_early: bool = False
     refused_steps: int = 0
+    cpu_time: float = 0.0
+    stop_reason: str = ""
+    interrupted: bool = False
 
 
 @thread_policy
@@ -88,6 +99,10 @@ def fit(
     num_observations: int | None = None,
     device: str | torch.device | None = None,
     distributed: bool = False,
+    max_time: float | None = None,
+    max_cpu_time: float | None = None,
+    on_step: Callable[[FitResult], bool | None] | Sequence[Callable] | None = None,
+    on_evaluation: Callable[[FitResult], bool | None] | Sequence[Callable] | None = None,
     **loss_options,
 ) -> FitResult:
     r"""Maximises an ELBO over the model's and the guide's parameters by SVI.
@@ -139,8 +154,7 @@ def fit(
         reads no tensor's value (a pair that does is refused with an error).
     :param checkpoint: a file to write the run's state to every ``checkpoint_every``
         steps (and after the step that ends ``checkpoint_seconds`` since the last write,
-        if given), at the end and on interruption (Ctrl-C or SIGTERM: the current step
-        finishes, the checkpoint is written, then ``KeyboardInterrupt`` is raised):
+        if given), at the end and on interruption (Ctrl-C or SIGTERM, see below):
         parameters, optimiser state, step, history, every random generator's state
         and the minibatch order. Writes are atomic.
     :param resume: a checkpoint to continue from: build the model and guide as for
@@ -157,6 +171,21 @@ def fit(
     :param distributed: data-parallel SVI under ``torchrun`` (:mod:`freqvi.infer.distributed`):
         ``data`` is this process's shard, gradients are averaged across processes every
         step, process 0 writes checkpoints and progress.
+    :param max_time: a budget in wall-clock seconds of the loop (after the checks): the step
+        that reaches it is the last (``stop_reason="max_time"``).
+    :param max_cpu_time: the same in CPU seconds of this process, every thread counted.
+    :param on_step: a callable, or a list of them, called after every step with the
+        :class:`FitResult` so far (``elbo``, ``num_steps``, ``wall_time``, ``cpu_time`` up to
+        date); one returning true ends the run after that step (``stop_reason="on_step"``).
+    :param on_evaluation: the same, called after every held-out evaluation
+        (``validation_elbo[-1]`` the newest); true ends the run (``"on_evaluation"``).
+    :returns: the :class:`FitResult`, also after Ctrl-C: the current step finishes, the
+        checkpoint (if any) is written, and the result comes back with ``interrupted=True``
+        and a :class:`~freqvi.errors.FitInterruptedWarning`; a second Ctrl-C stops at once.
+        SIGTERM (a scheduler ending the job) instead raises ``KeyboardInterrupt`` after the
+        checkpoint, so that the process ends.
+    :raises FreqviInputError: a bad option (``max_time``, ``max_cpu_time``, a callback that is
+        not callable, ...), before any step.
     """
     num_steps = check_positive_int(num_steps, "num_steps")
     window = check_positive_int(window, "window")
@@ -169,6 +198,9 @@ def fit(
         checkpoint_seconds = check_positive_float(checkpoint_seconds, "checkpoint_seconds")
     if patience is not None:
         patience = check_positive_int(patience, "patience")
+    max_time = None if max_time is None else check_positive_float(max_time, "max_time")
+    max_cpu_time = None if max_cpu_time is None else check_positive_float(max_cpu_time, "max_cpu_time")
+    on_step, on_evaluation = _callbacks(on_step, "on_step"), _callbacks(on_evaluation, "on_evaluation")
     device = resolve_device(device)
     group = DataParallel(device) if distributed else None
     if group is not None and validation_data is not None:
@@ -210,44 +242,55 @@ def fit(
     if checkpoint is not None or resume is not None:
         run.check_checkpointable(checkpoint, validation_data)
     first = run.restore(resume) if resume is not None else 0
-    start = time.perf_counter()
+    clock = _Clock(max_time, max_cpu_time)
     bar = tqdm(range(first, num_steps), initial=first, total=num_steps,
                disable=not progress or (group is not None and not group.writer), desc="fit", unit="step")
     # check_pair validated the distributions' arguments; Pyro re-checks them at every step by
     # default, a large share of a small model's step. GuardedStep refuses non-finite steps instead.
     with pyro.validation_enabled(False), deferred_interrupts() as signalled, on_device(device):
-        # read once a step; in a group, a signal to any process stops all after the same step
+        # read once a step; in a group, a request to stop seen by any process stops all after the same step
         agreed = (lambda flag: flag) if group is None else group.any
         written = time.monotonic()
         for step in bar:
             batch = batches.next()
             with batch.handler:
                 value = take_step(step, *batch.data)
-            if value is not None:
-                _record(result, bar, step, value)
-            else:  # refused: nothing was updated
-                result.refused_steps += 1
+            _record(result, bar, step, value, clock)
             if tol is not None and _window_converged(result.elbo, window, tol):
                 result.converged = True
-            last = result.converged or step + 1 == num_steps
-            if keeper is not None and ((step + 1) % eval_every == 0 or last):
+            wanted = _stop_wanted(on_step, result, clock, signalled())
+            if agreed(wanted is not None):
+                terminated = agreed(signalled() == signal.SIGTERM)
+                result.stop_reason = "terminated" if terminated else wanted or "stopped by another process"
+            elif result.converged or step + 1 == num_steps:
+                result.stop_reason = "converged" if result.converged else "num_steps"
+            if keeper is not None and ((step + 1) % eval_every == 0 or result.stop_reason):
                 _validate(result, keeper, pair, elbo, held_out, step + 1)
-                result.stopped_early = not last and _patience_spent(result, patience)
-            stop = agreed(signalled())
+                if not result.stop_reason and _patience_spent(result, patience):
+                    result.stop_reason, result.stopped_early = "patience", True
+                if not result.stop_reason and agreed(_asks_to_stop(on_evaluation, result)):
+                    result.stop_reason = "on_evaluation"
             due = checkpoint_seconds is not None and time.monotonic() - written > checkpoint_seconds
             timely = checkpoint_seconds is not None and agreed(due)
-            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or last or stop or timely):
+            save = (step + 1) % checkpoint_every == 0 or result.stop_reason or timely
+            if checkpoint is not None and save:
                 run.save(checkpoint, step + 1)
                 written = time.monotonic()
-            if stop:
-                raise KeyboardInterrupt(f"fit interrupted after step {step + 1}"
+            if result.stop_reason == "terminated":
+                raise KeyboardInterrupt(f"fit terminated after step {step + 1}"
                                         + (f"; checkpoint in {str(checkpoint)!r}" if checkpoint else ""))
-            if result.converged or result.stopped_early:
+            if result.stop_reason:
                 break
     bar.close()
     if keeper is not None:
         keeper.restore()
-    result.wall_time = time.perf_counter() - start
+    result.wall_time, result.cpu_time = clock.elapsed()
+    if result.stop_reason == "interrupted":
+        result.interrupted = True
+        warnings.warn(FitInterruptedWarning(
+            f"fit interrupted after step {result.num_steps} of {num_steps}: the result holds the steps "
+            "taken" + (f" and the checkpoint {str(checkpoint)!r} resumes the run" if checkpoint else "")
+            + "."), stacklevel=3)
     return result
 
 
@@ -265,11 +308,62 @@ def _check_pair(pair: Pair, batches: BatchSource) -> tuple[Trace, Trace]:
     return check_pair(batch.bind(pair.model), batch.bind(pair.guide), batch.data)
 
 
-def _record(result: FitResult, bar, step: int, value: float) -> None:
-    result.elbo.append(-value)
+def _record(result: FitResult, bar, step: int, value: float | None, clock: _Clock) -> None:
+    """Books one step: its ELBO if accepted (a refused step updated nothing), the count and the time."""
     result.num_steps = step + 1
+    result.wall_time, result.cpu_time = clock.elapsed()
+    if value is None:
+        result.refused_steps += 1
+        return
+    result.elbo.append(-value)
     if step % 10 == 0:
         bar.set_postfix(elbo=f"{-value:.4g}")
+
+
+class _Clock:
+    """Wall and CPU seconds since the loop began, against the budgets ``max_time`` and ``max_cpu_time``."""
+
+    def __init__(self, max_time: float | None, max_cpu_time: float | None):
+        self.max_time, self.max_cpu_time = max_time, max_cpu_time
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def elapsed(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def spent(self) -> str | None:
+        """``"max_time"`` or ``"max_cpu_time"`` once that budget is used up, else ``None``."""
+        wall, cpu = self.elapsed()
+        if self.max_time is not None and wall >= self.max_time:
+            return "max_time"
+        if self.max_cpu_time is not None and cpu >= self.max_cpu_time:
+            return "max_cpu_time"
+        return None
+
+
+def _stop_wanted(on_step: list[Callable], result: FitResult, clock: _Clock, signum: int) -> str | None:
+    """Why the run should end after this step, if a signal, a budget or a callback says so."""
+    if signum:
+        return "interrupted"
+    if _asks_to_stop(on_step, result):
+        return "on_step"
+    return clock.spent()
+
+
+def _asks_to_stop(callbacks: list[Callable], result: FitResult) -> bool:
+    """Calls every callback with the result so far (all of them, each sees every step); true if one
+    returned true."""
+    answers = [callback(result) for callback in callbacks]
+    return any(bool(a) for a in answers)
+
+
+def _callbacks(value, name: str) -> list[Callable]:
+    """``value`` (``None``, a callable or a sequence of callables) as a list, checked."""
+    if value is None:
+        return []
+    callbacks = [value] if callable(value) else value
+    if not isinstance(callbacks, list | tuple) or not all(callable(c) for c in callbacks):
+        raise FreqviInputError(f"{name} must be a callable or a list of callables; got {value!r}.")
+    return list(callbacks)
 
 
 def _settings(elbo: ELBO, batch_size: int | None, n: int) -> dict:

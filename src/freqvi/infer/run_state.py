@@ -101,20 +101,26 @@ class RunState:
 def deferred_interrupts():
     """Turns Ctrl-C and SIGTERM into a flag, read between steps (main thread only).
 
-    Yields a function telling whether an interruption is pending; outside the
-    main thread, where handlers cannot be installed, it is always ``False``.
+    Yields a function returning the first pending signal's number (true), or 0 when none
+    is pending; outside the main thread, where handlers cannot be installed, it is always 0.
+    Once a signal is pending, the previous handlers are back: a second Ctrl-C acts at once.
     """
     pending = []
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def handler(signum, frame):
         pending.append(signum)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, handler)
     try:
-        yield lambda: bool(pending)
+        yield lambda: pending[0] if pending else 0
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
