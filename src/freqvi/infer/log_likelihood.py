@@ -132,7 +132,7 @@ def exact_route(pair: Pair, model_trace):
     if pair.owner is not None and hasattr(pair.owner, "log_marginal"):
         return lambda data, frame, wrap=_unwrapped: wrap(pair.owner.log_marginal)(*data)
     latents = latent_sites(model_trace)
-    if latents and all(site["fn"].has_enumerate_support for site in latents.values()):
+    if all(site["fn"].has_enumerate_support for site in latents.values()):  # none: the sum of log-densities
         return lambda data, frame, wrap=_unwrapped: _enumerated(wrap(pair.model), data, model_trace, frame)
     return None
 
