@@ -18,6 +18,7 @@ from torch.distributions import constraints
 import freqvi
 from freqvi.datasets import load_iris
 from freqvi.errors import FreqviError, FreqviInputError
+from freqvi.infer.threads import ENV_VAR
 from freqvi.models import GaussianMixture
 
 
@@ -102,6 +103,12 @@ def no_parameters(x):
         pyro.sample("obs", dist.Normal(0.0, 1.0), obs=x)
 
 
+def thread_count_fit(model, data, guide=None, progress=False):
+    """Records the worker's torch thread count as the estimate of mu."""
+    with torch.no_grad():
+        pyro.param("mu").unconstrained().fill_(torch.get_num_threads())
+
+
 def dying_fit(model, data, guide=None, progress=False):
     os._exit(3)  # a worker that dies without a word
 
@@ -172,6 +179,14 @@ def test_bad_bootstrap_calls_are_refused_before_any_worker_starts(call, message,
     monkeypatch.setattr(sys.modules["freqvi.infer.bootstrap"], "ProcessPoolExecutor", no_pool)
     with pytest.raises(FreqviInputError, match=message):
         call()
+
+
+@pytest.mark.slow
+def test_workers_keep_one_thread_whatever_the_caller_asks(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "2")  # inherited by the workers
+    boot = freqvi.bootstrap(normal_model, data=NORMAL_X, fit=thread_count_fit, num_replicates=2,
+                            num_workers=1, num_threads=2)
+    np.testing.assert_array_equal(boot.draws["mu"], [1.0, 1.0])
 
 
 @pytest.mark.slow

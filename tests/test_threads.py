@@ -10,7 +10,7 @@ import torch
 import freqvi
 from freqvi.cli import main
 from freqvi.datasets import load_iris
-from freqvi.errors import FreqviInputError
+from freqvi.errors import ConvergenceWarning, FreqviInputError
 from freqvi.infer import threads
 from freqvi.infer.threads import ENV_VAR, SMALL_WORK, intra_op_threads, step_entries
 from freqvi.models import GaussianMixture
@@ -149,3 +149,14 @@ def test_the_console_command_runs_on_one_thread_and_takes_threads(caller_threads
     assert torch.get_num_threads() == caller_threads
     assert main(["--quiet", "--threads", "0"]) == 2
     assert "num_threads must be a positive integer; got 0" in capsys.readouterr().err
+
+
+def test_a_drivers_warning_points_at_its_caller_not_at_the_wrapper(caller_threads):
+    def model(x):
+        mu = pyro.param("mu", torch.tensor(0.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    with pytest.warns(ConvergenceWarning) as record:
+        freqvi.maximize_likelihood(model, data=torch.randn(30) + 5, max_iter=1)
+    assert {w.filename for w in record} == {__file__}

@@ -25,6 +25,8 @@ import inspect
 import math
 import operator
 import os
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -132,7 +134,9 @@ def thread_policy(driver: Callable) -> Callable:
     def wrapper(*args, num_threads: int | None = None, **kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
         entries = step_entries(bound.get("data"), bound.get("batch_size"))
-        with intra_op_threads(num_threads, entries=entries):
+        caller = sys._getframe(1)
+        with intra_op_threads(num_threads, entries=entries), _shown_at(caller.f_code.co_filename,
+                                                                       caller.f_lineno):
             return driver(*args, **kwargs)
 
     parameters = [*signature.parameters.values()]
@@ -143,6 +147,24 @@ def thread_policy(driver: Callable) -> Callable:
     wrapper.__signature__ = signature.replace(parameters=[*parameters[:at], keyword, *parameters[at:]])
     wrapper.__doc__ = inspect.cleandoc(driver.__doc__ or "") + "\n" + NUM_THREADS_DOC
     return wrapper
+
+
+@contextmanager
+def _shown_at(filename: str, lineno: int) -> Iterator[None]:
+    """Shows warnings that point into this file (a driver's ``stacklevel=2`` now lands in the
+    wrapper) at the driver's caller instead, where they pointed before the wrapper existed."""
+    original = warnings.showwarning
+
+    def show(message, category, warned_file, warned_line, file=None, line=None):
+        if warned_file == __file__:
+            warned_file, warned_line, line = filename, lineno, None
+        original(message, category, warned_file, warned_line, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
 
 
 def step_entries(data, batch_size=None) -> int | None:
