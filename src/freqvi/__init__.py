@@ -26,6 +26,7 @@ from freqvi.infer import (
     observed_information,
 )
 from freqvi.infer.evaluation import AmortizationGap, ELBOTerms, amortization_gap, elbo_terms
+from freqvi.validation import with_missing
 
 __version__ = "0.1.0"
 
@@ -69,4 +70,5 @@ __all__ = [
     "models",
     "observed_information",
     "plots",
+    "with_missing",
 ]

@@ -11,6 +11,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import config_enumerate
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.subsample_messenger import _Subsample
@@ -183,13 +184,14 @@ def _log_weights(pair: Pair, data, frame, k: int, model_trace) -> torch.Tensor:
 
 
 def per_observation(site, particle_dim: int, frame) -> torch.Tensor:
-    """A site's log-density summed over all dimensions but particles and the data plate."""
+    """A site's log-density, masked as the site is (``poutine.mask``: a masked cell adds 0), summed over all
+    dimensions but particles and the data plate."""
     if not any(f.name == frame.name for f in site["cond_indep_stack"]):
         raise FreqviInputError(
             f"site {site['name']!r} is outside the data plate {frame.name!r}; the log-likelihood "
             "per observation needs every latent and observed site inside it."
         )
-    lp = site["fn"].log_prob(site["value"])
+    lp = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
     lp = lp.reshape((1,) * (-particle_dim - lp.dim()) + lp.shape)
     keep = {lp.dim() + particle_dim, lp.dim() + frame.dim}
     summed = [d for d in range(lp.dim()) if d not in keep]
