@@ -24,7 +24,7 @@ from freqvi.infer.optim import make_optimizer
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import RunState, deferred_interrupts
 from freqvi.infer.step import GuardedStep
-from freqvi.traces import check_pair, param_names, unconstrained_params
+from freqvi.traces import check_pair, max_plate_nesting, param_names, unconstrained_params
 from freqvi.validation import as_data, check_positive_float, check_positive_int
 
 _VALIDATION_SEED = 20_231_117
@@ -184,7 +184,8 @@ def fit(
     with on_device(device):
         model_trace, guide_trace = _check_pair(pair, batches)
     batches.check_plate(model_trace, pair.guide)
-    elbo = get_estimator(loss, **loss_options)
+    elbo = get_estimator(loss, plate_name=data_plate_name,
+                         plate_nesting=max_plate_nesting(model_trace, guide_trace), **loss_options)
     # Sorted by the names without instance numbers, so a rebuilt model resumes in the same order.
     names = sorted(param_names(model_trace) | param_names(guide_trace), key=stable_name)
     params = dict(zip(names, unconstrained_params(names), strict=True))
