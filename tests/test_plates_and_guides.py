@@ -68,7 +68,7 @@ def test_a_hand_written_guide_sized_for_other_data_is_refused():
         with pyro.plate("data", len(loc)):
             pyro.sample("z", dist.Normal(loc, 1.0))
 
-    with pytest.raises(FreqviInputError, match=r"size of the plates \(model, guide\) \{'data': \(150, 100\)\}"):
+    with pytest.raises(FreqviInputError, match=r"plates \(model, guide\) \{'data': \(150, 100\)\}"):
         freqvi.fit(normal_model, guide=stale_guide, data=x150, num_steps=2, progress=False)
 
 
