@@ -24,6 +24,7 @@ from freqvi.infer.optim import make_optimizer
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import RunState, deferred_interrupts
 from freqvi.infer.step import GuardedStep
+from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, max_plate_nesting, param_names, unconstrained_params
 from freqvi.validation import as_data, check_positive_float, check_positive_int
 
@@ -184,8 +185,13 @@ def fit(
     with on_device(device):
         model_trace, guide_trace = _check_pair(pair, batches)
     batches.check_plate(model_trace, pair.guide)
-    elbo = get_estimator(loss, plate_name=data_plate_name,
-                         plate_nesting=max_plate_nesting(model_trace, guide_trace), **loss_options)
+    nesting = max_plate_nesting(model_trace, guide_trace)
+    elbo = get_estimator(loss, plate_name=data_plate_name, plate_nesting=nesting, **loss_options)
+    if getattr(elbo, "vectorize_particles", False):
+        batch = batches.check_batch()
+        with on_device(device):
+            check_particles(batch.bind(pair.model), batch.bind(pair.guide), batch.data, elbo.num_particles,
+                            nesting, type(elbo).__name__)
     # Sorted by the names without instance numbers, so a rebuilt model resumes in the same order.
     names = sorted(param_names(model_trace) | param_names(guide_trace), key=stable_name)
     params = dict(zip(names, unconstrained_params(names), strict=True))

@@ -16,6 +16,7 @@ from torch.distributions import constraints, transform_to
 from freqvi.errors import ConvergenceWarning, FreqviInputError, FreqviWarning
 from freqvi.infer.log_likelihood import exact_route, per_observation
 from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, param_names, trace
 from freqvi.validation import as_data, check_choice, check_positive_int
 
@@ -306,6 +307,7 @@ def _exact(exact, data, model_trace, frame, parameters: Parameters):
 def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_samples: int):
     """Louis's identity with self-normalised importance weights over ``num_samples`` draws."""
     dims = max_plate_nesting(model_trace) + 1
+    check_particles(pair.model, pair.guide, data, num_samples, dims - 1, "Louis's identity")
     particles = pyro.plate("_louis_samples", num_samples, dim=-dims)
     with torch.no_grad():
         guide_trace = trace(particles(pair.guide), *data)

@@ -18,6 +18,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 
 from freqvi.errors import FreqviInputError, ImportanceSamplingWarning
 from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, trace
 from freqvi.validation import as_data, check_choice, check_positive_int
 
@@ -114,6 +115,8 @@ def log_likelihood(
     if pair.guide is None:
         raise FreqviInputError("importance sampling needs a guide as proposal: pass guide=...")
     chunk = chunk_size or max(1, min(num_samples, 4_000_000 // max(n, 1)))
+    check_particles(pair.model, pair.guide, data, num_samples, max_plate_nesting(model_trace),
+                    "log_likelihood's importance sampling")
     with torch.no_grad():
         log_w = torch.cat([
             _log_weights(pair, data, frame, k, model_trace)
