@@ -194,3 +194,18 @@ def test_streamed_batches_marked_missing_let_nan_through():
     result = freqvi.fit(ppca_model, guide=ppca_guide, data=freqvi.with_missing(loader), num_steps=8,
                         progress=False)
     assert np.isfinite(result.elbo).all()
+
+
+def test_integer_labels_observed_by_a_bernoulli_are_named_in_the_error():
+    """Pyro's Bernoulli refuses integer values (as in plain SVI); the error says which array came as given."""
+    def logistic_model(y):
+        logit = pyro.param("logit", torch.tensor(0.0))
+        with pyro.plate("data", len(y)) as i:
+            pyro.sample("y", dist.Bernoulli(logits=logit), obs=y[i])
+
+    y = np.array([0, 1, 1, 0, 1])
+    with pytest.raises(FreqviInputError, match=r"data\[0\] \(torch.int64\) reached the model as given"):
+        freqvi.fit(logistic_model, guide=lambda y: None, data=y, num_steps=1, progress=False)
+    result = freqvi.fit(logistic_model, guide=lambda y: None, data=y.astype(np.float32), num_steps=1,
+                        progress=False)
+    assert result.elbo[0] == pytest.approx(5 * np.log(0.5), rel=1e-6)  # at logit 0 each label has p = 1/2

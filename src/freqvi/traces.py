@@ -16,6 +16,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
 
 from freqvi.errors import FreqviInputError
+from freqvi.validation import dtype_note
 
 
 def trace(fn: Callable, *args, **kwargs) -> Trace:
@@ -106,13 +107,15 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
         with torch.no_grad():
             guide_trace = trace(guide, *data)
             model_trace = trace(poutine.replay(model, trace=guide_trace), *data)
+            for tr in (guide_trace, model_trace):  # a density refusing its values fails here, not in a step
+                tr.compute_log_prob(lambda name, site: not isinstance(site["fn"], _Subsample))
     except FreqviInputError:
         raise
     except KeyError as exc:
         raise FreqviInputError(_key_error_message(exc)) from exc
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise FreqviInputError(
-            f"running the model/guide pair on the data failed: {type(exc).__name__}: {exc}"
+            f"running the model/guide pair on the data failed: {type(exc).__name__}: {exc}{dtype_note(data)}"
         ) from exc
     _check_plate_sizes(model_trace, guide_trace)
     model_latent = latent_sites(model_trace)

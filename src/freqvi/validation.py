@@ -145,6 +145,20 @@ def check_finite(t: torch.Tensor, name: str, allow_nan: bool = False, advice: st
         )
 
 
+def dtype_note(data: tuple[torch.Tensor, ...]) -> str:
+    """A note for an error raised by a model run on ``data``: which arrays reached it as integers or booleans.
+
+    Empty where every array is floating. Such arrays pass unchanged (:func:`as_tensor`), so a
+    density over real values (``Bernoulli``, ``Normal``) observing one needs it as floats.
+    """
+    exact = [f"data[{i}] ({t.dtype})" for i, t in enumerate(data)
+             if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+    if not exact:
+        return ""
+    return (f" (note: {', '.join(exact)} reached the model as given; integer and boolean arrays are not "
+            "converted, so a density over real values that observes one needs it as floats, e.g. y.float())")
+
+
 def check_matrix(x: torch.Tensor, dim: int, name: str = "data") -> None:
     """Raises unless ``x`` is a finite floating tensor of shape ``(n, dim)`` (a built-in model's data).
 
