@@ -8,11 +8,13 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
+from pyro.infer import Trace_ELBO
 from scipy.stats import multivariate_normal, norm
 from torch.utils.data import DataLoader
 
 import freqvi
 from freqvi.errors import ConvergenceWarning, FreqviInputError
+from freqvi.guides import AmortizedNormal, LocalMeanField
 from freqvi.models import GaussianMixture
 from freqvi.validation import as_data
 
@@ -209,3 +211,19 @@ def test_integer_labels_observed_by_a_bernoulli_are_named_in_the_error():
     result = freqvi.fit(logistic_model, guide=lambda y: None, data=y.astype(np.float32), num_steps=1,
                         progress=False)
     assert result.elbo[0] == pytest.approx(5 * np.log(0.5), rel=1e-6)  # at logit 0 each label has p = 1/2
+
+
+@pytest.mark.parametrize("make_guide", [AmortizedNormal, LocalMeanField], ids=["amortized", "local"])
+def test_freqvis_guides_take_missing_cells_and_stay_below_the_observed_cells_likelihood(make_guide):
+    """The default encoder reads a missing cell as its column's mean; a guide's ELBO is a lower bound on
+    the observed cells' log-likelihood (NumPy), up to its Monte-Carlo error (4 standard errors)."""
+    pyro.clear_param_store()
+    x = ppca_data(n=100)
+    guide = make_guide(ppca_model)
+    freqvi.fit(ppca_model, guide=guide, data=freqvi.with_missing(x), lr=0.05, num_steps=30, progress=False,
+               seed=0)
+    with torch.no_grad():
+        draws = torch.tensor([-Trace_ELBO().loss(ppca_model, guide, x) for _ in range(50)])
+    assert torch.isfinite(draws).all()
+    bound, se = draws.mean().item(), draws.std().item() / 50**0.5
+    assert bound <= observed_cells_log_likelihood(x.numpy()) + 4 * se
