@@ -227,3 +227,14 @@ def test_freqvis_guides_take_missing_cells_and_stay_below_the_observed_cells_lik
     assert torch.isfinite(draws).all()
     bound, se = draws.mean().item(), draws.std().item() / 50**0.5
     assert bound <= observed_cells_log_likelihood(x.numpy()) + 4 * se
+
+
+def test_a_driver_that_hands_its_data_on_keeps_the_missing_mark():
+    """information_criteria checks the data, then calls log_likelihood with them: AIC from the observed
+    cells' log-likelihood (NumPy) and the 5 x 2 + 5 + 1 = 16 parameters."""
+    pyro.clear_param_store()
+    x = ppca_data(n=60)
+    ppca_params(x)
+    criteria = freqvi.information_criteria(ppca_model, freqvi.with_missing(x), guide=ppca_guide,
+                                           num_samples=4)
+    assert criteria.aic == pytest.approx(-2 * observed_cells_log_likelihood(x.numpy()) + 2 * 16, abs=1e-6)

@@ -51,6 +51,16 @@ def with_missing(data) -> WithMissing:
     return WithMissing(data)
 
 
+class CheckedData(tuple):
+    """The tuple of tensors :func:`as_data` returns, remembering whether it let NaN cells through.
+
+    A driver that hands its data to another (``information_criteria`` to
+    ``log_likelihood``, ``compare`` to ``fit``) passes the permission on with them.
+    """
+
+    allow_nan: bool = False
+
+
 def as_tensor(x, name: str = "data") -> torch.Tensor:
     """Converts an array-like (a tensor, a NumPy array, nested lists of rows) to a tensor, keeping its dtype.
 
@@ -89,34 +99,34 @@ def as_real(x, name: str = "data") -> torch.Tensor:
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
-def as_data(data, name: str = "data") -> tuple[torch.Tensor, ...]:
+def as_data(data, name: str = "data") -> CheckedData:
     """Normalises ``data`` to the tuple of tensors passed to model and guide.
 
     A tuple is several arrays (the model's positional arguments); anything else (a
     tensor, a NumPy array, a list of rows) is one array. Each keeps its dtype
     (:func:`as_tensor`). All must share their first dimension, the number of
     observations. Floating arrays must be finite, except for NaN cells of an array
-    marked :func:`with_missing`.
+    marked :func:`with_missing` (or of a :class:`CheckedData` that allowed them).
 
     :raises FreqviInputError: for an empty tuple, a scalar, unequal row counts, no
         rows, or non-finite values.
     """
-    missing = isinstance(data, WithMissing)
-    data = data.data if missing else data
+    missing = isinstance(data, WithMissing) or getattr(data, "allow_nan", False)
+    data = data.data if isinstance(data, WithMissing) else data
     items = data if isinstance(data, tuple) else (data,)
     if len(items) == 0:
         raise FreqviInputError(f"{name} is empty; pass at least one array of observations.")
-    tensors = []
+    tensors, marks = [], []
     for i, item in enumerate(items):
         label = f"{name}[{i}]" if len(items) > 1 else name
-        marked = missing or isinstance(item, WithMissing)
+        marks.append(missing or isinstance(item, WithMissing))
         t = as_tensor(item.data if isinstance(item, WithMissing) else item, label)
         if t.dim() == 0:
             raise FreqviInputError(
                 f"{label} must have a first dimension indexing observations; got a scalar."
             )
         if t.is_floating_point():
-            check_finite(t, label, allow_nan=marked)
+            check_finite(t, label, allow_nan=marks[-1])
         tensors.append(t)
     sizes = {t.shape[0] for t in tensors}
     if len(sizes) > 1:
@@ -126,7 +136,9 @@ def as_data(data, name: str = "data") -> tuple[torch.Tensor, ...]:
         )
     if tensors[0].shape[0] == 0:
         raise FreqviInputError(f"{name} has no observations (0 rows).")
-    return tuple(tensors)
+    checked = CheckedData(tensors)
+    checked.allow_nan = any(marks)
+    return checked
 
 
 def check_finite(t: torch.Tensor, name: str, allow_nan: bool = False, advice: str | None = None) -> None:
