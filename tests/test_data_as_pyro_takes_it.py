@@ -174,13 +174,15 @@ def test_ppca_with_missing_cells_fits_and_its_likelihood_is_the_observed_cells_m
     ppca_params(x)
     start = observed_cells_log_likelihood(x.numpy())
     if driver == "em":
-        result = freqvi.em(ppca_model, guide=ppca_guide, data=data, max_iter=40, tol=1e-3, progress=False)
+        with pytest.warns(ConvergenceWarning):  # three short M-steps are enough to move far
+            result = freqvi.em(ppca_model, guide=ppca_guide, data=data, max_iter=3, m_step_iters=30,
+                               m_step_lr=0.1, progress=False)
         reached = result.log_likelihood[-1]  # the exact posterior makes the bound tight
     else:
         result = freqvi.fit(ppca_model, guide=ppca_guide, data=data, lr=0.05, num_steps=300, progress=False)
         reached = result.elbo[-1]
     expected = observed_cells_log_likelihood(x.numpy())
-    assert expected > start + 500  # it fitted (-2390 at the start, about -1186 at the MLE)
+    assert expected > start + 500  # it fitted (-2405 at the start, about -1186 at the MLE)
     assert reached == pytest.approx(expected, abs=1e-6)
     ll = freqvi.log_likelihood(ppca_model, guide=ppca_guide, data=data, num_samples=4)
     assert ll.total == pytest.approx(expected, abs=1e-6)
