@@ -102,13 +102,17 @@ def fit(
         exact-posterior guide) or a ``(model, guide)`` tuple.
     :param guide: the guide callable, or ``None`` as above.
     :param data: one array or a tuple of arrays, passed to model and guide as
-        positional arguments; float64 data fits in float64. Or data larger than
+        positional arguments; float64 data fits in float64, integer and boolean arrays pass
+        unchanged, NaN cells only marked by :func:`freqvi.with_missing`. Or data larger than
         memory: an iterable of batches (a :class:`torch.utils.data.DataLoader`,
         :class:`freqvi.datasets.NpyBatches`, a generator; each batch an array or a
         tuple of arrays), the model called with each batch in turn and its data plate
         scaled by ``num_observations / len(batch)``.
     :param loss: an :class:`~pyro.infer.ELBO` or a name from
-        :data:`freqvi.estimators.ESTIMATORS`; ``loss_options`` go to its constructor.
+        :data:`freqvi.estimators.ESTIMATORS`; ``loss_options`` go to its constructor, with
+        ``data_plate_name`` and the pair's plate nesting where it takes them. An estimator that
+        draws its particles at once needs a pair that broadcasts over them
+        (:mod:`freqvi.infer.vectorize`), checked before the first step.
     :param optim: a name from :data:`freqvi.infer.optim.OPTIMIZERS` (one torch
         optimiser over all parameters, learning rate ``lr``), a torch optimiser
         already built over them, or a :class:`~pyro.optim.PyroOptim`.
