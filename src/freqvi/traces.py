@@ -107,8 +107,8 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
         with torch.no_grad():
             guide_trace = trace(guide, *data)
             model_trace = trace(poutine.replay(model, trace=guide_trace), *data)
-            for tr in (guide_trace, model_trace):  # a density refusing its values fails here, not in a step
-                tr.compute_log_prob(lambda name, site: not isinstance(site["fn"], _Subsample))
+            for tr in (guide_trace, model_trace):
+                _compute_densities(tr)
     except FreqviInputError:
         raise
     except KeyError as exc:
@@ -137,6 +137,19 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
                          "(and are not marked infer={'enumerate': 'parallel'})")
         raise FreqviInputError("model and guide do not match: " + "; ".join(parts) + ".")
     return model_trace, guide_trace
+
+
+def _compute_densities(tr: Trace) -> None:
+    """Computes a trace's log-densities, so that a density that cannot take its values (a dtype it
+    refuses, a shape that does not broadcast: RuntimeError) fails before any step.
+
+    Values outside a support (a ValueError under validation, as Pyro wraps it) are left to the
+    drivers' step guard, which names the site whose log-density is not finite.
+    """
+    try:
+        tr.compute_log_prob(lambda name, site: not isinstance(site["fn"], _Subsample))
+    except ValueError:
+        pass
 
 
 def _plate_sizes(tr: Trace) -> dict[str, int]:

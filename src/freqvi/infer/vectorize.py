@@ -64,7 +64,9 @@ def check_particles(model: Callable, guide: Callable | None, data: tuple, num_pa
     size = min(num_particles, 2)
     particles = pyro.plate(CHECK_PLATE, size, dim=dim)
     try:
-        with torch.no_grad(), torch.random.fork_rng():  # the check leaves the run's draws as they were
+        # validation off: a value outside a support is the step guard's to report, not a shape error;
+        # the forked generator leaves the run's draws as they were
+        with torch.no_grad(), torch.random.fork_rng(), pyro.validation_enabled(False):
             traces = []
             if guide is not None:
                 traces.append(trace(particles(guide), *data))
