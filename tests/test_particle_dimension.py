@@ -56,6 +56,7 @@ ROUTES = {
                                                    vectorize_particles=True, num_steps=2, progress=False),
     "log_likelihood": lambda m, g, d: freqvi.log_likelihood(m, guide=g, data=d, num_samples=100),
     "louis": lambda m, g, d: freqvi.observed_information(m, guide=g, data=d, method="louis", num_samples=100),
+    "elbo_terms": lambda m, g, d: freqvi.elbo_terms(m, guide=g, data=d, num_samples=10),
 }
 
 
