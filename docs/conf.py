@@ -40,6 +40,8 @@ exclude_patterns = ["_build", "tutorials/README.md", "**/.ipynb_checkpoints"]
 templates_path = ["_templates"]
 html_theme = "furo"
 html_title = f"freqvi {version}"
+# Quotes and ellipses only: "--out" must not become an en dash in the command's help.
+smartquotes_action = "qe"
 
 # ----- API reference -----------------------------------------------------------------------
 autosummary_generate = True
@@ -70,7 +72,7 @@ nitpick_ignore_regex = [
 # ----- notebooks ---------------------------------------------------------------------------
 nb_execution_mode = "off"  # rendered from the stored outputs: the test suite runs them
 nb_output_stderr = "remove"  # progress bars and the like, not results
-myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_enable_extensions = ["dollarmath", "amsmath", "deflist"]
 myst_heading_anchors = 3
 suppress_warnings = ["mystnb.unknown_mime_type"]
 

@@ -6,6 +6,7 @@ runs ``sphinx-build -W --keep-going`` as CI does.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import json
@@ -13,11 +14,13 @@ import pkgutil
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 import freqvi
+from freqvi.cli import build_parser
 from freqvi.errors import FreqviError, FreqviWarning
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +68,19 @@ def public_names() -> dict[str, object]:
     return names
 
 
+# The pages in reading order: the examples of a page may use what an earlier page defined.
+GUIDE_PAGES = ("index.md", "guide/em.md", "guide/variational_em.md", "guide/estimators.md",
+               "guide/amortised_vi.md", "guide/vae.md", "guide/diffusion.md", "guide/inference.md",
+               "guide/scale.md")
+_PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
+# Budgets of the examples' long runs cut down: the test checks that the calls are right.
+BUDGET_CAPS = {"num_steps": 20, "max_iter": 5, "num_replicates": 3, "num_samples": 50, "num_draws": 5}
+
+
+def python_blocks(page: str) -> list[str]:
+    return _PYTHON_BLOCK.findall((DOCS / page).read_text())
+
+
 def test_reader_finds_autosummary_entries_under_their_module(tmp_path):
     (tmp_path / "page.rst").write_text(
         "Title\n=====\n\n.. automodule:: pkg.mod\n   :no-members:\n\n.. autosummary::\n"
@@ -94,6 +110,41 @@ def test_every_error_and_warning_class_is_documented():
     assert sorted(classes - documented) == []
 
 
+def test_every_page_has_examples_and_each_compiles():
+    for page in GUIDE_PAGES:
+        blocks = python_blocks(page)
+        assert blocks, page
+        for block in blocks:
+            compile(block, page, "exec")
+
+
+def _capped(function):
+    def run(*args, **kwargs):
+        for name, cap in BUDGET_CAPS.items():
+            if name in inspect.signature(function).parameters or name in kwargs:
+                kwargs[name] = min(kwargs.get(name, cap), cap)
+        if "progress" in inspect.signature(function).parameters:
+            kwargs["progress"] = False
+        return function(*args, **kwargs)
+    return run
+
+
+@pytest.mark.slow
+def test_guide_examples_run(tmp_path, monkeypatch):
+    """Every Python example of the landing page and the guide runs, in reading order, with its
+    long runs cut short (warnings about those short runs are not this test's subject)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("fit", "em", "bootstrap", "log_likelihood", "compare", "amortization_gap"):
+        monkeypatch.setattr(freqvi, name, _capped(getattr(freqvi, name)))
+    monkeypatch.setattr(freqvi.estimators, "gradient_variance", _capped(freqvi.estimators.gradient_variance))
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FreqviWarning)
+        for page in GUIDE_PAGES:
+            for number, block in enumerate(python_blocks(page)):
+                exec(compile(block, f"{page}, example {number + 1}", "exec"), namespace)
+
+
 def test_every_tutorial_is_rendered_with_a_title():
     """docs/tutorials is the tutorials folder, and each notebook opens with a heading (a toctree
     entry without one has no title to show)."""
@@ -118,5 +169,9 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
     assert "mathjax" in fit_page.lower() and r"\mathrm{ELBO}" in fit_page
     tutorial = (out / "tutorials" / "01_em_gaussian_mixture.html").read_text()
     assert "<img" in tutorial
-    cli = (out / "api" / "cli.html").read_text()
-    assert all(f"freqvi {command}" in cli for command in ("em", "vae", "diffusion", "tour"))
+    cli = re.sub(r"<[^>]+>", "", (out / "api" / "cli.html").read_text())
+    commands = next(action.choices for action in build_parser()._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    assert sorted(commands) == ["diffusion", "em", "tour", "vae"]
+    assert all(f"freqvi {command} [-h]" in cli for command in commands)
+    assert "--out" in cli  # not typeset as an en dash
