@@ -10,7 +10,9 @@ link to that folder), rendered with their stored outputs and never executed here
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -69,6 +71,33 @@ nitpick_ignore_regex = [
                              r"ELBO|PyroOptim|Figure|Tensor|None|Ellipsis)"),
 ]
 
+# ----- math ------------------------------------------------------------------------------
+# MathJax 3 is served with the site, so that math renders without internet: the docs extra
+# installs django-static-mathjax, a plain copy of MathJax's files (its Django glue is unused).
+# Without it the page loads MathJax from Sphinx's default CDN address instead.
+_MATHJAX_PACKAGE = importlib.util.find_spec("mathjax")
+MATHJAX_ES5 = (Path(_MATHJAX_PACKAGE.submodule_search_locations[0]) / "static" / "mathjax" / "es5"
+               if _MATHJAX_PACKAGE else None)
+# The loader, its CommonHTML fonts, and what it loads on demand (TeX extensions, the menu,
+# accessibility and speech); MathJax's SVG and MathML-only bundles are left out.
+MATHJAX_FILES = ("tex-mml-chtml.js", "output/chtml", "input/tex/extensions", "ui", "a11y", "sre")
+if MATHJAX_ES5 is not None and (MATHJAX_ES5 / "tex-mml-chtml.js").is_file():
+    mathjax_path = "mathjax/tex-mml-chtml.js"  # relative to _static
+
+
+def _copy_mathjax(app, exception):
+    if exception is not None or app.builder.format != "html" or "mathjax_path" not in globals():
+        return
+    target = Path(app.outdir) / "_static" / "mathjax"
+    for name in MATHJAX_FILES:
+        source = MATHJAX_ES5 / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, dirs_exist_ok=True)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
 # ----- notebooks ---------------------------------------------------------------------------
 nb_execution_mode = "off"  # rendered from the stored outputs: the test suite runs them
 nb_output_stderr = "remove"  # progress bars and the like, not results
@@ -86,3 +115,4 @@ def _drop_type_docstring(app, what, name, obj, options, lines):
 
 def setup(app):
     app.connect("autodoc-process-docstring", _drop_type_docstring)
+    app.connect("build-finished", _copy_mathjax)
