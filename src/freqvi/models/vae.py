@@ -26,7 +26,7 @@ NOISE_TYPES = ("diagonal", "isotropic")
 
 
 def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    """Affine layers through ``sizes`` (``sizes[0]`` in, ``sizes[-1]`` out), ``activation`` between them.
+    """Affine layers through ``sizes`` (``sizes[0]`` in, ``sizes[-1]`` out); ``activation`` between only.
 
     ``mlp((d, h, q))`` computes :math:`W_2\\, \\mathrm{relu}(W_1 x + b_1) + b_2`, mapping
     ``(..., d)`` to ``(..., q)``; PyTorch's default initialisation.
