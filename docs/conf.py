@@ -42,6 +42,8 @@ exclude_patterns = ["_build", "tutorials/README.md", "**/.ipynb_checkpoints"]
 templates_path = ["_templates"]
 html_theme = "furo"
 html_title = f"freqvi {version}"
+html_static_path = ["_static"]
+html_css_files = ["freqvi.css"]
 # Quotes and ellipses only: "--out" must not become an en dash in the command's help.
 smartquotes_action = "qe"
 
