@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from sphinx.pycode import ModuleAnalyzer  # noqa: E402
+
 import freqvi  # noqa: E402
 
 project = "freqvi"
@@ -108,13 +110,25 @@ myst_heading_anchors = 3
 suppress_warnings = ["mystnb.unknown_mime_type"]
 
 
-def _drop_type_docstring(app, what, name, obj, options, lines):
-    """A constant without a ``#:`` comment gets no text, not its type's (``dict``'s) docstring."""
+def _defining_comment(name: str, obj) -> list[str]:
+    """The ``#:`` comment above the assignment of ``obj`` in the freqvi module that defines it."""
+    short = name.rsplit(".", 1)[-1]
+    for module_name, module in sorted(sys.modules.items()):
+        if module_name.startswith("freqvi.") and vars(module).get(short) is obj:
+            comment = ModuleAnalyzer.for_module(module_name).find_attr_docs().get(("", short))
+            if comment:
+                return list(comment)
+    return []
+
+
+def _constant_docstring(app, what, name, obj, options, lines):
+    """A constant documented where it is re-exported (``freqvi.estimators.ESTIMATORS``) gets the
+    ``#:`` comment of its definition; without one, no text rather than its type's docstring."""
     type_doc = (type(obj).__doc__ or "").strip()
     if what in ("data", "attribute") and lines and "\n".join(lines).strip() == type_doc:
-        lines.clear()
+        lines[:] = _defining_comment(name, obj)
 
 
 def setup(app):
-    app.connect("autodoc-process-docstring", _drop_type_docstring)
+    app.connect("autodoc-process-docstring", _constant_docstring)
     app.connect("build-finished", _copy_mathjax)

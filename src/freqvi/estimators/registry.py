@@ -19,7 +19,6 @@ from freqvi.estimators.q_function import QFunctionELBO
 from freqvi.estimators.stl import STL_ELBO
 from freqvi.estimators.time_subsampled import TimeSubsampledELBO
 
-#: Short name -> estimator class: the names ``loss=`` takes in :func:`freqvi.fit`.
 ESTIMATORS: dict[str, type[ELBO]] = {
     "trace": Trace_ELBO,
     "mean_field": TraceMeanField_ELBO,
