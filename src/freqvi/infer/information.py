@@ -79,9 +79,9 @@ class Parameters:
 class Information:
     r"""The observed information :math:`I = -\nabla^2 \ell(\hat\theta)` and what follows from it.
 
-    Computed in the unconstrained coordinates of :class:`Parameters` (a
+    Computed in the unconstrained coordinates of :class:`~freqvi.infer.information.Parameters` (a
     variance's log, a simplex's logits, ...) and restricted to the directions
-    that change the model (:meth:`Parameters.basis`, ``B``). Standard errors are
+    that change the model (:meth:`~freqvi.infer.information.Parameters.basis`, ``B``). Standard errors are
     reported on the scale the user reads (the model's statistical names) by the
     delta method, :math:`\mathrm{Cov}(g(\hat u)) = J\, B (B^\top I B)^{-1} B^\top J^\top`,
     :math:`J = \partial g / \partial u`.
@@ -138,7 +138,7 @@ class Information:
         """Standard errors under the statistical names, each with its estimate's shape.
 
         Entries that move along a flat direction of the log-likelihood are NaN,
-        with an :class:`IdentifiabilityWarning` that names them.
+        with an :class:`~freqvi.infer.information.IdentifiabilityWarning` that names them.
         """
         estimates, jac = self._delta()
         cov = self.covariance(kind)

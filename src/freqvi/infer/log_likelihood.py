@@ -46,7 +46,7 @@ class LogLikelihood:
     num_samples: int = 0
 
     def to_inference_data(self, name: str = "obs"):
-        """:attr:`per_observation` as ArviZ's ``log_likelihood`` group (one chain, one draw).
+        """``per_observation`` as ArviZ's ``log_likelihood`` group (one chain, one draw).
 
         ``name`` is the observed variable's name in that group.
         """
