@@ -196,7 +196,7 @@ def exact_route(pair: Pair, model_trace):
     latents = latent_sites(model_trace)
     if latents and all(site["fn"].has_enumerate_support for site in latents.values()):
         return lambda data, frame, wrap=_unwrapped: torch.cat([
-            _enumerated(wrap(pair.model if rows is None else SubsamplePlate(frame.name, rows)(pair.model)),
+            _enumerated(wrap(pair.model if rows is None else _unscaled_rows(pair.model, frame.name, rows)),
                         data, model_trace, frame)[keep:]
             for rows, keep in row_blocks(frame, data[0].shape[0], joint=bool(
                 outside_data_plate(latents, frame)))])
@@ -205,6 +205,11 @@ def exact_route(pair: Pair, model_trace):
 
 def _unwrapped(fn):
     return fn
+
+
+def _unscaled_rows(model, plate: str, rows: torch.Tensor):
+    """``model`` visiting ``rows`` of ``plate``, its sites not scaled up to the plate's full size."""
+    return SubsamplePlate(plate, rows, size=len(rows))(model)
 
 
 def _enumerated(model, data, model_trace, frame) -> torch.Tensor:
@@ -363,8 +368,8 @@ def per_observation(site, particle_dim: int, frame) -> torch.Tensor:
     return lp.sum(summed) if summed else lp
 
 
-def _pareto_k(log_w: torch.Tensor, eps: float) -> tuple[np.ndarray, str | None]:
-    """PSIS k-hat per column (ArviZ) and, where it cannot be estimated (NaN), why.
+def _pareto_k(log_w: torch.Tensor, eps: float, what: str) -> tuple[np.ndarray, str | None]:
+    """PSIS k-hat per column (ArviZ) and, where it cannot be estimated (NaN), why (``what``: the columns).
 
     ``-inf`` where the weights are constant: the proposal is the exact posterior,
     the estimate has no Monte-Carlo error, and a Pareto tail cannot (and need not)
@@ -394,11 +399,11 @@ def _pareto_k(log_w: torch.Tensor, eps: float) -> tuple[np.ndarray, str | None]:
     else:
         top = log_w.double().topk(tail + 1, dim=0).values[:, torch.from_numpy(unestimable)]
         distinct = max(len(torch.unique(column)) for column in top.T)
-        why = (f"the {tail + 1} largest of their {num} weights take at most {distinct} distinct values (tied "
+        why = (f"the {tail + 1} largest of the {num} weights take at most {distinct} distinct value(s) (tied "
                "weights: the proposal draws few distinct values, e.g. a discrete latent), so fewer than 5 "
                "lie above the tail cutoff and no Pareto tail can be fitted. This is not evidence of heavy "
                "tails; the standard error stands for the estimate's accuracy where the weights are bounded")
-    return pareto_k, f"k-hat cannot be estimated for {int(unestimable.sum())} of {width}: {why}."
+    return pareto_k, f"PSIS k-hat cannot be estimated for {int(unestimable.sum())} of {width} {what}: {why}."
 
 
 def _importance_estimate(log_w: torch.Tensor, offset: float, joint: bool) -> LogLikelihood:
@@ -409,7 +414,8 @@ def _importance_estimate(log_w: torch.Tensor, offset: float, joint: bool) -> Log
     w = torch.exp(log_w64 - log_w64.max(0).values)
     se_obs = w.std(0, correction=1) / (math.sqrt(k) * w.mean(0)) if k > 1 \
         else torch.full_like(per_obs, float("inf"))
-    pareto_k, note = _pareto_k(log_w64, torch.finfo(log_w.dtype).eps)
+    what = "joint weight(s)" if joint else "observations"
+    pareto_k, note = _pareto_k(log_w64, torch.finfo(log_w.dtype).eps, what)
     result = LogLikelihood(
         total=float(per_obs.sum()) + offset,
         per_observation=None if joint else per_obs.to(log_w.dtype),
@@ -420,7 +426,7 @@ def _importance_estimate(log_w: torch.Tensor, offset: float, joint: bool) -> Log
         joint=joint,
         pareto_k_note=note,
     )
-    _warn_on_pareto_k(result, "the joint weight" if joint else "observations")
+    _warn_on_pareto_k(result, what)
     return result
 
 
@@ -439,4 +445,4 @@ def _warn_on_pareto_k(result: LogLikelihood, what: str) -> None:
             stacklevel=4,
         )
     elif result.pareto_k_note:
-        warnings.warn(f"PSIS {result.pareto_k_note} ({what})", UnestimableParetoKWarning, stacklevel=4)
+        warnings.warn(result.pareto_k_note, UnestimableParetoKWarning, stacklevel=4)
