@@ -284,3 +284,16 @@ def test_an_auxiliary_autoguide_list_is_a_proposal():
     ll = freqvi.log_likelihood(model, guide=guide, data=x, num_samples=20, seed=0)
     assert ll.joint
     assert ll.total == pytest.approx(normal_loglik(x, 0.7) + normal_loglik(x, 0.0), abs=1e-8)
+
+
+def test_compare_fits_an_autoguide_pair():
+    """compare with fit and AutoNormal: the table's log-likelihood is log_likelihood's estimate with the
+    fitted guide (same seed), within 4 of its standard errors of the closed form at the fitted mu."""
+    x = data()
+    guide = autoguide.AutoNormal(normal_model)
+    table = freqvi.infer.model_choice.compare({"normal": (normal_model, guide)}, x, fit=freqvi.fit,
+                                              num_steps=100, lr=0.05, num_samples=500, seed=0)
+    assert table.loc["normal", "num_parameters"] == 1
+    ll = freqvi.log_likelihood(normal_model, guide=guide, data=x, num_samples=500, seed=0)
+    assert table.loc["normal", "log_likelihood"] == pytest.approx(ll.total, abs=1e-9)
+    assert abs(ll.total - normal_loglik(x, pyro.param("mu").item())) < 4 * ll.standard_error
