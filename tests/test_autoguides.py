@@ -246,6 +246,17 @@ def test_autodelta_is_refused_and_a_normal_proposal_meets_quadrature():
     assert abs(ll.total - reference) < 4 * ll.standard_error + 1e-6, (ll.total, ll.standard_error, reference)
 
 
+def test_a_hand_written_point_mass_is_refused():
+    def delta_guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Delta(x.clone()))
+
+    with pytest.raises(FreqviInputError, match=r"point mass.*\['z'\]"):
+        freqvi.log_likelihood(normal_model, guide=delta_guide, data=data())
+    with pytest.raises(FreqviInputError, match="point mass"):
+        STL_ELBO(num_particles=2).loss(normal_model, delta_guide, data())
+
+
 def test_a_point_mass_among_auxiliary_draws_is_named():
     """AutoGuideList: an AutoDiagonalNormal's Deltas carry its auxiliary draw (they change from draw to
     draw); an AutoDelta's stay put and are refused, by name."""

@@ -214,3 +214,56 @@ def test_a_shared_discrete_latent_by_importance_sampling():
     assert ll.joint and np.isnan(ll.pareto_k).all() and ll.num_heavy_tailed == 0
     assert "cannot be estimated" in ll.pareto_k_note
     assert abs(ll.total - switch_loglik(x, (1.0, 10.0))) < 4 * ll.standard_error
+
+
+# ----- crossed random effects -------------------------------------------------------------------
+
+SCHOOLS, RATERS = 4, 3
+
+
+def crossed(y, school, rater):
+    """y_i = m + a_school(i) + b_rater(i) + e_i: school and rater effects both latent, each in its own
+    plate, so every observation is coupled to others through both."""
+    m = pyro.param("m", torch.tensor(0.0, dtype=y.dtype))
+    with pyro.plate("schools", SCHOOLS):
+        a = pyro.sample("a", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 1.2))
+    with pyro.plate("raters", RATERS):
+        b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 0.7))
+    school, rater = school.long(), rater.long()  # (freqvi passes id arrays as floats today: issue 14 item 6)
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(m + a[..., school] + b[..., rater], 0.5), obs=y)
+
+
+def crossed_data():
+    rng = np.random.default_rng(7)
+    school, rater = np.repeat(np.arange(SCHOOLS), 6), np.tile(np.arange(RATERS), 8)
+    y = 1.0 + 1.2 * rng.standard_normal(SCHOOLS)[school] + 0.7 * rng.standard_normal(RATERS)[rater]
+    y += 0.5 * rng.standard_normal(len(y))
+    return torch.tensor(y), torch.tensor(school), torch.tensor(rater)
+
+
+def crossed_design(school, rater):
+    return np.hstack([np.eye(SCHOOLS)[school.numpy()], np.eye(RATERS)[rater.numpy()]])
+
+
+def test_crossed_random_effects_by_the_joint_weight():
+    """y ~ N(m 1, Z D Z^T + 0.25 I), Z the school and rater indicators, D = diag(1.44.., 0.49..); the
+    exact posterior of (a, b) is Gaussian: as an AutoMultivariateNormal it gives the exact total."""
+    y, school, rater = crossed_data()
+    pyro.param("m", torch.tensor(0.9, dtype=torch.float64))
+    z = crossed_design(school, rater)
+    prior = np.diag([1.2**2] * SCHOOLS + [0.7**2] * RATERS)
+    exact = stats.multivariate_normal(np.full(len(y), 0.9), z @ prior @ z.T + 0.25 * np.eye(len(y)))
+    precision = np.linalg.inv(prior) + z.T @ z / 0.25
+    covariance = np.linalg.inv(precision)
+    mean = covariance @ z.T @ (y.numpy() - 0.9) / 0.25
+    guide = autoguide.AutoMultivariateNormal(crossed)
+    with poutine.block():
+        guide(y, school, rater)
+    tril = torch.linalg.cholesky(torch.tensor(covariance))
+    guide.loc = torch.nn.Parameter(torch.tensor(mean))
+    guide.scale = tril.diagonal().clone()
+    guide.scale_tril = tril / tril.diagonal().unsqueeze(-1)
+    ll = freqvi.log_likelihood(crossed, guide=guide, data=(y, school, rater), num_samples=30, seed=0)
+    assert ll.joint and ll.per_observation is None
+    assert ll.total == pytest.approx(exact.logpdf(y.numpy()), abs=1e-8)

@@ -19,6 +19,15 @@ bound on the joint weight :math:`\\log \\frac1K \\sum_k w_k` (what
 Sites of the model that the guide lacks are drawn from the model's prior, the
 proposal for them, so their density cancels from the weight. Draws that are not
 reparameterisable (discrete sites) contribute score-function terms.
+
+:math:`\\log q` is the guide trace's whole log density, as in Pyro's
+:class:`~pyro.infer.Trace_ELBO`: an autoguide that draws an auxiliary vector
+``u`` (``infer={"is_auxiliary": True}``) and hands the model ``z = T(u)`` through
+``Delta`` sites contributes :math:`\\log q(u) - \\log|\\det \\partial T/\\partial u|`,
+the density of the model's latent values. A joint auxiliary vector lies outside
+the data plate, so such a guide gets the joint weight. A guide that puts a point
+mass on a model latent (``AutoDelta``) has no importance weights and is refused
+on the first call (:func:`~freqvi.traces.check_proposal`).
 """
 
 from __future__ import annotations
