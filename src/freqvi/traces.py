@@ -15,6 +15,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
+from pyro.util import get_rng_state, set_rng_state
 
 from freqvi.errors import FreqviInputError
 
@@ -79,8 +80,10 @@ def check_proposal(guide: Callable, guide_trace: Trace, *args, **kwargs) -> None
     masses = [name for name, site in latent_sites(guide_trace).items()
               if not is_auxiliary(site) and is_point_mass(site["fn"])]
     if masses and any(is_auxiliary(site) for site in latent_sites(guide_trace).values()):
+        rng = get_rng_state()  # the check leaves the caller's random stream as it was
         with torch.no_grad():
             again = trace(guide, *args, **kwargs).nodes
+        set_rng_state(rng)
         masses = [name for name in masses
                   if torch.equal(again[name]["value"], guide_trace.nodes[name]["value"])]
     if masses:
