@@ -155,3 +155,40 @@ def test_heavy_tails_are_still_called_heavy():
         ll = freqvi.log_likelihood(subsampled_model, guide=narrow_guide, data=x, num_samples=500, seed=0)
     assert not any(isinstance(w.message, UnestimableParetoKWarning) for w in caught)
     assert ll.num_heavy_tailed > 0 and ll.max_pareto_k > 0.7
+
+
+# ----- Louis's identity with a latent drawn from the model's prior -------------------------------
+
+def shifted(x):
+    """s_i ~ Bernoulli(0.3) (no guide site: drawn from its prior), u_i ~ N(mu, 1), x_i ~ N(u_i + 3 s_i, 1):
+    x_i ~ 0.7 N(mu, 2) + 0.3 N(mu + 3, 2)."""
+    mu = pyro.param("mu", torch.tensor(0.4, dtype=x.dtype))
+    with pyro.plate("data", len(x)):
+        s = pyro.sample("s", dist.Bernoulli(torch.tensor(0.3, dtype=x.dtype)),
+                        infer={"enumerate": "parallel"})
+        u = pyro.sample("u", dist.Normal(mu, 1.0))
+        pyro.sample("x", dist.Normal(u + 3 * s, 1.0), obs=x)
+
+
+def u_guide(x):
+    with pyro.plate("data", len(x)):
+        pyro.sample("u", dist.Normal((0.4 + x - 0.9) / 2, 1.3))
+
+
+def shifted_information(x, mu, h=1e-4) -> float:
+    def loglik(m):
+        parts = np.log([0.7, 0.3]) + stats.norm([m, m + 3], math.sqrt(2)).logpdf(x.numpy()[:, None])
+        return special.logsumexp(parts, 1).sum()
+    return -(loglik(mu + h) - 2 * loglik(mu) + loglik(mu - h)) / h**2
+
+
+def test_louis_holds_a_prior_drawn_latent_fixed_and_out_of_the_weight():
+    """The draw of s comes from its prior, whose density cancels from the weight, and stays put while
+    theta moves: six runs of K = 1000 draws are within 4 standard errors of the exact information
+    (measured 13.48 +- 0.06 against 13.55; before, s was redrawn inside the Jacobian and Louis raised
+    torch's "random operations inside of vmap")."""
+    x = data(n=40)
+    runs = np.array([float(observed_information(shifted, x, u_guide, method="louis", num_samples=1000,
+                                                seed=seed).matrix) for seed in range(6)])
+    reference = shifted_information(x, 0.4)
+    assert abs(runs.mean() - reference) < 4 * runs.std(ddof=1) / math.sqrt(len(runs)), (runs, reference)
