@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import OrderedDict
@@ -195,11 +196,7 @@ def exact_route(pair: Pair, model_trace):
         return lambda data, frame, wrap=_unwrapped: wrap(pair.owner.log_marginal)(*data)
     latents = latent_sites(model_trace)
     if latents and all(site["fn"].has_enumerate_support for site in latents.values()):
-        return lambda data, frame, wrap=_unwrapped: torch.cat([
-            _enumerated(wrap(pair.model if rows is None else _unscaled_rows(pair.model, frame.name, rows)),
-                        data, model_trace, frame)[keep:]
-            for rows, keep in row_blocks(frame, data[0].shape[0], joint=bool(
-                outside_data_plate(latents, frame)))])
+        return functools.partial(_enumerated_rows, pair.model, model_trace)
     return None
 
 
@@ -207,9 +204,17 @@ def _unwrapped(fn):
     return fn
 
 
-def _unscaled_rows(model, plate: str, rows: torch.Tensor):
-    """``model`` visiting ``rows`` of ``plate``, its sites not scaled up to the plate's full size."""
-    return SubsamplePlate(plate, rows, size=len(rows))(model)
+def _enumerated_rows(model, model_trace, data, frame, wrap=_unwrapped) -> torch.Tensor:
+    """:func:`_enumerated` over every row of the data plate: in blocks where it is subsampled.
+
+    A block's sites are not scaled up to the plate's full size (``SubsamplePlate``'s ``size``).
+    """
+    coupled = bool(outside_data_plate(latent_sites(model_trace), frame))
+    blocks = row_blocks(frame, data[0].shape[0], joint=coupled)
+    return torch.cat([
+        _enumerated(wrap(model if rows is None else SubsamplePlate(frame.name, rows, size=len(rows))(model)),
+                    data, model_trace, frame)[keep:]
+        for rows, keep in blocks])
 
 
 def _enumerated(model, data, model_trace, frame) -> torch.Tensor:
@@ -252,14 +257,18 @@ def row_blocks(frame, n: int, joint: bool = False) -> list[tuple[torch.Tensor | 
     if size == n:
         return [(None, 0)]
     if joint:
-        raise FreqviInputError(
-            f"the data plate {frame.name!r} draws {size} of its {n} rows per run (subsample_size), and a "
-            "latent outside it couples all rows, so its log-likelihood needs one run over every row: "
-            f"evaluate a copy of the model with pyro.plate({frame.name!r}, {n})."
-        )
+        raise _coupled_rows(frame, n)
     starts = [*range(0, n - size, size), n - size]
     return [(torch.arange(start, start + size), max(0, i * size - start))
             for i, start in enumerate(starts)]
+
+
+def _coupled_rows(frame, n: int) -> FreqviInputError:
+    return FreqviInputError(
+        f"the data plate {frame.name!r} draws {frame.size} of its {n} rows per run (subsample_size), and a "
+        "site outside it couples all rows, so its log-likelihood needs one run over every row: evaluate a "
+        f"copy of the model with pyro.plate({frame.name!r}, {n})."
+    )
 
 
 def _chunks(total: int, size: int):
@@ -303,7 +312,7 @@ class ImportanceWeights:
         outside = torch.cat(outside)
         joint = blocks[0][2].is_joint(outside)
         if joint and len(visits) > 1:  # a site outside the plate that depends on the rows' draws
-            row_blocks(frame, len(data[0]), joint=True)
+            raise _coupled_rows(frame, len(data[0]))
         return cls(torch.cat(inside), outside, joint, blocks)
 
     def columns(self) -> torch.Tensor:
