@@ -267,3 +267,14 @@ def test_crossed_random_effects_by_the_joint_weight():
     ll = freqvi.log_likelihood(crossed, guide=guide, data=(y, school, rater), num_samples=30, seed=0)
     assert ll.joint and ll.per_observation is None
     assert ll.total == pytest.approx(exact.logpdf(y.numpy()), abs=1e-8)
+
+
+def test_maximize_likelihood_of_a_shared_discrete_latent():
+    """The joint total is what L-BFGS climbs: it reaches scipy's maximum of the log-sum-exp."""
+    from freqvi.infer.maximize_likelihood import maximize_likelihood
+
+    x = switch_data()
+    result = maximize_likelihood(shared_switch, x)
+    best = optimize.minimize(lambda v: -switch_loglik(x, v), [1.0, 10.0], method="Nelder-Mead",
+                             options={"xatol": 1e-10, "fatol": 1e-12})
+    assert result.converged and result.log_likelihood == pytest.approx(-best.fun, abs=1e-8)

@@ -213,7 +213,7 @@ class Arrangement:
         self.scale = 1.0 if self.frame is None else (self.frame.full_size or self.width) / self.width
         self.guide_latent = latent_sites(guide_trace)
         self.prior_drawn = {n: s for n, s in latent_sites(model_trace).items() if n not in self.guide_latent}
-        self.outside = sorted(name for name, site in {**self.prior_drawn, **self.guide_latent}.items()
+        self.outside_sites = sorted(name for name, site in {**self.prior_drawn, **self.guide_latent}.items()
                               if not self._inside(site))
 
     def _inside(self, site) -> bool:
@@ -232,19 +232,18 @@ class Arrangement:
         inside = log_p.reshape(log_p.shape[0], log_p.shape[keep])
         return (inside / self.scale).expand(self.k, self.width), log_p.new_zeros(self.k)
 
-    def model_parts(self, model_trace: Trace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``log p(x, z_k)`` of every model site, split ``(inside (K, b), outside (K,))``.
+    def model_parts(self, model_trace: Trace) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log p(x, z_k)`` of every site of ``model_trace``, split ``(inside (K, b), outside (K,))``.
 
-        ``model_trace`` (default: the arranged one) may be the same program's trace at
-        other parameter values; sites drawn from the prior are included.
+        ``model_trace`` is the arranged model's trace replayed, e.g. at other parameter
+        values (log densities computed); sites drawn from the prior are included.
         """
-        tr = self.model_trace if model_trace is None else model_trace
         return self._total(self._reduce(site, site["log_prob"])
-                           for site in tr.nodes.values() if site["type"] == "sample")
+                           for site in model_trace.nodes.values() if site["type"] == "sample")
 
     def is_joint(self, outside: torch.Tensor) -> bool:
         """Whether the weights must be joint, given the summed log weight outside the data plate."""
-        return self.frame is None or bool(self.outside) or bool((outside != outside[:1]).any())
+        return self.frame is None or bool(self.outside_sites) or bool((outside != outside[:1]).any())
 
     def columns(self, parts: tuple[torch.Tensor, torch.Tensor], joint: bool, scale: float | None = None
                 ) -> torch.Tensor:
