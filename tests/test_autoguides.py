@@ -144,7 +144,7 @@ def test_information_criteria_with_an_autoguide(guide_class):
 
 # ----- the particle estimators -----------------------------------------------------------------
 
-def mean_loss(estimator, model, guide, x, num=300):
+def mean_loss(estimator, model, guide, x, num=150):
     values = torch.tensor([-estimator.loss(model, guide, x) for _ in range(num)], dtype=torch.float64)
     return float(values.mean()), float(values.std() / math.sqrt(num))
 
@@ -193,8 +193,8 @@ def test_dreg_guide_gradient_has_the_iwae_expectation_with_a_joint_autoguide():
     as well would weight the path term twice and move the expectation away from IWAE's."""
     x = data(n=8)
     guide = at_posterior(autoguide.AutoDiagonalNormal, lognormal_model, x, mu=0.7, inflate=0.6)
-    iwae = gradient_variance(lognormal_model, guide, x, IWAE_ELBO(num_particles=5), num_draws=400)
-    dreg = gradient_variance(lognormal_model, guide, x, DReG_ELBO(num_particles=5), num_draws=400)
+    iwae = gradient_variance(lognormal_model, guide, x, IWAE_ELBO(num_particles=5), num_draws=200)
+    dreg = gradient_variance(lognormal_model, guide, x, DReG_ELBO(num_particles=5), num_draws=200)
     for name in ("AutoDiagonalNormal.loc", "AutoDiagonalNormal.scale"):
         statistic, count = chi_square_z(dreg[name], iwae[name])
         assert statistic < count + 4 * math.sqrt(2 * count), name
