@@ -278,3 +278,9 @@ def test_maximize_likelihood_of_a_shared_discrete_latent():
     best = optimize.minimize(lambda v: -switch_loglik(x, v), [1.0, 10.0], method="Nelder-Mead",
                              options={"xatol": 1e-10, "fatol": 1e-12})
     assert result.converged and result.log_likelihood == pytest.approx(-best.fun, abs=1e-8)
+
+
+def test_the_result_says_that_only_the_total_exists():
+    x = switch_data()
+    text = str(freqvi.log_likelihood(shared_switch, data=x))
+    assert text.startswith("log-likelihood -524.") and "exact" in text and "do not exist" in text

@@ -55,6 +55,17 @@ class LogLikelihood:
     joint: bool = False
     pareto_k_note: str | None = None
 
+    def __str__(self) -> str:
+        """One line: the total, its standard error and method, and what k-hat says."""
+        text = f"log-likelihood {self.total:.4f} nats ({self.method}"
+        if self.method == "importance":
+            text += (f", s.e. {self.standard_error:.4f}, K = {self.num_samples}, "
+                     f"max PSIS k-hat {self.max_pareto_k:.2f}")
+            text += f", {self.num_heavy_tailed} above 0.7" if self.num_heavy_tailed else ""
+            text += f", {self.num_unestimable} not estimable" if self.num_unestimable else ""
+        text += ")"
+        return text + ("; the total only: " + _NO_PER_OBSERVATION if self.joint else "")
+
     @property
     def max_pareto_k(self) -> float:
         """The largest :math:`\\hat k` that could be estimated (NaN if none could, or exact)."""
