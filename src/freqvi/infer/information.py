@@ -16,6 +16,7 @@ from torch.distributions import constraints, transform_to
 from freqvi.errors import ConvergenceWarning, FreqviInputError, FreqviWarning
 from freqvi.infer.log_likelihood import ImportanceWeights, exact_route, outside_data_plate
 from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.vectorize import check_particles
 from freqvi.traces import (
     check_pair,
     check_proposal,
@@ -332,11 +333,12 @@ def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_sam
     :returns: ``(I, scores)``: ``(P, P)`` and ``(n, P)`` (or ``None``), float64.
     :raises FreqviInputError: for a point-mass guide (:func:`~freqvi.traces.check_proposal`).
     """
+    dims = max_plate_nesting(model_trace) + 1
+    check_particles(pair.model, pair.guide, data, num_samples, dims - 1, "Louis's identity")
     check_proposal(pair.guide, trace(pair.guide, *data), *data)
     coupled = bool(outside_data_plate(latent_sites(model_trace), frame))
     with torch.no_grad():
-        draws = ImportanceWeights.draw(pair, data, frame, max_plate_nesting(model_trace) + 1, [num_samples],
-                                       coupled)
+        draws = ImportanceWeights.draw(pair, data, frame, dims, [num_samples], coupled)
         weights = torch.softmax(draws.columns().double(), 0)  # (K, n), or (K, 1) joint
 
     def complete(v: torch.Tensor) -> torch.Tensor:  # log p(x, z_k) at theta = v, as weights' columns

@@ -12,6 +12,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import config_enumerate
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.subsample_messenger import _Subsample
@@ -21,6 +22,7 @@ from freqvi.errors import FreqviInputError, ImportanceSamplingWarning, Unestimab
 from freqvi.estimators.particles import Arrangement
 from freqvi.handlers import SubsamplePlate
 from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, check_proposal, data_plate, latent_sites, max_plate_nesting, trace
 from freqvi.validation import as_data, check_choice, check_positive_int
 
@@ -183,6 +185,8 @@ def log_likelihood(
     check_proposal(pair.guide, guide_trace, *data)
     chunk = check_positive_int(chunk_size or max(1, min(num_samples, 4_000_000 // max(n, 1))), "chunk_size")
     dims = max_plate_nesting(model_trace) + 1
+    check_particles(pair.model, pair.guide, data, num_samples, dims - 1,
+                    "log_likelihood's importance sampling")
     coupled = bool(outside_data_plate({**latent_sites(model_trace), **latent_sites(guide_trace)}, frame))
     with torch.no_grad():
         weights = ImportanceWeights.draw(pair, data, frame, dims, _chunks(num_samples, chunk), coupled)
@@ -375,13 +379,14 @@ def _arranged(pair: Pair, data, frame, dims: int, k: int, rows) -> Arrangement:
 
 
 def per_observation(site, particle_dim: int, frame) -> torch.Tensor:
-    """A site's log-density summed over all dimensions but particles and the data plate."""
+    """A site's log-density, masked as the site is (``poutine.mask``: a masked cell adds 0), summed over all
+    dimensions but particles and the data plate."""
     if not any(f.name == frame.name for f in site["cond_indep_stack"]):
         raise FreqviInputError(
             f"site {site['name']!r} is outside the data plate {frame.name!r}; the log-likelihood "
             "per observation needs every latent and observed site inside it."
         )
-    lp = site["fn"].log_prob(site["value"])
+    lp = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
     lp = lp.reshape((1,) * (-particle_dim - lp.dim()) + lp.shape)
     keep = {lp.dim() + particle_dim, lp.dim() + frame.dim}
     summed = [d for d in range(lp.dim()) if d not in keep]
