@@ -229,7 +229,6 @@ def crossed(y, school, rater):
         a = pyro.sample("a", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 1.2))
     with pyro.plate("raters", RATERS):
         b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 0.7))
-    school, rater = school.long(), rater.long()  # (freqvi passes id arrays as floats today: issue 14 item 6)
     with pyro.plate("data", len(y)):
         pyro.sample("y", dist.Normal(m + a[..., school] + b[..., rater], 0.5), obs=y)
 
