@@ -23,4 +23,8 @@ class ConvergenceWarning(FreqviWarning):
 
 
 class ImportanceSamplingWarning(FreqviWarning):
-    """Importance weights are too heavy-tailed to trust (PSIS k-hat > 0.7)."""
+    """An importance-sampling estimate is not vouched for: its weights are heavy-tailed (PSIS k-hat > 0.7)."""
+
+
+class UnestimableParetoKWarning(ImportanceSamplingWarning):
+    """PSIS k-hat cannot be estimated (too few draws, or tied weights): the tails are not diagnosed."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
+from pyro.util import get_rng_state, set_rng_state
 
 from freqvi.errors import FreqviInputError
 from freqvi.validation import dtype_note
@@ -54,6 +56,46 @@ def is_auxiliary(site: dict) -> bool:
     guide's total log-density is that of the model's latent values.
     """
     return bool(site["infer"].get("is_auxiliary", False))
+
+
+def is_point_mass(fn) -> bool:
+    """Whether a distribution is a point mass: a ``Delta``, possibly reshaped, masked or transformed."""
+    while not isinstance(fn, dist.Delta) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
+
+
+def check_proposal(guide: Callable, guide_trace: Trace, *args, **kwargs) -> None:
+    """Refuses a guide that puts a point mass on a model latent: it is no importance proposal.
+
+    Importance weights :math:`p(x, z) / q(z)` need a proposal density over the
+    model's latent values. A guide site that is a ``Delta`` has one only when
+    its value is a function of auxiliary draws (an autoguide's joint vector,
+    its Jacobian in the ``Delta``'s log density); ``AutoDelta`` and other
+    point-mass guides put all their mass on one value. Such a site is told
+    apart by drawing the guide twice (``guide_trace`` and a fresh run): a point
+    mass keeps its value, a transformed auxiliary draw does not.
+
+    :raises FreqviInputError: naming the point-mass sites and a guide to use instead.
+    """
+    masses = [name for name, site in latent_sites(guide_trace).items()
+              if not is_auxiliary(site) and is_point_mass(site["fn"])]
+    if masses and any(is_auxiliary(site) for site in latent_sites(guide_trace).values()):
+        rng = get_rng_state()  # the check leaves the caller's random stream as it was
+        with torch.no_grad():
+            again = trace(guide, *args, **kwargs).nodes
+        set_rng_state(rng)
+        masses = [name for name in masses
+                  if torch.equal(again[name]["value"], guide_trace.nodes[name]["value"])]
+    if masses:
+        raise FreqviInputError(
+            f"the guide puts a point mass (Delta, as AutoDelta does) on the latent site(s) {masses}: "
+            "importance sampling and importance-weighted bounds need a proposal with a density that "
+            "covers the posterior, and a point mass gives log p(x, z_hat) with no standard error, "
+            "not log p(x). Use a guide with a density, e.g. pyro.infer.autoguide.AutoNormal or "
+            "AutoMultivariateNormal (initialised at the point estimate with init_to_value), "
+            "freqvi.guides.LocalMeanField or AmortizedNormal."
+        )
 
 
 def is_enumerated(site: dict) -> bool:
