@@ -105,23 +105,32 @@ def em(
       - ``"closed_form"``: the model's :class:`~freqvi.models.ClosedFormMStep`
         maps expected sufficient statistics of ``q`` to :math:`\theta`;
       - ``"gradient"``: L-BFGS (strong Wolfe line search) on the estimate of Q drawn with
-        the run's common random numbers (below), until its gradient is below
-        ``score_tol / 10`` per observation, its change below ``m_step_tol``, or
-        ``m_step_iters`` iterations. The step is accepted only if the objective rises
-        (generalised EM, Dempster, Laird and Rubin 1977): with a variational guide a rise of
-        the Q estimate is a rise of the objective, as both use the same draws; with an
-        exact guide and drawn latents the Q estimate is not a minorant of
-        :math:`\ell`, and when its maximiser lowers :math:`\ell`, L-BFGS ascends the
-        objective itself from :math:`\theta'` instead; if that fails too the parameters
-        stay and the run stops (``stop_reason="no_ascent"``).
+        the run's common random numbers (below), an inexact M-step (generalised EM): it
+        stops when its gradient is a hundred times below the last M-step's starting one
+        (at least ``score_tol / 10`` per observation: the stop tests the score itself),
+        when its change is below ``m_step_tol``, or after ``m_step_iters`` iterations.
+        The step is accepted only if the objective rises (Dempster, Laird and Rubin 1977):
+        with a variational guide a rise of the Q estimate is a rise of the objective, as
+        both use the same draws; with an exact guide and drawn latents the Q estimate is
+        not a minorant of :math:`\ell`, and when its maximiser lowers :math:`\ell`,
+        L-BFGS ascends the objective itself from :math:`\theta'` instead (over
+        :math:`\theta` and the guide's local parameters together); if that fails too the
+        parameters stay and the run stops (``stop_reason="no_ascent"``). After an iteration
+        that changed the objective by less than ``tol`` away from a stationary point (EM
+        crawling, at the rate of the fraction of missing information) that direct ascent
+        goes first: a quasi-Newton acceleration of EM (Jamshidian and Jennrich 1997).
 
       ``"auto"`` takes the closed form when the model offers one.
     * **E-step**: the guide is run at the new :math:`\theta` and its distributions are
       recorded without gradient, :math:`q(z) = q(z \mid x; \theta)`. A guide with free
       local parameters (variational EM) first has them fitted, :math:`\theta` held fixed,
-      by L-BFGS on the objective below, warm-started from the previous E-step's values and
-      stopped when its gradient is below ``score_tol`` or its change below ``m_step_tol``,
-      or after ``e_step_iters`` iterations.
+      warm-started from the previous E-step's values: the categorical factors of a
+      :class:`~freqvi.guides.LocalMeanField` by coordinate-ascent (CAVI) sweeps, one
+      gradient updating every factor (the exact E-step when each observation has one
+      discrete site, as in a mixture), then all local parameters by L-BFGS on the
+      objective below. Both stop when the gradient is below a tenth of the last M-step's
+      starting score (at least ``score_tol``) per observation, the change below
+      ``m_step_tol``, or after ``e_step_iters`` iterations.
 
     The objective, recorded at the start and after each iteration, is
     :math:`F = \mathrm{ELBO}(q, \theta)`: exact over enumerated sites, and over drawn
@@ -168,12 +177,18 @@ def em(
     :param m_step_lr: L-BFGS's step length in the gradient M-step (1: the quasi-Newton step).
     :param m_step_iters: most L-BFGS iterations per M-step.
     :param m_step_tol: an L-BFGS run (M-step or E-step) stops when the objective changes by at
-        most this many nats or no parameter moves by more than this (unconstrained units).
-    :param e_step_iters: most L-BFGS iterations on the local parameters per E-step
-        (variational EM).
+        most this many nats or no parameter moves by more than this (unconstrained units), or
+        by what the dtype resolves. A coarse value stops L-BFGS before the score test can be
+        met: 1e-6 left a mean-field HMM crawling for 33 iterations, 1e-9 stopped it in 17.
+    :param e_step_iters: most CAVI sweeps, and most L-BFGS iterations, on the local
+        parameters per E-step (variational EM).
     :param e_step_lr: L-BFGS's step length there.
-    :param num_particles: draws per estimate of Q (gradient M-step) and of the recorded
-        objective, for non-enumerated sites.
+    :param num_particles: draws per observation in the estimates of Q and of the objective, for
+        non-enumerated sites. Local parameters fitted to fixed draws fit their noise, by about
+        (local parameters per observation) / (2 ``num_particles``) nats per observation: on 500
+        Poisson log-normal counts (float32) the ELBO at the end was 43 nats below its optimum
+        (about -1102.7: the quadrature maximum less a 4.6-nat mean-field gap) with 16 draws
+        and 1 nat with 128, the default, at the same cost (22 iterations, 1.4 CPU s).
     :param seed: seeds Python's, NumPy's and torch's generators first.
     :param checkpoint: a file to write the run's state to every ``checkpoint_every``
         iterations, at the end and on Ctrl-C or SIGTERM (the iteration finishes,
