@@ -225,3 +225,18 @@ def test_variational_em_recorded_elbo_is_below_the_mixture_log_likelihood():
         result = freqvi.em(gm, guide=gm.mean_field_guide(), data=x, max_iter=30, progress=False, seed=0)
     assert result.log_likelihood[-1] <= gm.log_marginal(x).sum().item() + 1e-6
     assert_never_decreases(result.log_likelihood)  # enumerated: exact, no draws
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+def test_a_checkpoint_without_common_random_numbers_is_refused(tmp_path):
+    from freqvi.infer.checkpoint import load_checkpoint, save_checkpoint
+
+    x = factor_data(n=40)
+    path = tmp_path / "em.ckpt"
+    fa = FactorAnalysis(5, 2)
+    freqvi.em(fa, guide=fa.guide, data=x, max_iter=2, tol=0.0, checkpoint=path, progress=False)
+    state, metadata = load_checkpoint(path)
+    del state["seeds"]  # as written before common random numbers
+    save_checkpoint(path, state, metadata)
+    with pytest.raises(FreqviInputError, match="no 'seeds' in it"):
+        freqvi.em(FactorAnalysis(5, 2), data=x, max_iter=4, resume=path, progress=False)

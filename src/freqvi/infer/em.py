@@ -430,6 +430,9 @@ class _EMStep:
                 f"m_step {metadata.get('m_step')!r}, parameters {metadata.get('params')}); this one has "
                 f"m_step {self.kind!r} and parameters {names}."
             )
+        if "seeds" not in state:
+            raise FreqviInputError(f"checkpoint {str(path)!r} was written by an earlier em without common "
+                                   "random numbers (no 'seeds' in it); it cannot be continued: start afresh.")
         self.load_snapshot([state["params"][n] for n in names])
         self.statistics, self.t = state["statistics"] or None, state["t"]
         self.fit_seed, self.record_seed = (int(s) for s in state["seeds"])
