@@ -237,6 +237,6 @@ def test_a_checkpoint_without_common_random_numbers_is_refused(tmp_path):
     freqvi.em(fa, guide=fa.guide, data=x, max_iter=2, tol=0.0, checkpoint=path, progress=False)
     state, metadata = load_checkpoint(path)
     del state["seeds"]  # as written before common random numbers
-    save_checkpoint(path, state, metadata)
+    save_checkpoint(path, state, {k: v for k, v in metadata.items() if k not in ("format", "sha256")})
     with pytest.raises(FreqviInputError, match="no 'seeds' in it"):
         freqvi.em(FactorAnalysis(5, 2), data=x, max_iter=4, resume=path, progress=False)
