@@ -23,6 +23,7 @@ from freqvi.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint,
 from freqvi.infer.devices import move_to, on_device, resolve_device
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import deferred_interrupts
+from freqvi.infer.vectorize import check_particles
 from freqvi.models.base import ClosedFormMStep
 from freqvi.traces import (
     check_pair,
@@ -233,6 +234,10 @@ def em(
     if online:
         batches.check_plate(model_trace, pair.guide)
     step = _EMStep(pair, batches, m_step, model_trace, guide_trace, settings)
+    if not step.exact or m_step == "gradient":  # Q and the objective draw particles at once
+        with on_device(device):
+            check_particles(pair.model, pair.guide, batches.first(), step.elbo.num_particles,
+                            max_plate_nesting(model_trace, guide_trace), "em")
     tol, score_tol = tol * batches.n, score_tol * batches.n  # per observation -> total
     settings.grad_tol = score_tol
 
