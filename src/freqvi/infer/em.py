@@ -524,12 +524,12 @@ class _EMStep:
         # (its rate is the fraction of missing information): L-BFGS on F itself goes first then,
         # over theta and the local parameters together, a quasi-Newton acceleration of EM
         # (Jamshidian and Jennrich 1997) that keeps the ascent.
-        steps = [(q_step, self.theta), (direct_step, self.theta + self.local)]
+        steps = [(q_step, self.theta, False), (direct_step, self.theta + self.local, True)]
         if self.slow:
             steps.reverse()
         self.slow = False
-        for loss, params in steps:
-            converged = self._maximize(loss, params)
+        for loss, params, finish in steps:
+            converged = self._maximize(loss, params, finish)
             new_posterior, value = self.evaluate()
             if self.fitted >= previous or not math.isfinite(self.fitted):
                 return new_posterior, value, converged, True
@@ -550,11 +550,12 @@ class _EMStep:
             return trace.nodes["_RETURN"]["value"].sum()
         return -self.negative_objective(self.pair.guide, data)
 
-    def _maximize(self, loss, params: list[torch.Tensor]) -> bool:
+    def _maximize(self, loss, params: list[torch.Tensor], finish: bool) -> bool:
         # An inexact M-step (generalised EM): the score a hundred times below the last M-step's
         # start, down to a tenth of the stop's tolerance; the stop checks the score itself.
+        # The direct ascent of F is there to finish: it goes down to that tenth at once.
         s = self.settings
-        grad_tol = max(s.grad_tol / 10, 0.01 * self.m_grad)
+        grad_tol = s.grad_tol / 10 if finish else max(s.grad_tol / 10, 0.01 * self.m_grad)
         converged, self.m_grad = _lbfgs(loss, params, s.m_lr, s.m_iters, s.change_tol, grad_tol, self.scale())
         return converged
 
