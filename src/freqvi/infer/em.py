@@ -180,7 +180,7 @@ def em(
     :param m_step_tol: an L-BFGS run (M-step or E-step) stops when the objective changes by at
         most this many nats or no parameter moves by more than this (unconstrained units), or
         by what the dtype resolves. A coarse value stops L-BFGS before the score test can be
-        met: 1e-6 left a mean-field HMM crawling for 33 iterations, 1e-9 stopped it in 17.
+        met: with 1e-6 a mean-field HMM crawled for 33 EM iterations, with 1e-9 it took 17.
     :param e_step_iters: most CAVI sweeps, and most L-BFGS iterations, on the local
         parameters per E-step (variational EM).
     :param e_step_lr: L-BFGS's step length there.
