@@ -7,8 +7,8 @@ same starting parameters:
   guide; for the HMM, the states enumerated inside the model (``pyro.markov``: the forward
   algorithm), with a guide that draws nothing;
 * ``LocalMeanField``: :class:`freqvi.guides.LocalMeanField`, a free categorical factor per
-  observation and latent site, fitted by the E-step's L-BFGS (warm-started, stopped by its
-  own convergence test).
+  observation and latent site, fitted by the E-step's coordinate-ascent sweeps (warm-started,
+  stopped by their own convergence test).
 
 Models: a 3-component Poisson mixture on n = 2,000 counts (rates 2, 8, 20); a 2-state HMM with
 Gaussian emissions (means -1 and 1, sd 0.7, sticky transitions) on 100 sequences of length 8.
@@ -19,6 +19,12 @@ algorithm by enumeration for the HMM), then the ratio of the wall times. The iss
 LocalMeanField within 5x the enumerated E-step, to the same log-likelihood (mean-field on the
 mixture is exact at the E-step's optimum; on the HMM the factorised posterior leaves a KL gap
 and its maximum is not the MLE, so the two log-likelihoods are printed side by side).
+
+Measured on 2 shared cores (load about 7), CPU seconds: Poisson mixture 1.43 enumerated, 1.20
+LocalMeanField (0.84x, both -5963.5658); HMM 0.15 enumerated (2 EM iterations: with no guide
+sites the M-step is L-BFGS on the exact log-likelihood), 4.16 LocalMeanField (27x, 11
+iterations, -1117.4683 against -1117.0174: the mean-field maximum is not the MLE). Before
+issue 16 the issue's own measurement was 144 s against 5 s for a Poisson mixture.
 
 Run ``OMP_NUM_THREADS=1 python benchmarks/em_estep.py`` (a minute).
 """
