@@ -240,3 +240,21 @@ def test_a_checkpoint_without_common_random_numbers_is_refused(tmp_path):
     save_checkpoint(path, state, {k: v for k, v in metadata.items() if k not in ("format", "sha256")})
     with pytest.raises(FreqviInputError, match="no 'seeds' in it"):
         freqvi.em(FactorAnalysis(5, 2), data=x, max_iter=4, resume=path, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+def test_mean_field_e_step_of_a_mixture_is_the_exact_posterior():
+    """One discrete site per observation: the E-step's coordinate-ascent sweep gives the
+    responsibilities, checked against scipy's densities at em's final parameters."""
+    from scipy.special import softmax
+    from scipy.stats import multivariate_normal
+
+    x = mixture_data(n=200)
+    gm = GaussianMixture(3, 2)
+    guide = gm.mean_field_guide()
+    freqvi.em(gm, guide=guide, data=x, max_iter=3, tol=0.0, progress=False, seed=0)
+    est = {k: v.numpy() for k, v in gm.estimates().items()}
+    components = zip(est["weights"], est["locs"], est["covariances"], strict=True)
+    log_joint = np.stack([np.log(w) + multivariate_normal(loc, cov).logpdf(x.numpy()) for w, loc, cov in components], -1)
+    responsibilities = softmax(guide.categorical_logits()[0].detach().numpy(), -1)
+    np.testing.assert_allclose(responsibilities, softmax(log_joint, -1), atol=1e-9)  # exact, up to rounding
