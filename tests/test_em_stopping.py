@@ -255,6 +255,7 @@ def test_mean_field_e_step_of_a_mixture_is_the_exact_posterior():
     freqvi.em(gm, guide=guide, data=x, max_iter=3, tol=0.0, progress=False, seed=0)
     est = {k: v.numpy() for k, v in gm.estimates().items()}
     components = zip(est["weights"], est["locs"], est["covariances"], strict=True)
-    log_joint = np.stack([np.log(w) + multivariate_normal(loc, cov).logpdf(x.numpy()) for w, loc, cov in components], -1)
+    log_joint = np.stack([np.log(w) + multivariate_normal(loc, cov).logpdf(x.numpy())
+                          for w, loc, cov in components], -1)
     responsibilities = softmax(guide.categorical_logits()[0].detach().numpy(), -1)
     np.testing.assert_allclose(responsibilities, softmax(log_joint, -1), atol=1e-9)  # exact, up to rounding
