@@ -72,6 +72,13 @@ class LocalMeanField(PyroModule):
                 setattr(self, f"{safe}_scale", PyroParam(scale, constraints.positive))
         self._sites, self._shapes = sites, _shapes(args)
 
+    def categorical_logits(self) -> list[torch.Tensor]:
+        """The logits parameters of the discrete factors, shape ``batch_shape + (K,)`` each (empty
+        before the first call). Each is a site's logits up to a constant per row."""
+        sites = self._sites or {}
+        return [getattr(self, f"{name.replace('.', '_')}_logits_unconstrained")
+                for name, site in sites.items() if site.values is not None]
+
     def forward(self, *args, **kwargs) -> None:
         """Samples every latent site of the model from its local factor."""
         if self._sites is None:
