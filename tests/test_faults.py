@@ -1,5 +1,6 @@
 """Numerical faults: a non-finite step updates nothing; persistent ones stop with a clear error."""
 
+import copy
 import math
 
 import pyro
@@ -67,3 +68,80 @@ def test_gradient_clipping_bounds_each_update():
 
     freqvi.fit(model, no_latents, x, num_steps=1, optim="sgd", lr=1.0, clip_norm=0.5, progress=False)
     assert float(pyro.param("loc").detach()) == pytest.approx(0.5)
+
+
+def spread_model(x):
+    """x_i ~ N(loc, scale^2), scale > 0: an update of 1e6 on log(scale) makes scale = e^(1e6) = inf."""
+    loc = pyro.param("loc", torch.tensor(0.0))
+    scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+    with pyro.plate("data", len(x)):
+        pyro.sample("obs", dist.Normal(loc, scale), obs=x)
+
+
+def test_an_update_that_leaves_a_parameter_infinite_is_refused_and_undone():
+    x = torch.tensor([-3.0, 0.5, 4.0])  # spread wider than scale = 1: the gradient raises the scale
+    pyro.param("loc", torch.tensor(0.0))
+    pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+    store = pyro.get_param_store()
+    tensors = [store.get_param(n).unconstrained() for n in ("loc", "scale")]
+    optimizer = torch.optim.Adam(tensors, lr=1e6)
+    with pytest.raises(FreqviError, match=r"^step 0 diverged: the parameters \['scale'\] were not finite "
+                                          r"after its update in 4 draws in a row \(steps 0 to 3\)"):
+        freqvi.fit(spread_model, guide=no_latents, data=x, optim=optimizer, num_steps=10, progress=False)
+    assert pyro.param("loc").item() == 0.0 and pyro.param("scale").item() == 1.0  # as set above
+    assert len(optimizer.state) == 0  # Adam's moments and step count as before the first update
+
+
+def correlation_model(x):
+    """Bivariate normal with unit variances and correlation r: r outside (-1, 1) has no Cholesky factor."""
+    r = pyro.param("r", torch.tensor(0.0))
+    covariance = torch.eye(2) + r * (1 - torch.eye(2))
+    with pyro.plate("data", len(x)):
+        pyro.sample("obs", dist.MultivariateNormal(torch.zeros(2), covariance), obs=x)
+
+
+def test_an_update_after_which_the_loss_cannot_be_computed_is_undone():
+    x = torch.tensor([[1.0, 0.9], [-1.0, -1.1], [0.5, 0.4]])  # positively correlated: r grows
+    with pytest.raises(FreqviError, match=r"^step 0 diverged: after its update the Trace_ELBO loss could "
+                                          r"not be computed \(LinAlgError: .*\) in 4 draws in a row "
+                                          r"\(steps 1 to 4\), while at the parameters before it the loss "
+                                          r"is finite"):
+        freqvi.fit(correlation_model, guide=no_latents, data=x, lr=1e6, num_steps=10, progress=False)
+    assert pyro.param("r").item() == 0.0  # its initial value: r = +-1e6 after Adam's first step was undone
+
+
+def test_a_run_whose_every_step_was_refused_is_an_error():
+    x = torch.tensor([0.5, 5.0])  # 5.0 lies outside Uniform(-1, 1) at loc = 0: every loss is inf
+    with pytest.raises(FreqviError, match=r"none of the 3 steps was accepted \(the last was refused as its "
+                                          r"loss was inf\), so nothing was fitted"):
+        freqvi.fit(out_of_support_model, guide=no_latents, data=x, num_steps=3, progress=False)
+    assert pyro.param("loc").item() == 0.0
+
+
+def test_a_refused_update_puts_back_the_parameters_and_the_optimiser_state_of_a_run_under_way():
+    x = torch.tensor([-3.0, 0.5, 4.0])
+    pyro.param("loc", torch.tensor(0.0))
+    pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+    store = pyro.get_param_store()
+    optimizer = torch.optim.Adam([store.get_param(n).unconstrained() for n in ("loc", "scale")], lr=0.01)
+    freqvi.fit(spread_model, guide=no_latents, data=x, optim=optimizer, num_steps=5, progress=False)
+    params = {n: store.get_param(n).detach().clone() for n in ("loc", "scale")}
+    state = copy.deepcopy(optimizer.state_dict()["state"])
+    optimizer.param_groups[0]["lr"] = 1e6
+    with pytest.raises(FreqviError, match=r"^step 0 diverged: the parameters \['scale'\]"):
+        freqvi.fit(spread_model, guide=no_latents, data=x, optim=optimizer, num_steps=10, progress=False)
+    for name, value in params.items():
+        assert torch.equal(store.get_param(name).detach(), value), name
+    after = optimizer.state_dict()["state"]
+    for index, entries in state.items():
+        for key, value in entries.items():
+            assert torch.equal(after[index][key], value), (index, key)
+
+
+def test_a_pyro_optimiser_made_by_a_refused_update_is_dropped():
+    x = torch.tensor([-3.0, 0.5, 4.0])
+    optimizer = pyro.optim.Adam({"lr": 1e6})
+    with pytest.raises(FreqviError, match=r"^step 0 diverged: the parameters \['scale'\]"):
+        freqvi.fit(spread_model, guide=no_latents, data=x, optim=optimizer, num_steps=10, progress=False)
+    assert pyro.param("loc").item() == 0.0 and pyro.param("scale").item() == 1.0
+    assert optimizer.get_state() == {}

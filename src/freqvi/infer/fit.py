@@ -243,6 +243,7 @@ def fit(
             if result.converged or result.stopped_early:
                 break
     bar.close()
+    take_step.require_progress()
     if keeper is not None:
         keeper.restore()
     result.wall_time = time.perf_counter() - start
