@@ -15,7 +15,7 @@ import torch
 from simulate import factor_data
 
 import freqvi
-from freqvi.errors import FreqviError, FreqviInputError
+from freqvi.errors import CheckpointError, FreqviError, FreqviInputError
 from freqvi.infer import checkpoint as checkpoint_module
 from freqvi.infer.checkpoint import load_checkpoint
 from freqvi.infer.run_state import RunState
@@ -59,6 +59,70 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = run(stopped_at + 12, resume=path)
     for name in whole:
         assert torch.equal(resumed[name], whole[name]), name
+
+
+def wait_for(path: Path, child: subprocess.Popen, seconds: float = 60) -> None:
+    """Waits until ``path`` exists, failing if the child process ends first or time runs out."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert child.poll() is None, child.stderr.read().decode()
+        assert time.monotonic() < deadline, f"{path} did not appear in {seconds} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_second_process_writing_the_same_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stderr=subprocess.PIPE)
+    try:
+        wait_for(path, child)  # its first checkpoint is written: it holds the lock
+        with pytest.raises(CheckpointError, match=r"fit.ckpt' is being written by another run"):
+            run(5, checkpoint=path)
+        assert child.poll() is None
+        assert load_checkpoint(path)[0]["step"] % 7 == 0  # the child's (every 7 steps), not one of step 5
+    finally:
+        child.send_signal(signal.SIGTERM)  # the child writes a last checkpoint and stops
+        child.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.ckpt"]  # its lock file went with it
+    run(5, checkpoint=path)
+    assert load_checkpoint(path)[0]["step"] == 5
+
+
+STALLED_WRITER = f"""
+import sys, time
+sys.path.insert(0, {str(TESTS)!r})
+from freqvi.infer import checkpoint
+
+def stall(file, data):  # half the bytes reach the temporary file, then the process waits to be killed
+    file.write(data[: len(data) // 2])
+    file.flush()
+    open(sys.argv[2], "w").close()
+    time.sleep(600)
+
+checkpoint._write_all = stall
+from test_fault_tolerance import run
+run(10**7, checkpoint=sys.argv[1], checkpoint_every=3)
+"""
+
+
+@pytest.mark.slow
+def test_kills_during_writes_leave_no_temporary_file_after_the_next_run(tmp_path):
+    path, writing = tmp_path / "fit.ckpt", tmp_path / "writing"
+    for kill in range(3):
+        child = subprocess.Popen([sys.executable, "-c", STALLED_WRITER, str(path), str(writing)],
+                                 stderr=subprocess.PIPE)
+        try:
+            wait_for(writing, child)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        writing.unlink()
+        # each run removed the temporary the kill before it left: one is there, this kill's
+        assert len(list(tmp_path.glob(".fit.ckpt.*.tmp"))) == 1, kill
+    assert not path.exists()
+    run(5, checkpoint=path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.ckpt"]
+    assert load_checkpoint(path)[0]["step"] == 5
 
 
 class RunsCode:

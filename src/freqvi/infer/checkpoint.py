@@ -6,10 +6,16 @@ numbers, strings and containers of them (so :func:`torch.load` reads it with
 metadata with the state's SHA-256 digest, so a changed byte is caught. It is written to a
 temporary file in the same folder, flushed to disk and renamed over the old
 one, so a crash at any moment leaves the previous checkpoint intact.
+
+A run that writes checkpoints checks its path before its first step
+(:func:`check_checkpoint_path`: a regular file or nothing, in a folder where a file can be
+created) and holds :func:`checkpoint_lock` while it runs, so that a second run writing the
+same path is refused instead of interleaving its writes with the first's.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -17,37 +23,196 @@ import os
 import pickle
 import random
 import re
+import stat
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from freqvi.errors import FreqviInputError
+from freqvi.errors import CheckpointError, FreqviInputError
 
 FORMAT = "freqvi-checkpoint-1"
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict, metadata: dict) -> None:
-    """Writes ``state`` (tensors and plain values) and ``metadata`` (JSON) to ``path`` atomically."""
-    path = Path(path)
+    """Writes ``state`` (tensors and plain values) and ``metadata`` (JSON) to ``path`` atomically.
+
+    The bytes go to a hidden temporary file ``.<name>.XXXXXXXX.tmp`` beside the file ``path``
+    names (through a symbolic link, beside its target), are flushed to disk, and the file is
+    renamed over ``path``; anything at ``path`` that is not a regular file is never replaced.
+
+    :raises FreqviInputError: if ``path`` names something other than a regular file.
+    :raises CheckpointError: if the write fails (a full disk, a lost permission); the previous
+        checkpoint is then intact and the temporary file removed.
+    """
+    target = _target(path)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     blob = buffer.getvalue()
     digest = hashlib.sha256(blob).hexdigest()
     payload = {"state": torch.frombuffer(bytearray(blob), dtype=torch.uint8),
                "metadata": json.dumps({"format": FORMAT, "sha256": digest, **metadata})}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)  # in memory: a full disk is then an OSError, not torch's archive error
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
+            _write_all(file, buffer.getbuffer())
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
+    except OSError as exc:
+        _remove(temporary)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be written ({type(exc).__name__}: {exc}); the previous "
+            "checkpoint there, if any, is intact."
+        ) from exc
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        _remove(temporary)
         raise
+
+
+def _write_all(file, data: memoryview) -> None:
+    """Writes every byte of ``data`` to the open binary ``file``."""
+    file.write(data)
+
+
+def _remove(temporary: str | None) -> None:
+    """Removes a temporary file if it exists; a failure to do so is left for the next run's cleanup."""
+    if temporary is not None:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+
+
+def check_checkpoint_path(path: str | os.PathLike | None) -> None:
+    """Checks, before a run's first step, that it can write its checkpoints to ``path``.
+
+    ``path`` must name a regular file or nothing (a symbolic link is followed), in an
+    existing folder where a file can be created: the temporary file a write uses is
+    created there and removed. ``None`` (no checkpoints) passes.
+
+    :raises FreqviInputError: for an empty path, a directory, a device, a FIFO or a socket
+        at ``path``, a missing folder, or a folder where no file can be created.
+    """
+    if path is None:
+        return
+    target = _target(path)
+    folder = target.parent
+    if not folder.is_dir():
+        raise FreqviInputError(f"checkpoint: the folder of {str(path)!r} ({str(folder)!r}) does not exist.")
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise FreqviInputError(
+            f"checkpoint {str(path)!r}: no file can be created in the folder {str(folder)!r} "
+            f"({type(exc).__name__}: {exc.strerror or exc}); choose a writable folder."
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _target(path: str | os.PathLike) -> Path:
+    """The file a checkpoint path names, symbolic links resolved; refused unless a regular file or nothing."""
+    if not isinstance(path, str | os.PathLike):
+        raise FreqviInputError(f"checkpoint must be a path (str or os.PathLike); got {type(path).__name__}.")
+    if os.fspath(path) in ("", b""):
+        raise FreqviInputError("checkpoint must name a file; got an empty path.")
+    target = Path(os.path.realpath(path))
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as exc:
+        raise FreqviInputError(f"checkpoint {str(path)!r} cannot be examined ({exc.strerror}).") from None
+    if not stat.S_ISREG(mode):
+        raise FreqviInputError(
+            f"checkpoint {str(path)!r} is {_kind(mode)}, not a regular file; a checkpoint replaces only a "
+            "regular file: give the path of a file (existing or not)."
+        )
+    return target
+
+
+def _kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+@contextmanager
+def checkpoint_lock(path: str | os.PathLike | None, writer: bool = True) -> Iterator[None]:
+    """Holds the lock of checkpoint ``path`` while a run writes it, and removes stale temporaries.
+
+    The lock is :func:`fcntl.flock` on a hidden file ``.<name>.lock`` beside the
+    checkpoint, removed when the run ends; a lock held by a process that died is
+    released by the system. Holding it, no other run writes this checkpoint, so every
+    temporary file of its writes left in the folder (``.<name>.XXXXXXXX.tmp``: a
+    process killed during a write leaves one) is stale, and is removed. ``None``,
+    or ``writer=False`` (a process of a data-parallel group that does not write), takes
+    nothing.
+
+    :raises CheckpointError: if another run (in this process or another) holds the lock.
+    """
+    if path is None or not writer:
+        yield
+        return
+    target = _target(path)
+    lock = target.parent / f".{target.name}.lock"
+    handle = _acquire(lock, path)
+    try:
+        _remove_stale_temporaries(target)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before the release, so a waiting run locks a fresh file
+        os.close(handle)
+
+
+def _acquire(lock: Path, path) -> int:
+    """An open descriptor of ``lock`` holding its exclusive flock.
+
+    A run that ends removes the lock file before releasing it: a lock taken on a file
+    that no longer has that name is retried on the new one.
+    """
+    while True:
+        try:
+            handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r}: its lock file {str(lock)!r} cannot be created "
+                                  f"({exc.strerror}).") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is being written by another run (it holds {str(lock)!r}); "
+                "two runs writing one checkpoint would interleave their states: give this run another "
+                "path, or wait for the other to end."
+            ) from None
+        except OSError as exc:  # a file system without locks
+            os.close(handle)
+            raise CheckpointError(f"checkpoint {str(path)!r}: its lock file {str(lock)!r} cannot be locked "
+                                  f"({exc.strerror}).") from None
+        try:
+            if os.fstat(handle).st_ino == os.stat(lock).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        os.close(handle)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Removes ``.<name>.XXXXXXXX.tmp`` files of this checkpoint (only these: another checkpoint's are
+    named after it)."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+    for entry in os.scandir(target.parent):
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            _remove(entry.path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:

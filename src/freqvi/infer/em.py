@@ -20,7 +20,15 @@ from freqvi.errors import ConvergenceWarning, FreqviError, FreqviInputError
 from freqvi.estimators import QFunctionELBO
 from freqvi.handlers import FrozenPosterior
 from freqvi.infer.batches import BatchSource, StreamedBatches, make_batches
-from freqvi.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, stable_name
+from freqvi.infer.checkpoint import (
+    check_checkpoint_path,
+    checkpoint_lock,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stable_name,
+)
 from freqvi.infer.devices import move_to, on_device, resolve_device
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import deferred_interrupts
@@ -152,6 +160,7 @@ def em(
     check_choice(m_step, "m_step", M_STEPS)
     max_iter = check_positive_int(max_iter, "max_iter")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+    check_checkpoint_path(checkpoint)
     tol = check_positive_float(tol, "tol", allow_zero=True)
     device = resolve_device(device)
     batches = make_batches(data, batch_size, data_plate_name, num_observations, device)
@@ -183,7 +192,8 @@ def em(
     start = time.perf_counter()
     # Distribution arguments were validated by check_pair; re-checking them each iteration
     # (Pyro's default) costs a third of an EM iteration on a mixture.
-    with pyro.validation_enabled(False), deferred_interrupts() as interrupted, on_device(device):
+    with pyro.validation_enabled(False), deferred_interrupts() as interrupted, on_device(device), \
+            checkpoint_lock(checkpoint):
         if resume is None:
             posterior, value = step.evaluate()
             result.log_likelihood.append(value)

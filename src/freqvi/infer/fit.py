@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from freqvi.errors import FreqviError, FreqviInputError
 from freqvi.estimators import get_estimator
 from freqvi.infer.batches import BatchSource, InMemoryBatches, make_batches
-from freqvi.infer.checkpoint import stable_name
+from freqvi.infer.checkpoint import check_checkpoint_path, checkpoint_lock, stable_name
 from freqvi.infer.devices import move_to, on_device, resolve_device
 from freqvi.infer.distributed import AveragedStep, DataParallel
 from freqvi.infer.optim import make_optimizer
@@ -163,6 +163,7 @@ def fit(
         clip_norm = check_positive_float(clip_norm, "clip_norm")
     eval_every = check_positive_int(eval_every, "eval_every")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+    check_checkpoint_path(checkpoint)
     if checkpoint_seconds is not None:
         checkpoint_seconds = check_positive_float(checkpoint_seconds, "checkpoint_seconds")
     if patience is not None:
@@ -213,7 +214,8 @@ def fit(
                disable=not progress or (group is not None and not group.writer), desc="fit", unit="step")
     # check_pair validated the distributions' arguments; Pyro re-checks them at every step by
     # default, a large share of a small model's step. GuardedStep refuses non-finite steps instead.
-    with pyro.validation_enabled(False), deferred_interrupts() as signalled, on_device(device):
+    with pyro.validation_enabled(False), deferred_interrupts() as signalled, on_device(device), \
+            checkpoint_lock(checkpoint, group is None or group.writer):
         # read once a step; in a group, a signal to any process stops all after the same step
         agreed = (lambda flag: flag) if group is None else group.any
         written = time.monotonic()
