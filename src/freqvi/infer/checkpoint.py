@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -29,6 +30,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -215,14 +217,33 @@ def _remove_stale_temporaries(target: Path) -> None:
             _remove(entry.path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(state, metadata)`` from a checkpoint; a missing, truncated or foreign file is a clear error."""
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
+                    params: dict[str, torch.Tensor] | None = None,
+                    optimizers: dict[str, torch.optim.Optimizer] | None = None) -> tuple[dict, dict]:
+    """``(state, metadata)`` from a checkpoint, checked against the run about to resume from it.
+
+    Without ``kind`` only the file is checked (readable, holding tensors and plain values
+    only, its state matching its SHA-256 digest). With ``kind`` (``"fit"`` or ``"em"``, the
+    driver resuming) the contents are checked before anything is restored, since a digest
+    recomputed after an edit passes: the checkpoint was written by that driver; it holds
+    exactly the parameters ``params`` (by name, instance numbers aside), each with their
+    shape and dtype and finite (``copy_`` would broadcast a smaller tensor silently); each
+    optimiser state in ``optimizers`` (by its key in the state) has one entry per
+    parameter, its tensors scalars or of the parameter's shape; its counters (steps,
+    iterations) are non-negative integers consistent with its history, the history finite;
+    its random generators' states are ones the generators accept.
+
+    :raises FreqviInputError: for a missing, truncated, foreign or tampered file, or contents
+        that do not fit the run, saying what the checkpoint holds and what the run expected.
+    """
     path = Path(path)
     if not path.is_file():
         raise FreqviInputError(f"checkpoint {str(path)!r} does not exist.")
     try:
         payload = torch.load(path, weights_only=True)
         metadata = json.loads(payload["metadata"])
+        if not isinstance(metadata, dict):
+            raise TypeError(f"its metadata is a {type(metadata).__name__}, not a JSON object")
         blob = payload["state"].numpy().tobytes()
         if hashlib.sha256(blob).hexdigest() != metadata.get("sha256"):
             raise ValueError("the state does not match its SHA-256 digest")
@@ -240,7 +261,133 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
         ) from None
     if metadata.get("format") != FORMAT:
         raise FreqviInputError(f"{str(path)!r} is not a {FORMAT} file (format {metadata.get('format')!r}).")
+    if kind is not None:
+        _Contents(f"checkpoint {str(path)!r}", kind, state, metadata).check(params or {}, optimizers or {})
     return state, metadata
+
+
+# For each driver: the metadata keys its restore reads, its counters, its history of objectives.
+_LAYOUTS = MappingProxyType({
+    "fit": (("settings", "shapes"), ("step", "history.num_steps", "history.refused_steps"), "history.elbo"),
+    "em": (("m_step", "params"), ("t", "history.num_iter"), "history.log_likelihood"),
+})
+
+
+class _Contents:
+    """Checks of a checkpoint's state against the run resuming from it (see :func:`load_checkpoint`)."""
+
+    def __init__(self, where: str, kind: str, state, metadata: dict):
+        self.where, self.kind, self.state, self.metadata = where, kind, state, metadata
+
+    def check(self, params: dict[str, torch.Tensor], optimizers: dict) -> None:
+        found = self.metadata.get("kind")
+        if found != self.kind:
+            written = f"written by freqvi.{found}" if found in _LAYOUTS else f"of run kind {found!r}"
+            raise FreqviInputError(f"{self.where} was {written}; this freqvi.{self.kind} run can resume only "
+                                   f"from a checkpoint of freqvi.{self.kind}.")
+        metadata_keys, counter_keys, history_key = _LAYOUTS[self.kind]
+        missing = [key for key in metadata_keys if key not in self.metadata]
+        if missing or not isinstance(self.state, dict):
+            raise self._error(f"lacks {missing or 'a state dictionary'}", "a complete checkpoint")
+        self._check_params({stable_name(n): p for n, p in params.items()})
+        for key, optimizer in optimizers.items():
+            self._check_optimizer(key, optimizer)
+        counters = {key: self._get(key) for key in counter_keys}
+        for key, value in counters.items():
+            if type(value) is not int or value < 0:
+                raise self._error(f"holds {key} = {value!r}", "a non-negative integer")
+        history = self._get(history_key)
+        if not isinstance(history, list) or not all(type(v) is float and math.isfinite(v) for v in history):
+            raise self._error(f"holds a {history_key} that is not a list of finite numbers",
+                              "the objective after each step")
+        self._check_counts(counters, len(history))
+        if self.kind == "fit":  # one state per process of a group
+            ranks = self._get("ranks")
+            for rank in ranks if isinstance(ranks, list) else [None]:
+                self._check_rng(rank.get("rng") if isinstance(rank, dict) else rank)
+        else:
+            self._check_rng(self._get("rng"))
+
+    def _check_counts(self, counters: dict, recorded: int) -> None:
+        """An em run records one objective more than its iterations (the first at the initial
+        parameters); a fit run no more objectives, accepted or refused steps than steps."""
+        if self.kind == "em":
+            iterations = counters["history.num_iter"]
+            if recorded != iterations + 1:
+                raise self._error(f"records {recorded} objectives after {iterations} iterations",
+                                  "one objective more than iterations")
+            return
+        step = counters["step"]
+        for what, count in (("objectives", recorded), ("as num_steps", counters["history.num_steps"]),
+                            ("refused steps", counters["history.refused_steps"])):
+            if count > step:
+                raise self._error(f"records {count} {what} at step {step}", "no more than the steps taken")
+
+    def _check_params(self, expected: dict[str, torch.Tensor]) -> None:
+        saved = self._get("params")
+        if not isinstance(saved, dict) or set(saved) != set(expected):
+            names = sorted(saved) if isinstance(saved, dict) else saved
+            raise self._error(f"holds parameters {names}", f"this run's parameters {sorted(expected)}: build "
+                              "the model and guide as for the run that wrote it")
+        wrong = [n for n, p in expected.items() if _describe(saved[n]) != _describe(p)]
+        if wrong:
+            held = {n: _describe(saved[n]) for n in wrong}
+            needed = {n: _describe(expected[n]) for n in wrong}
+            raise self._error(f"holds {held}", f"{needed} as this run's model and guide have: build them as "
+                              "for the run that wrote it")
+        infinite = [n for n, value in saved.items() if not torch.isfinite(value).all()]
+        if infinite:
+            raise self._error(f"holds non-finite values in {infinite}", "the finite parameters of a run")
+
+    def _check_optimizer(self, key: str, optimizer: torch.optim.Optimizer) -> None:
+        """The saved state of ``optimizer``: its groups' sizes, and each tensor finite and a scalar or of
+        its parameter's shape (torch's ``load_state_dict`` checks the groups only)."""
+        saved = self._get(key)
+        sizes = [len(group["params"]) for group in optimizer.param_groups]
+        try:
+            saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+            order = [i for group in saved["param_groups"] for i in group["params"]]
+            entries = [(order.index(i), dict(value)) for i, value in saved["state"].items()]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise self._error(f"holds a {key} that is not an optimiser's state", "a state_dict()") from None
+        if saved_sizes != sizes:
+            raise self._error(f"holds a {key} over parameter groups of sizes {saved_sizes}", f"sizes {sizes}")
+        live = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, value in entries:
+            for tensor in (v for v in value.values() if isinstance(v, torch.Tensor)):
+                if (tensor.dim() and tensor.shape != live[index].shape) or not torch.isfinite(tensor).all():
+                    raise self._error(f"holds a {key} state {_describe(tensor)} for a parameter of "
+                                      f"{_describe(live[index])}", "finite scalars or tensors of its shape")
+
+    def _check_rng(self, rng) -> None:
+        """Tries the generators' states on the generators, then puts the current ones back."""
+        current = rng_state()
+        try:
+            set_rng_state(rng)
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise self._error(f"holds random generator states the generators refuse ({type(exc).__name__}: "
+                              f"{exc})", "the states rng_state() records") from None
+        finally:
+            set_rng_state(current)
+
+    def _get(self, dotted: str):
+        value = self.state
+        for key in dotted.split("."):
+            if not isinstance(value, dict) or key not in value:
+                raise self._error(f"lacks {dotted}", "a complete checkpoint")
+            value = value[key]
+        return value
+
+    def _error(self, found: str, expected: str) -> FreqviInputError:
+        return FreqviInputError(f"{self.where} {found}; expected {expected}. It was edited, or written by "
+                                "another run or version.")
+
+
+def _describe(value) -> str:
+    """``"shape (2, 3) float32"`` for a tensor, its type's name for anything else."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return type(value).__name__
 
 
 def _first_line(exc: Exception) -> str:
