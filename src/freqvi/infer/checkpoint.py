@@ -117,7 +117,7 @@ def check_checkpoint_path(path: str | os.PathLike | None) -> None:
             f"({type(exc).__name__}: {exc.strerror or exc}); choose a writable folder."
         ) from None
     os.close(handle)
-    os.unlink(probe)
+    Path(probe).unlink(missing_ok=True)  # a run holding this checkpoint's lock may have removed it
 
 
 def _target(path: str | os.PathLike) -> Path:

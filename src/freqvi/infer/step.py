@@ -53,6 +53,7 @@ class GuardedStep:
         self.refused = 0
         self.taken = self.accepted = 0
         self.update_diverged = False
+        self.failure: str | None = None
         self.last_refusal = ""
         constraints = pyro.get_param_store().get_state()["constraints"]
         self.constrain = {n: transform_to(constraints[n]) for n in params}
@@ -100,22 +101,34 @@ class GuardedStep:
 
     def _loss_and_check(self, data) -> tuple[float, str | None]:
         """The loss estimate, its gradients left in ``.grad``, and what made it unusable, if anything."""
-        try:
-            loss = self._loss_and_grads(data)
-        except _COMPUTATION_ERRORS as exc:
-            return math.nan, f"loss could not be computed ({_describe(exc)})"
+        loss = self._loss_and_grads(data)
+        if self.failure is not None:
+            return loss, self.failure
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         return loss, self._non_finite(loss, norm)
 
     def _loss_and_grads(self, data) -> float:
-        """The loss estimate, its gradients left in the parameters' ``.grad``."""
-        if self.compiled is None:
-            return self.elbo.loss_and_grads(self.model, self.guide, *data)
-        loss = self.compiled(data)
-        if loss.requires_grad:
-            loss.backward()
-        return float(loss.detach())
+        """The loss estimate, its gradients left in the parameters' ``.grad``.
+
+        A loss that cannot be computed is NaN, the reason kept in ``self.failure``: an error
+        raised here would keep this process from the collective step of a data-parallel group
+        (:class:`~freqvi.infer.distributed.AveragedStep`), whose other processes would wait forever.
+        """
+        self.failure = None
+        try:
+            if self.compiled is None:
+                return self.elbo.loss_and_grads(self.model, self.guide, *data)
+            loss = self.compiled(data)
+            if loss.requires_grad:
+                loss.backward()
+            return float(loss.detach())
+        except FreqviError:  # a refusal of the pair itself (a graph that cannot be traced), not of a draw
+            raise
+        except _COMPUTATION_ERRORS as exc:
+            self._zero_grad()
+            self.failure = f"loss could not be computed ({_describe(exc)})"
+            return math.nan
 
     def _non_finite(self, loss: float, norm: torch.Tensor) -> str | None:
         """What was not finite, if anything; one norm over all gradients checks them at once."""
@@ -175,11 +188,8 @@ class GuardedStep:
         after = _Saved()
         after.take(self.params, self.optimizer)
         self.before_last.put_back(self.params, self.optimizer)
-        try:
-            with torch.no_grad():
-                finite = math.isfinite(self.elbo.loss(self.model, self.guide, *data))
-        except _COMPUTATION_ERRORS:
-            finite = False
+        finite = math.isfinite(self._loss_and_grads(data))  # as a step computes it: one decision in a group
+        self._zero_grad()
         if not finite:
             after.put_back(self.params, self.optimizer)
         return finite
@@ -230,7 +240,7 @@ class _Saved:
 
     def put_back(self, params: dict[str, torch.Tensor], optimizer) -> None:
         with torch.no_grad():
-            for p, value in zip(params.values(), self.tensors, strict=False):
+            for p, value in zip(params.values(), self.tensors[:len(params)], strict=True):
                 p.copy_(value)
         if isinstance(optimizer, PyroOptim):  # an optimiser created since goes, with its state
             for p in set(optimizer.optim_objs) - self.optimizers:
