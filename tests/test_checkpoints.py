@@ -203,3 +203,13 @@ def test_stale_temporaries_of_this_checkpoint_are_removed_and_no_others(tmp_path
     run(3, checkpoint=path)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["fit.ckpt", *(os.path.basename(o) for o in others)])
+
+
+@pytest.mark.parametrize(("resume", "message"), [
+    (123, "a checkpoint to resume from must be a path \\(str or os.PathLike\\); got int"),
+    ("missing.ckpt", "'missing.ckpt' does not exist or is not a regular file"),
+    (".", "'.' does not exist or is not a regular file"),
+])
+def test_a_resume_path_that_names_no_checkpoint_file_is_refused(resume, message):
+    with pytest.raises(FreqviInputError, match=message):
+        run(5, resume=resume)

@@ -236,9 +236,12 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
     :raises FreqviInputError: for a missing, truncated, foreign or tampered file, or contents
         that do not fit the run, saying what the checkpoint holds and what the run expected.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise FreqviInputError(f"a checkpoint to resume from must be a path (str or os.PathLike); got "
+                               f"{type(path).__name__}.")
     path = Path(path)
     if not path.is_file():
-        raise FreqviInputError(f"checkpoint {str(path)!r} does not exist.")
+        raise FreqviInputError(f"checkpoint {str(path)!r} does not exist or is not a regular file.")
     try:
         payload = torch.load(path, weights_only=True)
         metadata = json.loads(payload["metadata"])
