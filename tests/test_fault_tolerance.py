@@ -303,6 +303,10 @@ FIT_EDITS = {
         r"holds a optimizer state shape \(1,\) float64 for a parameter of shape \(5, 2\) float64"),
     "a truncated generator state": (set_in("ranks", 0, "rng", "torch", value=lambda v: v[:100]),
                                     r"holds random generator states the generators refuse"),
+    "a minibatch order past the rows": (set_in("ranks", 0, "batches", "order", value=lambda v: v + 1),
+                                        r"holds a minibatch order shape \(60,\) int64 at position 48"),
+    "a negative minibatch position": (set_in("ranks", 0, "batches", "position", value=-16),
+                                      r"at position -16; expected a permutation of the rows"),
     "a history with a NaN": (set_in("history", "elbo", value=lambda v: [*v[:-1], math.nan]),
                              r"holds a history.elbo that is not a list of finite numbers"),
 }

@@ -308,8 +308,22 @@ class _Contents:
             ranks = self._get("ranks")
             for rank in ranks if isinstance(ranks, list) else [None]:
                 self._check_rng(rank.get("rng") if isinstance(rank, dict) else rank)
+                self._check_order(rank.get("batches") if isinstance(rank, dict) else rank)
         else:
             self._check_rng(self._get("rng"))
+            self._check_order(self._get("batches"))
+
+    def _check_order(self, batches) -> None:
+        """The minibatch order of data in memory: a permutation of its rows and a position in it."""
+        if not isinstance(batches, dict) or "order" not in batches:
+            return  # a streamed source's own state, which its load_state_dict checks
+        order, position = batches["order"], batches.get("position")
+        rows = len(order) if isinstance(order, torch.Tensor) and order.dim() == 1 else -1
+        permutation = rows >= 0 and not order.is_floating_point() and torch.equal(
+            order.sort().values, torch.arange(rows, dtype=order.dtype))
+        if not permutation or type(position) is not int or not 0 <= position <= max(rows, 1):
+            raise self._error(f"holds a minibatch order {_describe(order)} at position {position!r}",
+                              "a permutation of the rows and a position within it")
 
     def _check_counts(self, counters: dict, recorded: int) -> None:
         """An em run records one objective more than its iterations (the first at the initial
