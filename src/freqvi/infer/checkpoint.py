@@ -15,7 +15,6 @@ same path is refused instead of interleaving its writes with the first's.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -36,6 +35,11 @@ import numpy as np
 import torch
 
 from freqvi.errors import CheckpointError, FreqviInputError
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: there a second writer is not detected
+    fcntl = None
 
 FORMAT = "freqvi-checkpoint-1"
 
@@ -157,7 +161,7 @@ def checkpoint_lock(path: str | os.PathLike | None, writer: bool = True) -> Iter
     temporary file of its writes left in the folder (``.<name>.XXXXXXXX.tmp``: a
     process killed during a write leaves one) is stale, and is removed. ``None``,
     or ``writer=False`` (a process of a data-parallel group that does not write), takes
-    nothing.
+    nothing; where there is no flock (Windows) the temporaries are removed without a lock.
 
     :raises CheckpointError: if another run (in this process or another) holds the lock.
     """
@@ -166,13 +170,14 @@ def checkpoint_lock(path: str | os.PathLike | None, writer: bool = True) -> Iter
         return
     target = _target(path)
     lock = target.parent / f".{target.name}.lock"
-    handle = _acquire(lock, path)
+    handle = _acquire(lock, path) if fcntl is not None else None
     try:
         _remove_stale_temporaries(target)
         yield
     finally:
-        lock.unlink(missing_ok=True)  # before the release, so a waiting run locks a fresh file
-        os.close(handle)
+        if handle is not None:
+            lock.unlink(missing_ok=True)  # before the release, so a waiting run locks a fresh file
+            os.close(handle)
 
 
 def _acquire(lock: Path, path) -> int:
