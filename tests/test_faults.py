@@ -2,14 +2,18 @@
 
 import copy
 import math
+import re
 
 import pyro
 import pyro.distributions as dist
 import pytest
+import scipy.stats
 import torch
+from simulate import factor_data, mixture_data
 
 import freqvi
 from freqvi.errors import FreqviError
+from freqvi.models import VAE, FactorAnalysis, GaussianMixture
 
 
 def out_of_support_model(x):
@@ -145,3 +149,37 @@ def test_a_pyro_optimiser_made_by_a_refused_update_is_dropped():
         freqvi.fit(spread_model, guide=no_latents, data=x, optim=optimizer, num_steps=10, progress=False)
     assert pyro.param("loc").item() == 0.0 and pyro.param("scale").item() == 1.0
     assert optimizer.get_state() == {}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (FactorAnalysis(5, 2), factor_data(n=100)),
+    lambda: (GaussianMixture(3, 2), mixture_data(n=100)),
+    lambda: (VAE(5, 2, hidden=(8,)), (factor_data(n=100) > 0).double()),
+], ids=["factor_analysis", "mixture", "vae"])
+def test_a_built_in_model_fitted_with_lr_1e6_stops_saying_the_step_diverged_with_its_start_in_place(make):
+    model, x = make()
+    model.model(x)  # creates the parameters, at their initial values
+    start = {name: value.detach().clone() for name, value in model.estimates().items()}
+    with pytest.raises(FreqviError, match=r"^step 0 diverged"):
+        freqvi.fit(model, guide=None, data=x, lr=1e6, num_steps=20, seed=0, progress=False)
+    for name, value in model.estimates().items():
+        assert torch.equal(value, start[name]), name
+
+
+def location_model(x):
+    """x_i ~ N(loc, 1): every loc has a finite loss, 1e6 away a loss of about n * 1e12 / 2."""
+    loc = pyro.param("loc", torch.tensor(0.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=x)
+
+
+def test_an_update_that_sends_a_finite_loss_up_by_orders_of_magnitude_is_undone():
+    x = torch.tensor([-3.0, 0.5, 4.0])
+    at_start = -scipy.stats.norm.logpdf(x.numpy()).sum()  # the loss at loc = 0: 15.38
+    at_1e6 = -scipy.stats.norm.logpdf(x.numpy(), loc=1e6).sum()  # Adam's first step at lr=1e6: 1.5e12
+    expected = (f"step 0 diverged: after its update the Trace_ELBO loss rose from {at_start:.4g} to "
+                f"{at_1e6:.4g} (step 1), more than 1e+06 times its size. The parameters are those before "
+                "step 0")
+    with pytest.raises(FreqviError, match="^" + re.escape(expected)):
+        freqvi.fit(location_model, guide=no_latents, data=x, lr=1e6, num_steps=10, progress=False)
+    assert pyro.param("loc").item() == 0.0
