@@ -112,7 +112,8 @@ def check_checkpoint_path(path: str | os.PathLike | None) -> None:
     target = _target(path)
     folder = target.parent
     if not folder.is_dir():
-        raise FreqviInputError(f"checkpoint: the folder of {str(path)!r} ({str(folder)!r}) does not exist.")
+        raise FreqviInputError(f"checkpoint: the folder of {str(path)!r} ({str(folder)!r}) does not exist "
+                               "or is not a folder.")
     try:
         handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as exc:

@@ -150,7 +150,8 @@ def em(
     :param seed: seeds Python's, NumPy's and torch's generators first.
     :param checkpoint: a file to write the run's state to every ``checkpoint_every``
         iterations, at the end and on Ctrl-C or SIGTERM (the iteration finishes,
-        the checkpoint is written, then ``KeyboardInterrupt`` is raised), atomically.
+        the checkpoint is written, then ``KeyboardInterrupt`` is raised), atomically; the path
+        is checked and locked as :func:`~freqvi.fit`'s is.
     :param resume: a checkpoint to continue from, with the model built as for the
         run that wrote it; the result equals an uninterrupted run's, bit for bit on CPU.
 

@@ -125,10 +125,12 @@ def fit(
     :param eval_every: steps between held-out evaluations.
     :param patience: with ``validation_data``, stop after this many evaluations
         without a new best held-out ELBO (early stopping); ``None``: never.
-    :param max_retries: a step whose loss or gradients are not finite updates
+    :param max_retries: a step whose loss, gradients or update are not finite updates
         nothing and the next draws are tried; after this many refusals in a row the
         run stops with an error naming the step, estimator and offending site, the
-        last good parameters in place.
+        last good parameters in place (:class:`~freqvi.infer.step.GuardedStep`: an update
+        that sends the loss up a millionfold is undone at once, and a run with no accepted
+        step is an error).
     :param clip_norm: if given, each step's gradients are rescaled to at most this
         total norm.
     :param jit: trace the loss into a graph at the first step and replay it after
@@ -140,7 +142,9 @@ def fit(
         if given), at the end and on interruption (Ctrl-C or SIGTERM: the current step
         finishes, the checkpoint is written, then ``KeyboardInterrupt`` is raised):
         parameters, optimiser state, step, history, every random generator's state
-        and the minibatch order. Writes are atomic.
+        and the minibatch order. Writes are atomic. The path is checked before any work
+        (a regular file or nothing, in a writable folder) and locked while the run lasts:
+        a second run writing it, or a failed write, is a :class:`~freqvi.errors.CheckpointError`.
     :param resume: a checkpoint to continue from: build the model and guide as for
         the first run and call ``fit`` with the same arguments; the run then ends
         with the parameters an uninterrupted run would have (bit for bit on CPU). A
