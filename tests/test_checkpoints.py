@@ -213,3 +213,11 @@ def test_stale_temporaries_of_this_checkpoint_are_removed_and_no_others(tmp_path
 def test_a_resume_path_that_names_no_checkpoint_file_is_refused(resume, message):
     with pytest.raises(FreqviInputError, match=message):
         run(5, resume=resume)
+
+
+@pytest.mark.parametrize("folder", ["missing", "a-file"])
+def test_a_path_in_no_folder_is_refused_before_any_work(tmp_path, folder):
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(FreqviInputError, match=rf"the folder of .*{folder}.* does not exist or is not a"):
+        run(5, checkpoint=tmp_path / folder / "fit.ckpt")
+    assert not pyro.get_param_store().keys()

@@ -134,7 +134,7 @@ def _target(path: str | os.PathLike) -> Path:
     target = Path(os.path.realpath(path))
     try:
         mode = target.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there; the folder is checked apart
         return target
     except OSError as exc:
         raise FreqviInputError(f"checkpoint {str(path)!r} cannot be examined ({exc.strerror}).") from None
