@@ -300,7 +300,7 @@ FIT_EDITS = {
                         r"holds non-finite values in \['FactorAnalysis.mean'\]"),
     "an optimiser moment that would broadcast": (
         set_in("optimizer", "state", 0, "exp_avg", value=lambda v: v.flatten()[:1]),
-        r"holds a optimizer state shape \(1,\) float64 for a parameter of shape \(5, 2\) float64"),
+        r"holds a 'optimizer' state shape \(1,\) float64 for a parameter of shape \(5, 2\) float64"),
     "a truncated generator state": (set_in("ranks", 0, "rng", "torch", value=lambda v: v[:100]),
                                     r"holds random generator states the generators refuse"),
     "a minibatch order past the rows": (set_in("ranks", 0, "batches", "order", value=lambda v: v + 1),

@@ -275,6 +275,8 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
     return state, metadata
 
 
+# What the generators raise for a state they refuse (torch's CUDA calls assert CUDA is there).
+_REFUSED_STATES = (AssertionError, AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError)
 # For each driver: the metadata keys its restore reads, its counters, its history of objectives.
 _LAYOUTS = MappingProxyType({
     "fit": (("settings", "shapes"), ("step", "history.num_steps", "history.refused_steps"), "history.elbo"),
@@ -372,14 +374,15 @@ class _Contents:
             order = [i for group in saved["param_groups"] for i in group["params"]]
             entries = [(order.index(i), dict(value)) for i, value in saved["state"].items()]
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise self._error(f"holds a {key} that is not an optimiser's state", "a state_dict()") from None
+            raise self._error(f"holds a {key!r} that is not an optimiser's state", "a state_dict()") from None
         if saved_sizes != sizes:
-            raise self._error(f"holds a {key} over parameter groups of sizes {saved_sizes}", f"sizes {sizes}")
+            raise self._error(f"holds a {key!r} over parameter groups of sizes {saved_sizes}",
+                              f"sizes {sizes}")
         live = [p for group in optimizer.param_groups for p in group["params"]]
         for index, value in entries:
             for tensor in (v for v in value.values() if isinstance(v, torch.Tensor)):
                 if (tensor.dim() and tensor.shape != live[index].shape) or not torch.isfinite(tensor).all():
-                    raise self._error(f"holds a {key} state {_describe(tensor)} for a parameter of "
+                    raise self._error(f"holds a {key!r} state {_describe(tensor)} for a parameter of "
                                       f"{_describe(live[index])}", "finite scalars or tensors of its shape")
 
     def _check_rng(self, rng) -> None:
@@ -387,7 +390,7 @@ class _Contents:
         current = rng_state()
         try:
             set_rng_state(rng)
-        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+        except _REFUSED_STATES as exc:
             raise self._error(f"holds random generator states the generators refuse ({type(exc).__name__}: "
                               f"{exc})", "the states rng_state() records") from None
         finally:
