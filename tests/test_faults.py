@@ -183,3 +183,23 @@ def test_an_update_that_sends_a_finite_loss_up_by_orders_of_magnitude_is_undone(
     with pytest.raises(FreqviError, match="^" + re.escape(expected)):
         freqvi.fit(location_model, guide=no_latents, data=x, lr=1e6, num_steps=10, progress=False)
     assert pyro.param("loc").item() == 0.0
+
+
+def test_each_parameter_is_checked_under_its_own_constraint_whatever_the_order_of_names():
+    """fit hands GuardedStep names sorted without instance numbers ("Net.scale" < "NetGuide.loc") and
+    tensors sorted with them ("NetGuide_0.loc" < "Net_0.scale"): checked by name, the guide's loc of
+    1000 would go through the scale's exp and overflow."""
+    def model(x):
+        scale = pyro.param("Net_0.scale", torch.ones(2), constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(1000.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("obs", dist.Normal(z, scale).to_event(1), obs=x)
+
+    def guide(x):
+        loc = pyro.param("NetGuide_0.loc", torch.full((len(x), 2), 1000.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+    x = 1000.0 + torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    result = freqvi.fit(model, guide=guide, data=x, num_steps=5, seed=0, progress=False)
+    assert result.refused_steps == 0 and result.num_steps == 5

@@ -8,6 +8,7 @@ from collections import defaultdict
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.distributions.transforms import transform_to
 from pyro.infer import ELBO
 from pyro.optim import PyroOptim
@@ -62,8 +63,7 @@ class GuardedStep:
         self.update_diverged = False
         self.failure: str | None = None
         self.last_refusal = ""
-        constraints = pyro.get_param_store().get_state()["constraints"]
-        self.constrain = {n: transform_to(constraints[n]) for n in params}
+        self.constrained = _constrained_views(params)
         # the state before this step's update, and before the last accepted update (with its index)
         self.before, self.before_last = _Saved(), _Saved()
         self.last_accepted: int | None = None
@@ -146,7 +146,7 @@ class GuardedStep:
         if not math.isfinite(loss):
             return f"loss was {loss}"
         if not torch.isfinite(norm):
-            names = [n for n, p in self.params.items()
+            names = [n for n, p, _ in self.constrained
                      if p.grad is not None and not torch.isfinite(p.grad).all()]
             return f"gradient of {names} was not finite"
         return None
@@ -154,11 +154,11 @@ class GuardedStep:
     def _diverged(self) -> str | None:
         """What the update left non-finite: parameters as the model reads them, or optimiser state."""
         with torch.no_grad():
-            values = [self.constrain[n](p) for n, p in self.params.items()]
+            values = [(name, transform(p)) for name, p, transform in self.constrained]
             state = [t for t in _optimizer_tensors(self.optimizer) if t.is_floating_point()]
-            if _all_finite(values + state):
+            if _all_finite([v for _, v in values] + state):
                 return None
-        names = [n for n, v in zip(self.params, values, strict=True) if not _all_finite([v])]
+        names = [name for name, v in values if not _all_finite([v])]
         if names:
             return f"parameters {names} were not finite after its update"
         return "optimiser's state was not finite after its update"
@@ -274,6 +274,18 @@ class _Saved:
             states[o][p][key] = next(saved).clone() if isinstance(value, torch.Tensor) else value
         for o in _torch_optimizers(optimizer):
             o.state = states[o]
+
+
+def _constrained_views(params: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, object]]:
+    """Each unconstrained parameter with its param-store name and the transform to the value the model
+    reads, matched by the tensor itself: a caller's dict may pair names and tensors in another order."""
+    store = pyro.get_param_store().get_state()
+    names = {id(t): n for n, t in store["params"].items()}
+    views = []
+    for key, p in params.items():
+        name = names.get(id(p), key)
+        views.append((name, p, transform_to(store["constraints"].get(name, constraints.real))))
+    return views
 
 
 def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
