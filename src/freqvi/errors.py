@@ -14,6 +14,10 @@ class FreqviInputError(FreqviError, ValueError):
     """The data, a model, a guide or an option given to freqvi is not usable."""
 
 
+class CheckpointError(FreqviError, OSError):
+    """A checkpoint cannot be written: a full disk, a lost permission, another run writing it."""
+
+
 class FreqviWarning(UserWarning):
     """Base class of freqvi's warnings."""
 

@@ -19,7 +19,15 @@ from tqdm.auto import tqdm
 from freqvi.errors import ConvergenceWarning, FreqviError, FreqviInputError
 from freqvi.handlers import FrozenPosterior
 from freqvi.infer.batches import BatchSource, StreamedBatches, make_batches
-from freqvi.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, stable_name
+from freqvi.infer.checkpoint import (
+    check_checkpoint_path,
+    checkpoint_lock,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stable_name,
+)
 from freqvi.infer.devices import move_to, on_device, resolve_device
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import deferred_interrupts
@@ -193,7 +201,8 @@ def em(
     :param seed: seeds Python's, NumPy's and torch's generators first.
     :param checkpoint: a file to write the run's state to every ``checkpoint_every``
         iterations, at the end and on Ctrl-C or SIGTERM (the iteration finishes,
-        the checkpoint is written, then ``KeyboardInterrupt`` is raised), atomically.
+        the checkpoint is written, then ``KeyboardInterrupt`` is raised), atomically; the path
+        is checked and locked as :func:`~freqvi.fit`'s is.
     :param resume: a checkpoint to continue from, with the model built as for the
         run that wrote it; the result equals an uninterrupted run's, bit for bit on CPU.
 
@@ -208,6 +217,7 @@ def em(
     check_choice(m_step, "m_step", M_STEPS)
     max_iter = check_positive_int(max_iter, "max_iter")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+    check_checkpoint_path(checkpoint)
     tol = check_positive_float(tol, "tol", allow_zero=True)
     score_tol = check_positive_float(score_tol, "score_tol", allow_zero=True)
     settings = _Settings(
@@ -245,7 +255,8 @@ def em(
     start = time.perf_counter()
     # Distribution arguments were validated by check_pair; re-checking them each iteration
     # (Pyro's default) costs a third of an EM iteration on a mixture.
-    with pyro.validation_enabled(False), deferred_interrupts() as interrupted, on_device(device):
+    with pyro.validation_enabled(False), deferred_interrupts() as interrupted, on_device(device), \
+            checkpoint_lock(checkpoint):
         if resume is None:
             posterior, value = step.evaluate()
             result.log_likelihood.append(value)
@@ -430,7 +441,8 @@ class _EMStep:
                                       "params": [stable_name(n) for n in self.names]})
 
     def restore(self, path, result: EMResult) -> None:
-        state, metadata = load_checkpoint(path)
+        params, optimizers = dict(zip(self.names, self.params, strict=True)), {"e_optim": self.e_optim}
+        state, metadata = load_checkpoint(path, "em", params, optimizers if self.e_optim else {})
         names = [stable_name(n) for n in self.names]
         if metadata.get("kind") != "em" or metadata.get("m_step") != self.kind or metadata["params"] != names:
             raise FreqviInputError(

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from freqvi.errors import FreqviError, FreqviInputError
 from freqvi.estimators import get_estimator
 from freqvi.infer.batches import BatchSource, InMemoryBatches, make_batches
-from freqvi.infer.checkpoint import stable_name
+from freqvi.infer.checkpoint import check_checkpoint_path, checkpoint_lock, stable_name
 from freqvi.infer.devices import move_to, on_device, resolve_device
 from freqvi.infer.distributed import AveragedStep, DataParallel
 from freqvi.infer.optim import make_optimizer
@@ -130,10 +130,12 @@ def fit(
     :param eval_every: steps between held-out evaluations.
     :param patience: with ``validation_data``, stop after this many evaluations
         without a new best held-out ELBO (early stopping); ``None``: never.
-    :param max_retries: a step whose loss or gradients are not finite updates
+    :param max_retries: a step whose loss, gradients or update are not finite updates
         nothing and the next draws are tried; after this many refusals in a row the
         run stops with an error naming the step, estimator and offending site, the
-        last good parameters in place.
+        last good parameters in place (:class:`~freqvi.infer.step.GuardedStep`: an update
+        that sends the loss up a millionfold is undone at once, and a run with no accepted
+        step is an error).
     :param clip_norm: if given, each step's gradients are rescaled to at most this
         total norm.
     :param jit: trace the loss into a graph at the first step and replay it after
@@ -145,7 +147,9 @@ def fit(
         if given), at the end and on interruption (Ctrl-C or SIGTERM: the current step
         finishes, the checkpoint is written, then ``KeyboardInterrupt`` is raised):
         parameters, optimiser state, step, history, every random generator's state
-        and the minibatch order. Writes are atomic.
+        and the minibatch order. Writes are atomic. The path is checked before any work
+        (a regular file or nothing, in a writable folder) and locked while the run lasts:
+        a second run writing it, or a failed write, is a :class:`~freqvi.errors.CheckpointError`.
     :param resume: a checkpoint to continue from: build the model and guide as for
         the first run and call ``fit`` with the same arguments; the run then ends
         with the parameters an uninterrupted run would have (bit for bit on CPU). A
@@ -168,6 +172,7 @@ def fit(
         clip_norm = check_positive_float(clip_norm, "clip_norm")
     eval_every = check_positive_int(eval_every, "eval_every")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+    check_checkpoint_path(checkpoint)
     if checkpoint_seconds is not None:
         checkpoint_seconds = check_positive_float(checkpoint_seconds, "checkpoint_seconds")
     if patience is not None:
@@ -224,7 +229,8 @@ def fit(
                disable=not progress or (group is not None and not group.writer), desc="fit", unit="step")
     # check_pair validated the distributions' arguments; Pyro re-checks them at every step by
     # default, a large share of a small model's step. GuardedStep refuses non-finite steps instead.
-    with pyro.validation_enabled(False), deferred_interrupts() as signalled, on_device(device):
+    with pyro.validation_enabled(False), deferred_interrupts() as signalled, on_device(device), \
+            checkpoint_lock(checkpoint, group is None or group.writer):
         # read once a step; in a group, a signal to any process stops all after the same step
         agreed = (lambda flag: flag) if group is None else group.any
         written = time.monotonic()
@@ -254,6 +260,7 @@ def fit(
             if result.converged or result.stopped_early:
                 break
     bar.close()
+    take_step.require_progress()
     if keeper is not None:
         keeper.restore()
     result.wall_time = time.perf_counter() - start
