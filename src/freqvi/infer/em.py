@@ -441,8 +441,8 @@ class _EMStep:
                                       "params": [stable_name(n) for n in self.names]})
 
     def restore(self, path, result: EMResult) -> None:
-        params, optimizers = dict(zip(self.names, self.params, strict=True)), {"e_optim": self.e_optim}
-        state, metadata = load_checkpoint(path, "em", params, optimizers if self.e_optim else {})
+        # L-BFGS steps keep no state between iterations: there is no optimiser state to restore
+        state, metadata = load_checkpoint(path, "em", dict(zip(self.names, self.params, strict=True)), {})
         names = [stable_name(n) for n in self.names]
         if metadata.get("kind") != "em" or metadata.get("m_step") != self.kind or metadata["params"] != names:
             raise FreqviInputError(
