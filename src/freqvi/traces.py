@@ -231,6 +231,12 @@ def param_names(tr: Trace) -> set[str]:
 
 
 def unconstrained_params(names) -> list[torch.Tensor]:
-    """The leaf tensors an optimiser updates for the named params."""
+    """The leaf tensors an optimiser updates for the named params, in the order of ``names``.
+
+    A set is taken in sorted order. A list keeps its order, so ``zip(names, tensors)`` pairs each
+    name with its own tensor (re-sorting here once paired ``Net_0.scale`` with ``NetGuide_0.loc``'s
+    tensor, since callers sort by names without instance numbers).
+    """
     store = pyro.get_param_store()
-    return [store.get_param(n).unconstrained() for n in sorted(names)]
+    ordered = sorted(names) if isinstance(names, set | frozenset) else names
+    return [store.get_param(n).unconstrained() for n in ordered]
