@@ -18,7 +18,7 @@ initialisation, k-means++ and Lloyd, drawn once per data set):
 * ``freqvi->sk``: the same path stopped (``max_iter``) at the first iteration
   whose log-likelihood reaches scikit-learn's final one less 1e-4 nats per
   observation: the time freqvi takes to get where scikit-learn gets;
-* ``freqvi-grad``: ``m_step="gradient"`` (Adam on the Q-function ELBO), under a
+* ``freqvi-grad``: ``m_step="gradient"`` (L-BFGS on the Q-function), under a
   bounded budget of EM iterations given in the table.
 
 Each fit's final parameters are scored by one exact float64 evaluation of the

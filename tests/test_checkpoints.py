@@ -1,16 +1,22 @@
 """Checkpoints: an interrupted and resumed fit ends where an uninterrupted one does, bit for bit."""
 
+import errno
 import os
+import re
 import signal
+import stat
+import tempfile
 import threading
 
+import pyro
 import pytest
 import torch
 from simulate import factor_data
 
 import freqvi
-from freqvi.errors import FreqviInputError
-from freqvi.infer.checkpoint import load_checkpoint
+from freqvi.errors import CheckpointError, FreqviInputError
+from freqvi.infer import checkpoint as checkpoint_module
+from freqvi.infer.checkpoint import checkpoint_lock, load_checkpoint
 from freqvi.models import FactorAnalysis
 
 
@@ -94,3 +100,124 @@ def test_resumed_em_equals_the_uninterrupted_one(tmp_path, guide):
     for name in whole:
         assert torch.equal(resumed[name], whole[name]), name
     assert result.log_likelihood == whole_result.log_likelihood
+
+
+def em_run(max_iter, **options):
+    """Exact EM on a fresh factor model, from seed 0."""
+    fa = FactorAnalysis(5, 2)
+    return freqvi.em(fa, data=factor_data(n=60), max_iter=max_iter, tol=0.0, seed=0, progress=False,
+                     **options)
+
+
+def special_file(folder, kind):
+    """A path in ``folder`` holding something other than a regular file, made here (never a system path)."""
+    path = folder / kind
+    if kind == "device":
+        try:  # the null device's numbers, on a node of our own
+            os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("this process may not create device nodes (os.mknod needs CAP_MKNOD)")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+@pytest.mark.parametrize("driver", [run, em_run])
+@pytest.mark.parametrize(("kind", "described"), [("device", "a character device"), ("fifo", "a FIFO"),
+                                                 ("directory", "a directory")])
+def test_a_path_that_is_not_a_regular_file_is_refused_before_any_work_and_left_alone(
+        tmp_path, driver, kind, described):
+    path = special_file(tmp_path, kind)
+    mode = path.stat().st_mode
+    with pytest.raises(FreqviInputError, match=f"is {described}, not a regular file"):
+        driver(5, checkpoint=path)
+    assert not pyro.get_param_store().keys()  # refused before the model was first run
+    assert path.stat().st_mode == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kind]
+
+
+@pytest.mark.parametrize("driver", [run, em_run])
+def test_an_empty_path_is_refused_before_any_work(driver):
+    with pytest.raises(FreqviInputError, match="checkpoint must name a file; got an empty path"):
+        driver(5, checkpoint="")
+    assert not pyro.get_param_store().keys()
+
+
+def test_a_folder_where_no_file_can_be_created_is_refused_before_any_work(tmp_path, monkeypatch):
+    def refuse(**options):  # what mkstemp raises in a folder without write permission
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", refuse)
+    with pytest.raises(FreqviInputError, match=r"no file can be created in the folder .*Permission denied"):
+        run(5, checkpoint=tmp_path / "fit.ckpt")
+    assert not pyro.get_param_store().keys()
+
+
+def test_a_checkpoint_behind_a_symbolic_link_is_written_through_it(tmp_path):
+    target, link = tmp_path / "target.ckpt", tmp_path / "link.ckpt"
+    target.write_bytes(b"")
+    link.symlink_to(target)
+    run(3, checkpoint=link)
+    assert link.is_symlink() and load_checkpoint(target)[0]["step"] == 3
+
+
+def test_a_full_disk_is_a_checkpoint_error_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    path = tmp_path / "fit.ckpt"
+    run(5, checkpoint=path)
+    before = path.read_bytes()
+
+    def disk_full(file, data):  # a third of the bytes fit, then the device is full
+        file.write(data[: len(data) // 3])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_module, "_write_all", disk_full)
+    expected = (rf"checkpoint '{re.escape(str(path))}' could not be written \(OSError: .*No space left on "
+                r"device\); the previous checkpoint there, if any, is intact")
+    with pytest.raises(CheckpointError, match=expected):
+        run(10, resume=path, checkpoint=path, checkpoint_every=1)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.ckpt"]  # no temporary, no lock file
+
+
+def test_a_second_writer_of_the_same_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    with checkpoint_lock(path):  # held as a run in progress holds it
+        with pytest.raises(CheckpointError, match="is being written by another run"):
+            run(5, checkpoint=path)
+        assert not path.exists()  # refused before its first step
+    run(5, checkpoint=path)  # the lock is released with the run holding it
+    assert load_checkpoint(path)[0]["step"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.ckpt"]
+
+
+def test_stale_temporaries_of_this_checkpoint_are_removed_and_no_others(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    stale = [tempfile.mkstemp(dir=tmp_path, prefix=".fit.ckpt.", suffix=".tmp") for _ in range(3)]
+    others = [tempfile.mkstemp(dir=tmp_path, prefix=f".{name}.", suffix=".tmp")[1]
+              for name in ("fit.ckpt.old", "fit")]  # those of checkpoints named fit.ckpt.old and fit
+    for handle, _ in stale:
+        os.close(handle)
+    run(3, checkpoint=path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["fit.ckpt", *(os.path.basename(o) for o in others)])
+
+
+@pytest.mark.parametrize(("resume", "message"), [
+    (123, "a checkpoint to resume from must be a path \\(str or os.PathLike\\); got int"),
+    ("missing.ckpt", "'missing.ckpt' does not exist or is not a regular file"),
+    (".", "'.' does not exist or is not a regular file"),
+])
+def test_a_resume_path_that_names_no_checkpoint_file_is_refused(resume, message):
+    with pytest.raises(FreqviInputError, match=message):
+        run(5, resume=resume)
+
+
+@pytest.mark.parametrize("folder", ["missing", "a-file"])
+def test_a_path_in_no_folder_is_refused_before_any_work(tmp_path, folder):
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(FreqviInputError, match=rf"the folder of .*{folder}.* does not exist or is not a"):
+        run(5, checkpoint=tmp_path / folder / "fit.ckpt")
+    assert not pyro.get_param_store().keys()

@@ -12,14 +12,14 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from simulate import factor_data
+from simulate import factor_data, mixture_data
 
 import freqvi
-from freqvi.errors import FreqviError, FreqviInputError
+from freqvi.errors import CheckpointError, FreqviError, FreqviInputError
 from freqvi.infer import checkpoint as checkpoint_module
 from freqvi.infer.checkpoint import load_checkpoint
 from freqvi.infer.run_state import RunState
-from freqvi.models import FactorAnalysis
+from freqvi.models import FactorAnalysis, GaussianMixture
 
 TESTS = Path(__file__).parent
 
@@ -59,6 +59,70 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = run(stopped_at + 12, resume=path)
     for name in whole:
         assert torch.equal(resumed[name], whole[name]), name
+
+
+def wait_for(path: Path, child: subprocess.Popen, seconds: float = 60) -> None:
+    """Waits until ``path`` exists, failing if the child process ends first or time runs out."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert child.poll() is None, child.stderr.read().decode()
+        assert time.monotonic() < deadline, f"{path} did not appear in {seconds} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_second_process_writing_the_same_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stderr=subprocess.PIPE)
+    try:
+        wait_for(path, child)  # its first checkpoint is written: it holds the lock
+        with pytest.raises(CheckpointError, match=r"fit.ckpt' is being written by another run"):
+            run(5, checkpoint=path)
+        assert child.poll() is None
+        assert load_checkpoint(path)[0]["step"] % 7 == 0  # the child's (every 7 steps), not one of step 5
+    finally:
+        child.send_signal(signal.SIGTERM)  # the child writes a last checkpoint and stops
+        child.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.ckpt"]  # its lock file went with it
+    run(5, checkpoint=path)
+    assert load_checkpoint(path)[0]["step"] == 5
+
+
+STALLED_WRITER = f"""
+import sys, time
+sys.path.insert(0, {str(TESTS)!r})
+from freqvi.infer import checkpoint
+
+def stall(file, data):  # half the bytes reach the temporary file, then the process waits to be killed
+    file.write(data[: len(data) // 2])
+    file.flush()
+    open(sys.argv[2], "w").close()
+    time.sleep(600)
+
+checkpoint._write_all = stall
+from test_fault_tolerance import run
+run(10**7, checkpoint=sys.argv[1], checkpoint_every=3)
+"""
+
+
+@pytest.mark.slow
+def test_kills_during_writes_leave_no_temporary_file_after_the_next_run(tmp_path):
+    path, writing = tmp_path / "fit.ckpt", tmp_path / "writing"
+    for kill in range(3):
+        child = subprocess.Popen([sys.executable, "-c", STALLED_WRITER, str(path), str(writing)],
+                                 stderr=subprocess.PIPE)
+        try:
+            wait_for(writing, child)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        writing.unlink()
+        # each run removed the temporary the kill before it left: one is there, this kill's
+        assert len(list(tmp_path.glob(".fit.ckpt.*.tmp"))) == 1, kill
+    assert not path.exists()
+    run(5, checkpoint=path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.ckpt"]
+    assert load_checkpoint(path)[0]["step"] == 5
 
 
 class RunsCode:
@@ -163,3 +227,115 @@ def test_checkpoint_seconds_writes_once_that_long_has_passed(tmp_path, monkeypat
     monkeypatch.setattr(RunState, "save", lambda self, path, step: written.append(step))
     run(6, checkpoint=tmp_path / "fit.ckpt", checkpoint_every=10**9, checkpoint_seconds=seconds)
     assert written == expected
+
+
+def em_mixture(k: int, **options):
+    """Exact EM on a k-component mixture of simulated 2-D data, from seed 0; the model and its result."""
+    mixture = GaussianMixture(k, 2)
+    result = freqvi.em(mixture, data=mixture_data(n=120), max_iter=3, tol=0.0, seed=0, progress=False,
+                       **options)
+    return mixture, result
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+def test_a_checkpoint_of_the_other_driver_is_refused_saying_which_wrote_it(tmp_path):
+    fit_path, em_path = tmp_path / "fit.ckpt", tmp_path / "em.ckpt"
+    run(3, checkpoint=fit_path)
+    em_mixture(2, checkpoint=em_path)
+    with pytest.raises(FreqviInputError, match=r"was written by freqvi.em; this freqvi.fit run can resume "
+                                               r"only from a checkpoint of freqvi.fit"):
+        run(5, resume=em_path)
+    with pytest.raises(FreqviInputError, match=r"was written by freqvi.fit; this freqvi.em run can resume "
+                                               r"only from a checkpoint of freqvi.em"):
+        em_mixture(2, resume=fit_path)
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+def test_a_checkpoint_of_another_number_of_components_is_refused_and_nothing_restored(tmp_path):
+    path = tmp_path / "em.ckpt"
+    em_mixture(2, checkpoint=path)
+    mixture, _ = em_mixture(3)
+    before = {k: v.clone() for k, v in mixture.estimates().items()}
+    expected = (r"holds \{'GaussianMixture.locs': 'shape \(2, 2\) float64', .*expected "
+                r"\{'GaussianMixture.locs': 'shape \(3, 2\) float64'")
+    with pytest.raises(FreqviInputError, match=expected):
+        freqvi.em(mixture, data=mixture_data(n=120), max_iter=5, progress=False, resume=path)
+    for name, value in mixture.estimates().items():
+        assert torch.equal(value, before[name]), name
+
+
+def rewritten(path: Path, edit) -> Path:
+    """A copy of the checkpoint at ``path`` whose state ``edit`` changed, its SHA-256 digest recomputed."""
+    state, metadata = load_checkpoint(path)
+    edit(state)
+    copy = path.with_name("edited-" + path.name)
+    checkpoint_module.save_checkpoint(copy, state, {k: v for k, v in metadata.items()
+                                                    if k not in ("format", "sha256")})
+    return copy
+
+
+def set_in(*keys, value):
+    """An edit setting ``state[k1][k2]...`` to ``value``, or to ``value(old)`` if it is callable."""
+    def edit(state):
+        *outer, last = keys
+        for key in outer:
+            state = state[key]
+        state[last] = value(state[last]) if callable(value) else value
+    return edit
+
+
+FIT_EDITS = {
+    "a negative step": (set_in("step", value=-3), r"holds step = -3; expected a non-negative integer"),
+    "a step below the history": (set_in("step", value=1), r"records 3 objectives at step 1"),
+    "a parameter that would broadcast": (
+        set_in("params", "FactorAnalysis.noise_variance", value=lambda v: v[:1]),
+        r"holds \{'FactorAnalysis.noise_variance': 'shape \(1,\) float64'\}; expected "
+        r"\{'FactorAnalysis.noise_variance': 'shape \(5,\) float64'\}"),
+    "a float32 parameter": (set_in("params", "FactorAnalysis.loading", value=lambda v: v.float()),
+                            r"'FactorAnalysis.loading': 'shape \(5, 2\) float32'"),
+    "a parameter fewer": (lambda s: s["params"].pop("FactorAnalysis.loading"),
+                          r"holds parameters \['FactorAnalysis.mean', .*expected this run's parameters "
+                          r"\['FactorAnalysis.loading', 'FactorAnalysis.mean', "),
+    "a NaN parameter": (set_in("params", "FactorAnalysis.mean", value=lambda v: v * math.nan),
+                        r"holds non-finite values in \['FactorAnalysis.mean'\]"),
+    "an optimiser moment that would broadcast": (
+        set_in("optimizer", "state", 0, "exp_avg", value=lambda v: v.flatten()[:1]),
+        r"holds a 'optimizer' state shape \(1,\) float64 for a parameter of shape \(5, 2\) float64"),
+    "a truncated generator state": (set_in("ranks", 0, "rng", "torch", value=lambda v: v[:100]),
+                                    r"holds random generator states the generators refuse"),
+    "a minibatch order past the rows": (set_in("ranks", 0, "batches", "order", value=lambda v: v + 1),
+                                        r"holds a minibatch order shape \(60,\) int64 at position 48"),
+    "a negative minibatch position": (set_in("ranks", 0, "batches", "position", value=-16),
+                                      r"at position -16; expected a permutation of the rows"),
+    "a history with a NaN": (set_in("history", "elbo", value=lambda v: [*v[:-1], math.nan]),
+                             r"holds a history.elbo that is not a list of finite numbers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIT_EDITS))
+def test_an_edited_fit_checkpoint_with_its_digest_recomputed_is_refused(tmp_path, case):
+    path = tmp_path / "fit.ckpt"
+    run(3, checkpoint=path)
+    edit, message = FIT_EDITS[case]
+    with pytest.raises(FreqviInputError, match=message):
+        run(5, resume=rewritten(path, edit))
+
+
+EM_EDITS = {
+    "a negative iteration count": (set_in("history", "num_iter", value=-1), r"holds history.num_iter = -1"),
+    "an iteration count off its history": (set_in("history", "num_iter", value=1),
+                                           r"records 4 objectives after 1 iterations"),
+    "a boolean for a count": (set_in("t", value=True), r"holds t = True; expected a non-negative integer"),
+    "a numpy generator state cut short": (set_in("rng", "numpy", value=lambda v: v[:2]),
+                                          r"holds random generator states the generators refuse"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+@pytest.mark.parametrize("case", sorted(EM_EDITS))
+def test_an_edited_em_checkpoint_with_its_digest_recomputed_is_refused(tmp_path, case):
+    path = tmp_path / "em.ckpt"
+    em_mixture(2, checkpoint=path)
+    edit, message = EM_EDITS[case]
+    with pytest.raises(FreqviInputError, match=message):
+        em_mixture(2, resume=rewritten(path, edit))

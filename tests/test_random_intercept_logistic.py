@@ -234,7 +234,7 @@ def test_joint_svi_reaches_the_quadrature_mle_with_elbo_below_the_log_likelihood
 @pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
 def test_variational_em_reaches_the_quadrature_mle(data, mle):
     model = RandomInterceptLogistic(2)
-    result = freqvi.em(model, data, max_iter=12, e_step_iters=100, e_step_lr=0.01, m_step_iters=20,
+    result = freqvi.em(model, data, max_iter=12, m_step_iters=20,
                        seed=0, progress=False)
     assert result.m_step == "gradient"
     assert_near(model.estimates(), mle)

@@ -114,3 +114,17 @@ def test_closed_form_m_step_needs_a_model_that_offers_it():
 
     with pytest.raises(FreqviInputError, match="m_step='closed_form' needs a model"):
         freqvi.em(model, mixture_data(n=50), guide=lambda x: None, m_step="closed_form")
+
+
+def test_unconstrained_params_keep_the_order_of_the_names_they_are_given():
+    """fit and em sort names without instance numbers (checkpoints survive a rebuilt model) and
+    zip them with these tensors: re-sorting by the raw names here paired names with other tensors."""
+    import pyro
+
+    from freqvi.traces import unconstrained_params
+
+    pyro.param("Net_0.scale", torch.ones(3))
+    pyro.param("NetGuide_0.loc", torch.zeros(10, 3))
+    names = ["Net_0.scale", "NetGuide_0.loc"]  # the order of stable names; raw sorting swaps them
+    assert [t.shape for t in unconstrained_params(names)] == [(3,), (10, 3)]
+    assert [t.shape for t in unconstrained_params(set(names))] == [(10, 3), (3,)]

@@ -312,10 +312,11 @@ def vae_report(data_name: str, train: torch.Tensor, test: torch.Tensor, model: V
         "test_log_likelihood": {
             "total": loglik.total, "mean_per_observation": loglik.total / n_test,
             "standard_error": loglik.standard_error, "num_samples": loglik.num_samples,
-            "pareto_k_max": float(loglik.pareto_k.max()),
+            "pareto_k_max": loglik.max_pareto_k,
             # Bernoulli on grey levels scores a cross-entropy, not a normalised density
             "normalised": model.likelihood != "bernoulli" or bool(((test == 0) | (test == 1)).all()),
-            "pareto_k_fraction_above_0.7": float((loglik.pareto_k > 0.7).mean()),
+            "pareto_k_fraction_above_0.7": loglik.num_heavy_tailed / n_test,
+            "pareto_k_fraction_unestimable": loglik.num_unestimable / n_test,
         },
         "test_elbo": {"elbo_per_observation": terms.elbo / n_test,
                       "reconstruction_per_observation": terms.reconstruction / n_test,
@@ -355,7 +356,9 @@ def format_vae_report(report: dict, out: Path) -> str:
         f"fit             {fit['estimator']}, {fit['num_steps']} steps, best held-out ELBO at step "
         f"{fit['best_step']}{' (stopped early)' if fit['stopped_early'] else ''}, {fit['wall_time']:.1f} s",
         f"log-likelihood  {ll['mean_per_observation']:.3f} per test observation (SE of the total "
-        f"{ll['standard_error']:.3f}, K = {ll['num_samples']}, max PSIS k-hat {ll['pareto_k_max']:.2f})"
+        f"{ll['standard_error']:.3f}, K = {ll['num_samples']}, max PSIS k-hat {ll['pareto_k_max']:.2f}"
+        + (f", k-hat not estimable for {ll['pareto_k_fraction_unestimable']:.0%}: tied or too few weights"
+           if ll["pareto_k_fraction_unestimable"] else "") + ")"
         + ("" if ll["normalised"] else "; a cross-entropy, not a log-likelihood: the Bernoulli likelihood "
            "is normalised on binary data only (binarise the data, or use --likelihood "
            "continuous_bernoulli)"),

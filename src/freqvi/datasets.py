@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from freqvi.errors import FreqviInputError
-from freqvi.validation import as_tensor, check_choice, check_finite, check_positive_int
+from freqvi.validation import as_real, check_choice, check_finite, check_positive_int
 
 FILE_TYPES = (".npy", ".csv")
 DIGITS_SPLITS = ("train", "test", "all")
@@ -125,7 +125,7 @@ def _standardised_split(points: np.ndarray, split: str, dtype: torch.dtype) -> t
     return torch.as_tensor(scaled[rows], dtype=_check_dtype(dtype))
 
 
-def load_array(path_or_array, dtype: torch.dtype | None = None) -> torch.Tensor:
+def load_array(path_or_array, dtype: torch.dtype | None = None, *, allow_nan: bool = False) -> torch.Tensor:
     """A 2-D tensor of observations, shape ``(n_observations, dim)``, from an array or a file.
 
     :param path_or_array: a tensor or array-like of shape ``(n, dim)``, or the path
@@ -134,19 +134,35 @@ def load_array(path_or_array, dtype: torch.dtype | None = None) -> torch.Tensor:
         detected automatically, ``#`` comments skipped). A one-column CSV gives ``(n, 1)``.
     :param dtype: the floating dtype to return; default: precision follows the data
         (float64 stays float64, so CSV files load as float64; other numbers become float32).
+    :param allow_nan: keep NaN entries, as missing values, for a model that handles them;
+        by default they are refused. Infinite values are refused either way, also those a
+        narrower ``dtype`` makes (1e300 in float32).
     :raises FreqviInputError: for a missing file, an extension other than ``.npy`` or
-        ``.csv``, non-numeric or non-finite content, or data that is not 2-D.
+        ``.csv``, non-numeric content, NaN (unless ``allow_nan``) or infinite values
+        (naming the first one's row and column), or data that is not 2-D.
     """
     if isinstance(path_or_array, str | os.PathLike):
-        path = Path(path_or_array)
-        name = str(path)
-        x = as_tensor(_read_file(path), name)
-        check_finite(x, name)
+        name = str(path_or_array)
+        x = as_real(_read_file(Path(path_or_array)), name)
     else:
         name = "data"
-        x = as_tensor(path_or_array, name)
+        x = as_real(path_or_array, name)
     _check_2d(x, name)
-    return x if dtype is None else x.to(_check_dtype(dtype))
+    x = x if dtype is None else x.to(_check_dtype(dtype))
+    _check_values(x, name, allow_nan)
+    return x
+
+
+def _check_values(x: torch.Tensor, name: str, allow_nan: bool) -> None:
+    """Refuses infinite values, and NaN unless ``allow_nan``, naming the first one's place."""
+    check_finite(torch.where(torch.isnan(x), 0.0, x), name)  # infinities first: never a missing value
+    missing = torch.isnan(x)
+    if not allow_nan and missing.any():
+        row, column = (int(i) for i in missing.nonzero()[0])
+        raise FreqviInputError(
+            f"{name} holds {int(missing.sum())} non-finite value(s), NaN (first at row {row}, column "
+            f"{column}); remove or impute them, or pass allow_nan=True if the model handles missing values."
+        )
 
 
 def _read_file(path: Path) -> np.ndarray:

@@ -14,6 +14,10 @@ class FreqviInputError(FreqviError, ValueError):
     """The data, a model, a guide or an option given to freqvi is not usable."""
 
 
+class CheckpointError(FreqviError, OSError):
+    """A checkpoint cannot be written: a full disk, a lost permission, another run writing it."""
+
+
 class FreqviWarning(UserWarning):
     """Base class of freqvi's warnings."""
 
@@ -23,7 +27,11 @@ class ConvergenceWarning(FreqviWarning):
 
 
 class ImportanceSamplingWarning(FreqviWarning):
-    """Importance weights are too heavy-tailed to trust (PSIS k-hat > 0.7)."""
+    """An importance-sampling estimate is not vouched for: its weights are heavy-tailed (PSIS k-hat > 0.7)."""
+
+
+class UnestimableParetoKWarning(ImportanceSamplingWarning):
+    """PSIS k-hat cannot be estimated (too few draws, or tied weights): the tails are not diagnosed."""
 
 
 class FitInterruptedWarning(FreqviWarning):

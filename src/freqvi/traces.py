@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
+from pyro.util import get_rng_state, set_rng_state
 
 from freqvi.errors import FreqviInputError
+from freqvi.validation import dtype_note
 
 
 def trace(fn: Callable, *args, **kwargs) -> Trace:
@@ -55,6 +58,46 @@ def is_auxiliary(site: dict) -> bool:
     return bool(site["infer"].get("is_auxiliary", False))
 
 
+def is_point_mass(fn) -> bool:
+    """Whether a distribution is a point mass: a ``Delta``, possibly reshaped, masked or transformed."""
+    while not isinstance(fn, dist.Delta) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
+
+
+def check_proposal(guide: Callable, guide_trace: Trace, *args, **kwargs) -> None:
+    """Refuses a guide that puts a point mass on a model latent: it is no importance proposal.
+
+    Importance weights :math:`p(x, z) / q(z)` need a proposal density over the
+    model's latent values. A guide site that is a ``Delta`` has one only when
+    its value is a function of auxiliary draws (an autoguide's joint vector,
+    its Jacobian in the ``Delta``'s log density); ``AutoDelta`` and other
+    point-mass guides put all their mass on one value. Such a site is told
+    apart by drawing the guide twice (``guide_trace`` and a fresh run): a point
+    mass keeps its value, a transformed auxiliary draw does not.
+
+    :raises FreqviInputError: naming the point-mass sites and a guide to use instead.
+    """
+    masses = [name for name, site in latent_sites(guide_trace).items()
+              if not is_auxiliary(site) and is_point_mass(site["fn"])]
+    if masses and any(is_auxiliary(site) for site in latent_sites(guide_trace).values()):
+        rng = get_rng_state()  # the check leaves the caller's random stream as it was
+        with torch.no_grad():
+            again = trace(guide, *args, **kwargs).nodes
+        set_rng_state(rng)
+        masses = [name for name in masses
+                  if torch.equal(again[name]["value"], guide_trace.nodes[name]["value"])]
+    if masses:
+        raise FreqviInputError(
+            f"the guide puts a point mass (Delta, as AutoDelta does) on the latent site(s) {masses}: "
+            "importance sampling and importance-weighted bounds need a proposal with a density that "
+            "covers the posterior, and a point mass gives log p(x, z_hat) with no standard error, "
+            "not log p(x). Use a guide with a density, e.g. pyro.infer.autoguide.AutoNormal or "
+            "AutoMultivariateNormal (initialised at the point estimate with init_to_value), "
+            "freqvi.guides.LocalMeanField or AmortizedNormal."
+        )
+
+
 def is_enumerated(site: dict) -> bool:
     """Whether a site asks to be summed out by parallel enumeration."""
     return site["infer"].get("enumerate") == "parallel"
@@ -90,7 +133,7 @@ def data_plate(model_trace: Trace, name: str, num_data: int):
     raise FreqviInputError(
         f"the model has no vectorised plate called {name!r} over the observations; write "
         f"`with pyro.plate({name!r}, len(x)) as i:` around its per-observation sites "
-        "(or pass the plate's name as data_plate=...)."
+        "(or pass the plate's name to the driver as data_plate_name=...)."
     )
 
 
@@ -106,12 +149,17 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
         with torch.no_grad():
             guide_trace = trace(guide, *data)
             model_trace = trace(poutine.replay(model, trace=guide_trace), *data)
+            for tr in (guide_trace, model_trace):
+                _compute_densities(tr)
     except FreqviInputError:
         raise
+    except KeyError as exc:
+        raise FreqviInputError(_key_error_message(exc)) from exc
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise FreqviInputError(
-            f"running the model/guide pair on the data failed: {type(exc).__name__}: {exc}"
+            f"running the model/guide pair on the data failed: {type(exc).__name__}: {exc}{dtype_note(data)}"
         ) from exc
+    _check_plate_sizes(model_trace, guide_trace)
     model_latent = latent_sites(model_trace)
     guide_latent = latent_sites(guide_trace)
     extra = sorted(name for name, site in guide_latent.items()
@@ -133,12 +181,62 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
     return model_trace, guide_trace
 
 
+def _compute_densities(tr: Trace) -> None:
+    """Computes a trace's log-densities, so that a density that cannot take its values (a dtype it
+    refuses, a shape that does not broadcast: RuntimeError) fails before any step.
+
+    Values outside a support (a ValueError under validation, as Pyro wraps it) are left to the
+    drivers' step guard, which names the site whose log-density is not finite.
+    """
+    try:
+        tr.compute_log_prob(lambda name, site: not isinstance(site["fn"], _Subsample))
+    except ValueError:
+        pass
+
+
+def _plate_sizes(tr: Trace) -> dict[str, int]:
+    """The full size of each vectorised plate of a trace's sample sites."""
+    return {frame.name: frame.full_size or frame.size
+            for site in tr.nodes.values() if site["type"] == "sample"
+            for frame in site["cond_indep_stack"] if frame.vectorized}
+
+
+def _check_plate_sizes(model_trace: Trace, guide_trace: Trace) -> None:
+    """Raises where model and guide give one plate different sizes: a guide built for other data."""
+    model_sizes, guide_sizes = _plate_sizes(model_trace), _plate_sizes(guide_trace)
+    differ = {name: (model_sizes[name], size) for name, size in guide_sizes.items()
+              if name in model_sizes and model_sizes[name] != size}
+    if differ:
+        raise FreqviInputError(
+            "model and guide disagree on the size of the plates (model, guide) "
+            f"{differ}: the guide holds state for other data (one value per observation of another data "
+            "set); build the guide for these data."
+        )
+
+
+def _key_error_message(exc: KeyError) -> str:
+    """What a KeyError while first running a pair means: usually a ``pyro.param`` read before it exists."""
+    key = exc.args[0] if exc.args else None
+    if isinstance(key, str) and key not in pyro.get_param_store():
+        return (f"running the model/guide pair on the data failed: pyro.param({key!r}) was read before it "
+                "was created. Drivers run the guide first (as SVI does), so a guide that reads the model's "
+                f"parameters must create them as the model does: pyro.param({key!r}, initial_value), or "
+                "share a function that creates them with the model.")
+    return f"running the model/guide pair on the data failed: KeyError: {exc}"
+
+
 def param_names(tr: Trace) -> set[str]:
     """Names of the ``pyro.param`` sites recorded in a trace."""
     return {name for name, site in tr.nodes.items() if site["type"] == "param"}
 
 
 def unconstrained_params(names) -> list[torch.Tensor]:
-    """The leaf tensors an optimiser updates for the named params."""
+    """The leaf tensors an optimiser updates for the named params, in the order of ``names``.
+
+    A set is taken in sorted order. A list keeps its order, so ``zip(names, tensors)`` pairs each
+    name with its own tensor (re-sorting here once paired ``Net_0.scale`` with ``NetGuide_0.loc``'s
+    tensor, since callers sort by names without instance numbers).
+    """
     store = pyro.get_param_store()
-    return [store.get_param(n).unconstrained() for n in sorted(names)]
+    ordered = sorted(names) if isinstance(names, set | frozenset) else names
+    return [store.get_param(n).unconstrained() for n in ordered]

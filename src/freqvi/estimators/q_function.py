@@ -31,17 +31,20 @@ class QFunctionELBO(ELBO):
     Its gradient at theta = theta' is the score, by Fisher's identity
     (Dempster, Laird and Rubin 1977; Louis 1982): with the exact posterior as
     guide, :math:`\nabla_\theta Q(\theta \mid \theta')|_{\theta=\theta'} =
-    \nabla_\theta \ell(\theta')`. In :func:`freqvi.em` the guide is frozen for a
-    whole M-step, which makes the M-step maximise Q; in a plain
-    :class:`~pyro.infer.SVI` loop each step re-freezes the guide, which makes
-    SVI gradient ascent on the log-likelihood itself (generalised EM).
+    \nabla_\theta \ell(\theta')`. In a plain :class:`~pyro.infer.SVI` loop each
+    step re-freezes the guide, which makes SVI gradient ascent on the log-likelihood
+    itself (generalised EM). :func:`freqvi.em` maximises the same Q with the guide
+    frozen for a whole M-step, written as the frozen guide's ELBO (which differs from
+    Q by :math:`H(q)`, constant in theta) so that Q and the recorded objective share
+    their draws.
 
     :param int num_particles: Monte-Carlo draws for non-enumerated sites.
     :param max_plate_nesting: as in :class:`~pyro.infer.ELBO`; guessed if infinite.
     """
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf")):
-        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
+                         vectorize_particles=True)  # as its TraceEnum_ELBO: drivers check the pair for it
         self._elbo = TraceEnum_ELBO(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from freqvi.errors import FitInterruptedWarning, FreqviError, FreqviInputError
 from freqvi.estimators import get_estimator
 from freqvi.infer.batches import BatchSource, InMemoryBatches, make_batches
-from freqvi.infer.checkpoint import stable_name
+from freqvi.infer.checkpoint import check_checkpoint_path, checkpoint_lock, stable_name
 from freqvi.infer.devices import move_to, on_device, resolve_device
 from freqvi.infer.distributed import AveragedStep, DataParallel
 from freqvi.infer.optim import make_optimizer
@@ -28,7 +28,8 @@ from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import RunState, deferred_interrupts
 from freqvi.infer.step import GuardedStep
 from freqvi.infer.threads import thread_policy
-from freqvi.traces import check_pair, param_names, unconstrained_params
+from freqvi.infer.vectorize import check_particles
+from freqvi.traces import check_pair, max_plate_nesting, param_names, unconstrained_params
 from freqvi.validation import as_data, check_positive_float, check_positive_int
 
 _VALIDATION_SEED = 20_231_117
@@ -118,13 +119,17 @@ def fit(
         exact-posterior guide) or a ``(model, guide)`` tuple.
     :param guide: the guide callable, or ``None`` as above.
     :param data: one array or a tuple of arrays, passed to model and guide as
-        positional arguments; float64 data fits in float64. Or data larger than
+        positional arguments; float64 data fits in float64, integer and boolean arrays pass
+        unchanged, NaN cells only marked by :func:`freqvi.with_missing`. Or data larger than
         memory: an iterable of batches (a :class:`torch.utils.data.DataLoader`,
         :class:`freqvi.datasets.NpyBatches`, a generator; each batch an array or a
         tuple of arrays), the model called with each batch in turn and its data plate
         scaled by ``num_observations / len(batch)``.
     :param loss: an :class:`~pyro.infer.ELBO` or a name from
-        :data:`freqvi.estimators.ESTIMATORS`; ``loss_options`` go to its constructor.
+        :data:`freqvi.estimators.ESTIMATORS`; ``loss_options`` go to its constructor, with
+        ``data_plate_name`` and the pair's plate nesting where it takes them. An estimator that
+        draws its particles at once needs a pair that broadcasts over them
+        (:mod:`freqvi.infer.vectorize`), checked before the first step.
     :param optim: a name from :data:`freqvi.infer.optim.OPTIMIZERS` (one torch
         optimiser over all parameters, learning rate ``lr``), a torch optimiser
         already built over them, or a :class:`~pyro.optim.PyroOptim`.
@@ -142,10 +147,12 @@ def fit(
     :param eval_every: steps between held-out evaluations.
     :param patience: with ``validation_data``, stop after this many evaluations
         without a new best held-out ELBO (early stopping); ``None``: never.
-    :param max_retries: a step whose loss or gradients are not finite updates
+    :param max_retries: a step whose loss, gradients or update are not finite updates
         nothing and the next draws are tried; after this many refusals in a row the
         run stops with an error naming the step, estimator and offending site, the
-        last good parameters in place.
+        last good parameters in place (:class:`~freqvi.infer.step.GuardedStep`: an update
+        that sends the loss up a millionfold is undone at once, and a run with no accepted
+        step is an error).
     :param clip_norm: if given, each step's gradients are rescaled to at most this
         total norm.
     :param jit: trace the loss into a graph at the first step and replay it after
@@ -156,7 +163,9 @@ def fit(
         steps (and after the step that ends ``checkpoint_seconds`` since the last write,
         if given), at the end and on interruption (Ctrl-C or SIGTERM, see below):
         parameters, optimiser state, step, history, every random generator's state
-        and the minibatch order. Writes are atomic.
+        and the minibatch order. Writes are atomic. The path is checked before any work
+        (a regular file or nothing, in a writable folder) and locked while the run lasts:
+        a second run writing it, or a failed write, is a :class:`~freqvi.errors.CheckpointError`.
     :param resume: a checkpoint to continue from: build the model and guide as for
         the first run and call ``fit`` with the same arguments; the run then ends
         with the parameters an uninterrupted run would have (bit for bit on CPU). A
@@ -194,6 +203,7 @@ def fit(
         clip_norm = check_positive_float(clip_norm, "clip_norm")
     eval_every = check_positive_int(eval_every, "eval_every")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+    check_checkpoint_path(checkpoint)
     if checkpoint_seconds is not None:
         checkpoint_seconds = check_positive_float(checkpoint_seconds, "checkpoint_seconds")
     if patience is not None:
@@ -218,7 +228,13 @@ def fit(
     with on_device(device):
         model_trace, guide_trace = _check_pair(pair, batches)
     batches.check_plate(model_trace, pair.guide)
-    elbo = get_estimator(loss, **loss_options)
+    nesting = max_plate_nesting(model_trace, guide_trace)
+    elbo = get_estimator(loss, plate_name=data_plate_name, plate_nesting=nesting, **loss_options)
+    if getattr(elbo, "vectorize_particles", False):
+        batch = batches.check_batch()
+        with on_device(device):
+            check_particles(batch.bind(pair.model), batch.bind(pair.guide), batch.data, elbo.num_particles,
+                            nesting, type(elbo).__name__)
     # Sorted by the names without instance numbers, so a rebuilt model resumes in the same order.
     names = sorted(param_names(model_trace) | param_names(guide_trace), key=stable_name)
     params = dict(zip(names, unconstrained_params(names), strict=True))
@@ -247,7 +263,8 @@ def fit(
                disable=not progress or (group is not None and not group.writer), desc="fit", unit="step")
     # check_pair validated the distributions' arguments; Pyro re-checks them at every step by
     # default, a large share of a small model's step. GuardedStep refuses non-finite steps instead.
-    with pyro.validation_enabled(False), deferred_interrupts() as signalled, on_device(device):
+    with pyro.validation_enabled(False), deferred_interrupts() as signalled, on_device(device), \
+            checkpoint_lock(checkpoint, group is None or group.writer):
         # read once a step; in a group, a request to stop seen by any process stops all after the same step
         agreed = (lambda flag: flag) if group is None else group.any
         written = time.monotonic()
@@ -282,6 +299,7 @@ def fit(
             if result.stop_reason:
                 break
     bar.close()
+    take_step.require_progress()
     if keeper is not None:
         keeper.restore()
     result.wall_time, result.cpu_time = clock.elapsed()

@@ -14,10 +14,19 @@ from torch.autograd.functional import hessian, jacobian
 from torch.distributions import constraints, transform_to
 
 from freqvi.errors import ConvergenceWarning, FreqviInputError, FreqviWarning
-from freqvi.infer.log_likelihood import exact_route, per_observation
+from freqvi.infer.log_likelihood import ImportanceWeights, exact_route, outside_data_plate
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.threads import thread_policy
-from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, param_names, trace
+from freqvi.infer.vectorize import check_particles
+from freqvi.traces import (
+    check_pair,
+    check_proposal,
+    data_plate,
+    latent_sites,
+    max_plate_nesting,
+    param_names,
+    trace,
+)
 from freqvi.validation import as_data, check_choice, check_positive_int
 
 METHODS = ("auto", "exact", "louis")
@@ -79,15 +88,16 @@ class Parameters:
 class Information:
     r"""The observed information :math:`I = -\nabla^2 \ell(\hat\theta)` and what follows from it.
 
-    Computed in the unconstrained coordinates of :class:`Parameters` (a
+    Computed in the unconstrained coordinates of :class:`~freqvi.infer.information.Parameters` (a
     variance's log, a simplex's logits, ...) and restricted to the directions
-    that change the model (:meth:`Parameters.basis`, ``B``). Standard errors are
+    that change the model (:meth:`~freqvi.infer.information.Parameters.basis`, ``B``). Standard errors are
     reported on the scale the user reads (the model's statistical names) by the
     delta method, :math:`\mathrm{Cov}(g(\hat u)) = J\, B (B^\top I B)^{-1} B^\top J^\top`,
     :math:`J = \partial g / \partial u`.
 
     :ivar matrix: :math:`I` in all unconstrained coordinates, shape ``(P, P)``, float64.
-    :ivar scores: per-observation scores :math:`\nabla \ell_i(\hat\theta)`, shape ``(n, P)``.
+    :ivar scores: per-observation scores :math:`\nabla \ell_i(\hat\theta)`, shape ``(n, P)``;
+        ``None`` when a latent site outside the data plate couples the observations.
     :ivar method: ``"exact"`` (autograd Hessian of the exact log-likelihood) or
         ``"louis"`` (Louis's identity with importance-sampled posterior expectations).
     """
@@ -128,6 +138,10 @@ class Information:
         :meth:`standard_errors` reports NaN for what they touch.
         """
         check_choice(kind, "kind", KINDS)
+        if kind == "sandwich" and self.scores is None:
+            raise FreqviInputError("the sandwich needs per-observation scores, which do not exist when a "
+                                   "latent site outside the data plate couples the observations; use "
+                                   "kind='observed'.")
         inverse = torch.linalg.pinv(self._reduced, hermitian=True, rtol=_RTOL)
         if kind == "sandwich":
             reduced_scores = self.scores @ self.basis
@@ -138,7 +152,7 @@ class Information:
         """Standard errors under the statistical names, each with its estimate's shape.
 
         Entries that move along a flat direction of the log-likelihood are NaN,
-        with an :class:`IdentifiabilityWarning` that names them.
+        with an :class:`~freqvi.infer.information.IdentifiabilityWarning` that names them.
         """
         estimates, jac = self._delta()
         cov = self.covariance(kind)
@@ -288,7 +302,8 @@ def observed_information(model, data, guide=None, *, method: str = "auto", num_s
         raise FreqviInputError("no exact log-likelihood for this model; use method='louis' with a guide.")
     if exact is not None and method != "louis":
         matrix, scores = _exact(exact, data, model_trace, frame, parameters)
-        return Information(matrix, scores, "exact", parameters, pair)
+        coupled = pair.owner is None and outside_data_plate(latent_sites(model_trace), frame)
+        return Information(matrix, None if coupled else scores, "exact", parameters, pair)
     if pair.guide is None:
         raise FreqviInputError("Louis's identity needs a guide as proposal: pass guide=...")
     matrix, scores = _louis(pair, data, model_trace, frame, parameters, num_samples)
@@ -306,27 +321,36 @@ def _exact(exact, data, model_trace, frame, parameters: Parameters):
 
 
 def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_samples: int):
-    """Louis's identity with self-normalised importance weights over ``num_samples`` draws."""
-    dims = max_plate_nesting(model_trace) + 1
-    particles = pyro.plate("_louis_samples", num_samples, dim=-dims)
-    with torch.no_grad():
-        guide_trace = trace(particles(pair.guide), *data)
-        proposal = sum(per_observation(site, -dims, frame) for site in latent_sites(guide_trace).values())
+    r"""Louis's identity with self-normalised importance weights over ``num_samples`` draws.
 
-    def complete(v: torch.Tensor) -> torch.Tensor:  # log p(x_i, z_ik), shape (K, n)
-        model = poutine.substitute(particles(pair.model), data=parameters.values(v))
-        tr = trace(poutine.replay(model, trace=guide_trace), *data)
-        return sum(per_observation(site, -dims, frame) for site in tr.nodes.values()
-                   if site["type"] == "sample" and site["name"] != frame.name
-                   and not site["name"].startswith("_louis"))
+    The draws and their weights are :func:`~freqvi.log_likelihood`'s (any guide,
+    auxiliary autoguides included; model latents the guide lacks drawn from the
+    prior, whose values are then held fixed while :math:`\theta` moves). Per
+    observation where the weights factorise over the data plate; where a latent
+    lies outside it (a global latent, an autoguide's joint draw), on the joint
+    weight, with :math:`\mathbb E` and :math:`\mathrm{Cov}` over the joint posterior
+    of all latents: the information is then the total's, and per-observation
+    scores do not exist (returned as ``None``).
+
+    :returns: ``(I, scores)``: ``(P, P)`` and ``(n, P)`` (or ``None``), float64.
+    :raises FreqviInputError: for a point-mass guide (:func:`~freqvi.traces.check_proposal`).
+    """
+    dims = max_plate_nesting(model_trace) + 1
+    check_particles(pair.model, pair.guide, data, num_samples, dims - 1, "Louis's identity")
+    check_proposal(pair.guide, trace(pair.guide, *data), *data)
+    coupled = bool(outside_data_plate(latent_sites(model_trace), frame))
+    with torch.no_grad():
+        draws = ImportanceWeights.draw(pair, data, frame, dims, [num_samples], coupled)
+        weights = torch.softmax(draws.columns().double(), 0)  # (K, n), or (K, 1) joint
+
+    def complete(v: torch.Tensor) -> torch.Tensor:  # log p(x, z_k) at theta = v, as weights' columns
+        return draws.log_joint(poutine.substitute(pair.model, data=parameters.values(v)), data)
 
     vector = parameters.vector
-    with torch.no_grad():
-        weights = torch.softmax((complete(vector) - proposal).double(), 0)  # (K, n)
     # Forward mode: one pass per coordinate keeps memory at (K, n, P), not (K n)^2 P.
     scores = jacobian(complete, vector, vectorize=True, strategy="forward-mode").double()  # (K, n, P)
     expected_hessian = hessian(lambda v: (weights * complete(v)).sum(), vector).double()
     mean_score = (weights.unsqueeze(-1) * scores).sum(0)  # (n, P): Fisher's identity
     centred = scores - mean_score
     covariance = torch.einsum("kn,knp,knq->pq", weights, centred, centred)
-    return -expected_hessian - covariance, mean_score
+    return -expected_hessian - covariance, None if draws.joint else mean_score

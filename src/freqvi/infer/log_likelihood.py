@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import OrderedDict
@@ -11,14 +12,19 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import config_enumerate
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import prune_subsample_sites
 
-from freqvi.errors import FreqviInputError, ImportanceSamplingWarning
+from freqvi.errors import FreqviInputError, ImportanceSamplingWarning, UnestimableParetoKWarning
+from freqvi.estimators.particles import Arrangement
+from freqvi.handlers import SubsamplePlate
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.threads import thread_policy
-from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, trace
+from freqvi.infer.vectorize import check_particles
+from freqvi.traces import check_pair, check_proposal, data_plate, latent_sites, max_plate_nesting, trace
 from freqvi.validation import as_data, check_choice, check_positive_int
 
 METHODS = ("auto", "exact", "importance")
@@ -29,29 +35,76 @@ PARETO_K_THRESHOLD = 0.7
 class LogLikelihood:
     """What :func:`log_likelihood` returns.
 
-    :ivar total: :math:`\\ell = \\sum_i \\log p(x_i)`.
-    :ivar per_observation: :math:`\\log p(x_i)`, shape ``(n,)``.
+    :ivar total: :math:`\\ell = \\sum_i \\log p(x_i)` (:math:`\\log p(x_1, \\ldots, x_n)` when ``joint``).
+    :ivar per_observation: :math:`\\log p(x_i)`, shape ``(n,)``; ``None`` when ``joint``.
     :ivar standard_error: Monte-Carlo standard error of ``total`` (0 when exact).
-    :ivar pareto_k: PSIS :math:`\\hat k` per observation, shape ``(n,)``; ``None`` when exact.
+    :ivar pareto_k: PSIS :math:`\\hat k` per observation, shape ``(n,)`` (``(1,)``, of the joint
+        weight, when ``joint``); ``None`` when exact. ``-inf`` where the weights are
+        constant (an exact proposal), NaN where :math:`\\hat k` cannot be estimated
+        (see ``pareto_k_note``), which is not evidence of heavy tails.
     :ivar method: ``"exact"`` or ``"importance"``.
     :ivar num_samples: importance samples per observation (0 when exact).
+    :ivar joint: whether a latent site outside the data plate (a global latent, an
+        autoguide's joint draw) couples the observations, so that only the total exists.
+    :ivar pareto_k_note: why :math:`\\hat k` could not be estimated, where it could not.
     """
 
     total: float
-    per_observation: torch.Tensor
+    per_observation: torch.Tensor | None
     standard_error: float
     pareto_k: np.ndarray | None
     method: str
     num_samples: int = 0
+    joint: bool = False
+    pareto_k_note: str | None = None
+
+    def __str__(self) -> str:
+        """One line: the total, its standard error and method, and what k-hat says."""
+        text = f"log-likelihood {self.total:.4f} nats ({self.method}"
+        if self.method == "importance":
+            text += (f", s.e. {self.standard_error:.4f}, K = {self.num_samples}, "
+                     f"max PSIS k-hat {self.max_pareto_k:.2f}")
+            text += f", {self.num_heavy_tailed} above 0.7" if self.num_heavy_tailed else ""
+            text += f", {self.num_unestimable} not estimable" if self.num_unestimable else ""
+        text += ")"
+        return text + ("; the total only: " + _NO_PER_OBSERVATION if self.joint else "")
+
+    @property
+    def max_pareto_k(self) -> float:
+        """The largest :math:`\\hat k` that could be estimated (NaN if none could, or exact)."""
+        if self.pareto_k is None or np.isnan(self.pareto_k).all():
+            return math.nan
+        return float(np.nanmax(self.pareto_k))
+
+    @property
+    def num_heavy_tailed(self) -> int:
+        """How many entries of ``pareto_k`` exceed 0.7 (0 when exact)."""
+        return 0 if self.pareto_k is None else int((self.pareto_k > PARETO_K_THRESHOLD).sum())
+
+    @property
+    def num_unestimable(self) -> int:
+        """How many entries of ``pareto_k`` could not be estimated (0 when exact)."""
+        return 0 if self.pareto_k is None else int(np.isnan(self.pareto_k).sum())
 
     def to_inference_data(self, name: str = "obs"):
-        """:attr:`per_observation` as ArviZ's ``log_likelihood`` group (one chain, one draw).
+        """``per_observation`` as ArviZ's ``log_likelihood`` group (one chain, one draw).
 
         ``name`` is the observed variable's name in that group.
+
+        :raises FreqviInputError: when ``joint`` (no per-observation values exist).
         """
         import arviz as az  # deferred: importing ArviZ is slow
 
+        if self.per_observation is None:
+            raise FreqviInputError(_NO_PER_OBSERVATION)
         return az.from_dict(log_likelihood={name: self.per_observation.detach().numpy()[None, None]})
+
+
+_NO_PER_OBSERVATION = (
+    "this model has latent sites outside the data plate (a global latent, or an autoguide's joint "
+    "draw), which couple the observations: log p(x_i) of single observations do not exist, only the "
+    "total log p(x_1, ..., x_n)."
+)
 
 
 @thread_policy
@@ -66,7 +119,7 @@ def log_likelihood(
     data_plate_name: str = "data",
     seed: int | None = None,
 ) -> LogLikelihood:
-    r"""The log-likelihood :math:`\ell(\theta) = \sum_i \log \int p(x_i, z; \theta)\,dz`.
+    r"""The log-likelihood :math:`\ell(\theta) = \log \int p(x_{1..n}, z; \theta)\,dz`.
 
     Routes, in the order ``method="auto"`` tries them:
 
@@ -80,15 +133,30 @@ def log_likelihood(
       :math:`\log \hat p(x_i)` is :math:`\mathrm{sd}(w_i) / (\sqrt K\, \bar w_i)`
       (delta method), summed in quadrature over ``i``. PSIS (Vehtari et al.
       2024, via :func:`arviz.psislw`) gives each observation's Pareto
-      :math:`\hat k`; above 0.7 the estimate cannot be trusted and a warning says so.
-      Latent sites of the model that the guide lacks are drawn from the model's
-      prior, which then cancels from the weight.
+      :math:`\hat k`; above 0.7 the estimate cannot be trusted and an
+      :class:`~freqvi.errors.ImportanceSamplingWarning` says so. Where the weights'
+      tail is too short or tied to fit (ArviZ returns infinity), :math:`\hat k` is
+      NaN and an :class:`~freqvi.errors.UnestimableParetoKWarning` says why.
+      :math:`\log q` is the guide trace's whole log density, as in
+      :class:`~pyro.infer.Trace_ELBO`: for an autoguide that draws one auxiliary
+      vector ``u`` and hands the model :math:`z = T(u)`, that is :math:`\log q(u)`
+      plus the point masses' :math:`-\log|\det \partial T / \partial u|`, the density
+      of the model's latent values. Latent sites of the model that the guide lacks
+      are drawn from the model's prior, which then cancels from the weight.
 
-    Every latent site must sit inside the data plate ``data_plate_name``.
+    Latent sites outside the data plate (a global latent, crossed random effects,
+    an autoguide's joint draw) couple the observations: then the estimate is of the
+    total, :math:`\log \frac1K \sum_k w_k` with the joint weight
+    :math:`w_k = p(x_{1..n}, z_k) / q(z_k)`, its standard error and one
+    :math:`\hat k`; ``joint`` is set and ``per_observation`` is ``None``. The exact
+    route sums a shared discrete latent out of the joint likelihood alike. A data
+    plate declared with ``subsample_size`` is evaluated over all its rows.
 
     :param num_samples: ``K``, importance samples per observation.
     :param chunk_size: samples drawn at once (default: bounded to ~4 million
         log-density entries per chunk).
+    :raises FreqviInputError: for a guide that puts a point mass on a model latent
+        (``AutoDelta``): it is no proposal (see :func:`~freqvi.traces.check_proposal`).
     """
     check_choice(method, "method", METHODS)
     num_samples = check_positive_int(num_samples, "num_samples")
@@ -97,7 +165,7 @@ def log_likelihood(
     if seed is not None:
         pyro.set_rng_seed(seed)
     if pair.guide is not None:
-        model_trace, _ = check_pair(pair.model, pair.guide, data)
+        model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
     else:
         model_trace = trace(pair.model, *data)
     n = data[0].shape[0]
@@ -111,21 +179,33 @@ def log_likelihood(
     if exact is not None and method != "importance":
         with torch.no_grad():
             per_obs = exact(data, frame)
-        return LogLikelihood(float(per_obs.double().sum()), per_obs, 0.0, None, "exact")
+        joint = pair.owner is None and bool(outside_data_plate(latent_sites(model_trace), frame))
+        return LogLikelihood(float(per_obs.double().sum()), None if joint else per_obs, 0.0, None, "exact",
+                             joint=joint)
     if pair.guide is None:
         raise FreqviInputError("importance sampling needs a guide as proposal: pass guide=...")
-    chunk = chunk_size or max(1, min(num_samples, 4_000_000 // max(n, 1)))
+    check_proposal(pair.guide, guide_trace, *data)
+    chunk = check_positive_int(chunk_size or max(1, min(num_samples, 4_000_000 // max(n, 1))), "chunk_size")
+    dims = max_plate_nesting(model_trace) + 1
+    check_particles(pair.model, pair.guide, data, num_samples, dims - 1,
+                    "log_likelihood's importance sampling")
+    coupled = bool(outside_data_plate({**latent_sites(model_trace), **latent_sites(guide_trace)}, frame))
     with torch.no_grad():
-        log_w = torch.cat([
-            _log_weights(pair, data, frame, k, model_trace)
-            for k in _chunks(num_samples, check_positive_int(chunk, "chunk_size"))
-        ])  # (K, n)
-    return _importance_estimate(log_w)
+        weights = ImportanceWeights.draw(pair, data, frame, dims, _chunks(num_samples, chunk), coupled)
+    return _importance_estimate(weights.columns(), weights.offset(), weights.joint)
+
+
+def outside_data_plate(sites: dict[str, dict], frame) -> list[str]:
+    """The names of ``sites`` that do not sit inside the data plate ``frame``."""
+    return sorted(name for name, site in sites.items()
+                  if not any(f.name == frame.name for f in site["cond_indep_stack"]))
 
 
 def exact_route(pair: Pair, model_trace):
     """``f(data, frame, wrap) -> log p(x_i)``, shape ``(n,)``, where one exists; else ``None``.
 
+    When a discrete latent lies outside the data plate the observations do not
+    factorise, and ``f`` returns the total :math:`\\log p(x_1, \\ldots, x_n)`, shape ``(1,)``.
     ``wrap`` (default: none) is applied to the program before it runs, e.g.
     ``poutine.substitute`` to evaluate it at other parameter values.
     """
@@ -133,7 +213,7 @@ def exact_route(pair: Pair, model_trace):
         return lambda data, frame, wrap=_unwrapped: wrap(pair.owner.log_marginal)(*data)
     latents = latent_sites(model_trace)
     if all(site["fn"].has_enumerate_support for site in latents.values()):  # none: the sum of log-densities
-        return lambda data, frame, wrap=_unwrapped: _enumerated(wrap(pair.model), data, model_trace, frame)
+        return functools.partial(_enumerated_rows, pair.model, model_trace)
     return None
 
 
@@ -141,8 +221,25 @@ def _unwrapped(fn):
     return fn
 
 
+def _enumerated_rows(model, model_trace, data, frame, wrap=_unwrapped) -> torch.Tensor:
+    """:func:`_enumerated` over every row of the data plate: in blocks where it is subsampled.
+
+    A block's sites are not scaled up to the plate's full size (``SubsamplePlate``'s ``size``).
+    """
+    coupled = bool(outside_data_plate(latent_sites(model_trace), frame))
+    blocks = row_blocks(frame, data[0].shape[0], joint=coupled)
+    return torch.cat([
+        _enumerated(wrap(model if rows is None else SubsamplePlate(frame.name, rows, size=len(rows))(model)),
+                    data, model_trace, frame)[keep:]
+        for rows, keep in blocks])
+
+
 def _enumerated(model, data, model_trace, frame) -> torch.Tensor:
-    """``log p(x_i)`` by summing every discrete latent out, keeping the data plate."""
+    """``log p(x_i)`` by summing every discrete latent out, keeping the data plate.
+
+    A latent outside the data plate is summed out of the joint: the result is then
+    the total, shape ``(1,)``.
+    """
     first_dim = -max_plate_nesting(model_trace) - 1
     enum_model = poutine.enum(config_enumerate(model, default="parallel"), first_dim)
     tr = trace(enum_model, *data)
@@ -156,8 +253,39 @@ def _enumerated(model, data, model_trace, frame) -> torch.Tensor:
             )
             factors.setdefault(ordinal, []).append(site["packed"]["log_prob"])
     sum_dims = set(tr.symbol_to_dim) - set(tr.plate_to_symbol.values())
-    target = frozenset({tr.plate_to_symbol[frame.name]})
+    joint = outside_data_plate(latent_sites(tr), frame)
+    target = frozenset() if joint else frozenset({tr.plate_to_symbol[frame.name]})
     return contract_to_tensor(factors, sum_dims, target_ordinal=target).reshape(-1)
+
+
+def row_blocks(frame, n: int, joint: bool = False) -> list[tuple[torch.Tensor | None, int]]:
+    """How to visit all ``n`` rows of a data plate declared with ``subsample_size``.
+
+    Pyro's plate draws ``frame.size`` of its ``n`` rows per run and insists on that
+    many, so the rows are visited in consecutive blocks of that size, the last one
+    shifted back to end at row ``n``; each entry is ``(rows, keep)``: the block's
+    indices (``None``: the plate's own, all ``n``) and the first of its columns not
+    already visited. Observations coupled by a latent outside the plate (``joint``)
+    cannot be split into blocks.
+
+    :raises FreqviInputError: for a subsampled plate when ``joint``.
+    """
+    size = frame.size
+    if size == n:
+        return [(None, 0)]
+    if joint:
+        raise _coupled_rows(frame, n)
+    starts = [*range(0, n - size, size), n - size]
+    return [(torch.arange(start, start + size), max(0, i * size - start))
+            for i, start in enumerate(starts)]
+
+
+def _coupled_rows(frame, n: int) -> FreqviInputError:
+    return FreqviInputError(
+        f"the data plate {frame.name!r} draws {frame.size} of its {n} rows per run (subsample_size), and a "
+        "site outside it couples all rows, so its log-likelihood needs one run over every row: evaluate a "
+        f"copy of the model with pyro.plate({frame.name!r}, {n})."
+    )
 
 
 def _chunks(total: int, size: int):
@@ -166,79 +294,182 @@ def _chunks(total: int, size: int):
         total -= size
 
 
-def _log_weights(pair: Pair, data, frame, k: int, model_trace) -> torch.Tensor:
-    """``log p(x_i, z_ik) - log q(z_ik | x_i)`` for ``k`` draws, shape ``(k, n)``."""
-    particle_dim = -max_plate_nesting(model_trace) - 1
-    particles = pyro.plate("_num_samples", k, dim=particle_dim)
-    guide_tr = trace(particles(pair.guide), *data)
-    model_tr = trace(poutine.replay(particles(pair.model), trace=guide_tr), *data)
-    proposed = latent_sites(guide_tr)
-    log_w = 0.0
-    for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
-        for name, site in tr.nodes.items():
-            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
-                continue
-            if not site["is_observed"] and name not in proposed:
-                continue  # drawn from the model's prior: prior / proposal = 1
-            log_w = log_w + sign * per_observation(site, particle_dim, frame)
-    return log_w.expand(k, data[0].shape[0])
+@dataclass
+class ImportanceWeights:
+    """Log importance weights :math:`\\log p(x, z_k) - \\log q(z_k)` of ``K`` draws of the guide.
+
+    :ivar inside: the data plate's part, one column per observation, shape ``(K, n)``.
+    :ivar outside: the sites outside the data plate, shape ``(K,)``.
+    :ivar joint: whether the weights do not factorise over observations
+        (:class:`~freqvi.estimators.particles.Arrangement`).
+    :ivar blocks: for each block of rows (:func:`row_blocks`) of the last chunk of
+        draws, ``(rows, keep, arrangement)``, the arrangement holding its traces.
+    """
+
+    inside: torch.Tensor
+    outside: torch.Tensor
+    joint: bool
+    blocks: list[tuple[torch.Tensor | None, int, Arrangement]]
+
+    @classmethod
+    def draw(cls, pair: Pair, data, frame, dims: int, chunks, coupled: bool) -> ImportanceWeights:
+        """Draws the guide ``k`` times for each ``k`` in ``chunks``, over every row of the data plate.
+
+        ``coupled``: whether a latent site lies outside the data plate (then the rows
+        cannot be visited in blocks).
+        """
+        visits = row_blocks(frame, len(data[0]), joint=coupled)
+        inside, outside = [], []
+        for k in chunks:
+            blocks = [(rows, keep, _arranged(pair, data, frame, dims, k, rows)) for rows, keep in visits]
+            parts = [arrangement.parts({})[0] for _, _, arrangement in blocks]
+            inside.append(torch.cat([part[0][:, keep:]
+                                     for part, (_, keep, _) in zip(parts, blocks, strict=True)], 1))
+            outside.append(parts[0][1])  # the same terms in every block: counted once
+        outside = torch.cat(outside)
+        joint = blocks[0][2].is_joint(outside)
+        if joint and len(visits) > 1:  # a site outside the plate that depends on the rows' draws
+            raise _coupled_rows(frame, len(data[0]))
+        return cls(torch.cat(inside), outside, joint, blocks)
+
+    def columns(self) -> torch.Tensor:
+        """The log weights, ``(K, n)``, or ``(K, 1)`` joint."""
+        return self.blocks[0][2].columns((self.inside, self.outside), self.joint, scale=1.0)
+
+    def offset(self) -> float:
+        """Terms outside the data plate that do not depend on the draws (0 when joint)."""
+        return 0.0 if self.joint else float(self.outside.double().mean())
+
+    def log_joint(self, model, data) -> torch.Tensor:
+        """:math:`\\log p(x, z_k)` at the last chunk's draws under ``model`` (the pair's model, wrapped to
+        run at other parameters), as columns like :meth:`columns`'s.
+
+        In per-observation columns the terms outside the data plate (which do not
+        depend on the draws) are shared out equally, so that the columns still sum
+        to the total.
+        """
+        inside, outside = [], None
+        for rows, keep, arrangement in self.blocks:
+            program = _on_rows(model, arrangement.frame.name, arrangement.k, arrangement.dims, rows)
+            tr = trace(poutine.replay(program, trace=arrangement.model_trace), *data)
+            tr = prune_subsample_sites(tr)
+            tr.compute_log_prob()
+            block_inside, block_outside = arrangement.model_parts(tr)
+            inside.append(block_inside[:, keep:])
+            outside = block_outside if outside is None else outside
+        inside = torch.cat(inside, 1)
+        if self.joint:
+            return self.blocks[0][2].columns((inside, outside), True, scale=1.0)
+        return inside + outside.unsqueeze(-1) / inside.shape[1]
+
+
+def _on_rows(program, plate: str, k: int, dims: int, rows):
+    """``program`` under a plate of ``k`` particles at dim ``-dims``, visiting ``rows`` of ``plate``."""
+    program = pyro.plate("_num_samples", k, dim=-dims)(program)
+    return program if rows is None else SubsamplePlate(plate, rows)(program)
+
+
+def _arranged(pair: Pair, data, frame, dims: int, k: int, rows) -> Arrangement:
+    """One guide trace of ``k`` particles and the model replayed on it, over ``rows`` of the plate."""
+    model, guide = (_on_rows(program, frame.name, k, dims, rows) for program in (pair.model, pair.guide))
+    guide_tr = trace(guide, *data)
+    model_tr = prune_subsample_sites(trace(poutine.replay(model, trace=guide_tr), *data))
+    guide_tr = prune_subsample_sites(guide_tr)
+    model_tr.compute_log_prob()
+    guide_tr.compute_log_prob()
+    return Arrangement(model_tr, guide_tr, k, dims, frame.name)
 
 
 def per_observation(site, particle_dim: int, frame) -> torch.Tensor:
-    """A site's log-density summed over all dimensions but particles and the data plate."""
+    """A site's log-density, masked as the site is (``poutine.mask``: a masked cell adds 0), summed over all
+    dimensions but particles and the data plate."""
     if not any(f.name == frame.name for f in site["cond_indep_stack"]):
         raise FreqviInputError(
             f"site {site['name']!r} is outside the data plate {frame.name!r}; the log-likelihood "
             "per observation needs every latent and observed site inside it."
         )
-    lp = site["fn"].log_prob(site["value"])
+    lp = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
     lp = lp.reshape((1,) * (-particle_dim - lp.dim()) + lp.shape)
     keep = {lp.dim() + particle_dim, lp.dim() + frame.dim}
     summed = [d for d in range(lp.dim()) if d not in keep]
     return lp.sum(summed) if summed else lp
 
 
-def _pareto_k(log_w: torch.Tensor, eps: float) -> np.ndarray:
-    """PSIS k-hat per observation (ArviZ); ``-inf`` where the weights are constant.
+def _pareto_k(log_w: torch.Tensor, eps: float, what: str) -> tuple[np.ndarray, str | None]:
+    """PSIS k-hat per column (ArviZ) and, where it cannot be estimated (NaN), why (``what``: the columns).
 
-    Constant weights mean the proposal is the exact posterior: the estimate has
-    no Monte-Carlo error, and a Pareto tail cannot (and need not) be fitted.
+    ``-inf`` where the weights are constant: the proposal is the exact posterior,
+    the estimate has no Monte-Carlo error, and a Pareto tail cannot (and need not)
+    be fitted. ArviZ fits the tail to the weights above its ``M``-th largest,
+    :math:`M = \\lceil \\min(K/5, 3\\sqrt K) \\rceil`, and returns infinity when fewer
+    than 5 lie strictly above it: with ``K <= 20`` draws always, and otherwise when
+    the largest weights are tied (a proposal over few distinct values, such as a
+    discrete latent's). That says nothing about heavy tails, so it is NaN here.
     """
     import arviz as az  # deferred: importing ArviZ is slow and prints a notice
 
+    num, width = log_w.shape
     spread = log_w.max(0).values - log_w.min(0).values
     constant = (spread <= 1e2 * eps * log_w.abs().max(0).values).numpy()
-    pareto_k = np.full(log_w.shape[1], -np.inf)
+    pareto_k = np.full(width, -np.inf)
     if not constant.all():
         _, k = az.psislw(log_w[:, ~constant].T.numpy())
         pareto_k[~constant] = np.asarray(k)
-    return pareto_k
+    unestimable = ~np.isfinite(pareto_k) & ~constant
+    pareto_k[unestimable] = np.nan
+    if not unestimable.any():
+        return pareto_k, None
+    tail = math.ceil(min(num / 5, 3 * math.sqrt(num)))
+    if tail <= 4:
+        why = (f"with K = {num} draws PSIS fits its Pareto tail to the {tail} largest weights, fewer than "
+               "the 5 it needs; use num_samples >= 21 (better: hundreds)")
+    else:
+        top = log_w.double().topk(tail + 1, dim=0).values[:, torch.from_numpy(unestimable)]
+        distinct = max(len(torch.unique(column)) for column in top.T)
+        why = (f"the {tail + 1} largest of the {num} weights take at most {distinct} distinct value(s) (tied "
+               "weights: the proposal draws few distinct values, e.g. a discrete latent), so fewer than 5 "
+               "lie above the tail cutoff and no Pareto tail can be fitted. This is not evidence of heavy "
+               "tails; the standard error stands for the estimate's accuracy where the weights are bounded")
+    return pareto_k, f"PSIS k-hat cannot be estimated for {int(unestimable.sum())} of {width} {what}: {why}."
 
 
-def _importance_estimate(log_w: torch.Tensor) -> LogLikelihood:
+def _importance_estimate(log_w: torch.Tensor, offset: float, joint: bool) -> LogLikelihood:
+    """The estimate from log weights ``(K, b)``: one column per observation, or one joint column."""
     k = log_w.shape[0]
     log_w64 = log_w.double()
     per_obs = torch.logsumexp(log_w64, 0) - math.log(k)
     w = torch.exp(log_w64 - log_w64.max(0).values)
     se_obs = w.std(0, correction=1) / (math.sqrt(k) * w.mean(0)) if k > 1 \
         else torch.full_like(per_obs, float("inf"))
-    pareto_k = _pareto_k(log_w64, torch.finfo(log_w.dtype).eps)
-    bad = int((pareto_k > PARETO_K_THRESHOLD).sum())
-    if bad:
-        warnings.warn(
-            f"{bad} of {len(pareto_k)} observations have PSIS k-hat > {PARETO_K_THRESHOLD} "
-            f"(max {pareto_k.max():.2f}): their importance-sampling estimates cannot be trusted. The "
-            "weights are heavy-tailed where the guide's tails are lighter than the posterior's; more "
-            "samples do not cure that: use a proposal with heavier tails (e.g. a Student-t guide with the "
-            "fitted guide's location and scale) or a guide closer to the posterior.",
-            ImportanceSamplingWarning,
-            stacklevel=3,
-        )
-    return LogLikelihood(
-        total=float(per_obs.sum()),
-        per_observation=per_obs.to(log_w.dtype),
+    what = "joint weight(s)" if joint else "observations"
+    pareto_k, note = _pareto_k(log_w64, torch.finfo(log_w.dtype).eps, what)
+    result = LogLikelihood(
+        total=float(per_obs.sum()) + offset,
+        per_observation=None if joint else per_obs.to(log_w.dtype),
         standard_error=float(se_obs.square().sum().sqrt()),
         pareto_k=pareto_k,
         method="importance",
         num_samples=k,
+        joint=joint,
+        pareto_k_note=note,
     )
+    _warn_on_pareto_k(result, what)
+    return result
+
+
+def _warn_on_pareto_k(result: LogLikelihood, what: str) -> None:
+    """Warns when k-hat flags heavy tails, or could not be estimated (each with its reason)."""
+    heavy = result.num_heavy_tailed
+    if heavy:
+        unestimable = f" {result.pareto_k_note}" if result.pareto_k_note else ""
+        warnings.warn(
+            f"{heavy} of {len(result.pareto_k)} {what} have PSIS k-hat > {PARETO_K_THRESHOLD} "
+            f"(max {result.max_pareto_k:.2f}): their importance-sampling estimates cannot be trusted. The "
+            "weights are heavy-tailed where the guide's tails are lighter than the posterior's; more "
+            "samples do not cure that: use a proposal with heavier tails (e.g. a Student-t guide with the "
+            f"fitted guide's location and scale) or a guide closer to the posterior.{unestimable}",
+            ImportanceSamplingWarning,
+            stacklevel=4,
+        )
+    elif result.pareto_k_note:
+        warnings.warn(result.pareto_k_note, UnestimableParetoKWarning, stacklevel=4)

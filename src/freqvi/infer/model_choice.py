@@ -45,7 +45,8 @@ def information_criteria(model, data, guide=None, *, num_samples: int = 1000,
     """AIC and BIC of a fitted model at its current parameters.
 
     The log-likelihood is :func:`~freqvi.log_likelihood`'s (exact where the model
-    allows, else importance sampling with ``num_samples`` draws from the guide).
+    allows, else importance sampling with ``num_samples`` draws from the guide, any
+    Pyro guide but a point mass; the joint total for latents outside the data plate).
     The parameter count is the model's own ``num_parameters`` where it states one
     (a freqvi model does, leaving out non-identified directions such as a factor
     model's rotations), else the number of free directions of the model's
@@ -54,7 +55,7 @@ def information_criteria(model, data, guide=None, *, num_samples: int = 1000,
     estimate would drop nearly redundant components and favour overfitting.
     """
     data = as_data(data)
-    loglik = log_likelihood(model, guide, data, num_samples=num_samples, seed=seed)
+    loglik = log_likelihood(model, guide=guide, data=data, num_samples=num_samples, seed=seed)
     return InformationCriteria(loglik.total, _num_parameters(model, guide, data), data[0].shape[0])
 
 
@@ -70,8 +71,8 @@ def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_s
             seed: int | None = None, **fit_options):
     """Fits each candidate model to ``data`` and tabulates their criteria, best BIC first.
 
-    :param candidates: name -> a freqvi model (or anything ``fit`` accepts), e.g.
-        ``{f"K={k}": GaussianMixture(k, d) for k in range(1, 6)}``.
+    :param candidates: name -> a freqvi model or a ``(model, guide)`` pair (any Pyro guide,
+        autoguides included), e.g. ``{f"K={k}": GaussianMixture(k, d) for k in range(1, 6)}``.
     :param fit: the driver, :func:`~freqvi.em` by default; ``fit_options`` go to it.
     :returns: a ``pandas.DataFrame`` indexed by name, with the log-likelihood,
         parameter count, AIC, BIC and each BIC's difference to the smallest.
@@ -81,7 +82,7 @@ def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_s
     data = as_data(data)
     rows = {}
     for name, model in candidates.items():
-        fit(model, data, seed=seed, progress=False, **fit_options)
+        fit(model, guide=None, data=data, seed=seed, progress=False, **fit_options)  # em's order or fit's
         criteria = information_criteria(model, data, num_samples=num_samples, seed=seed)
         rows[name] = {"log_likelihood": criteria.log_likelihood, "num_parameters": criteria.num_parameters,
                       "aic": criteria.aic, "bic": criteria.bic}

@@ -57,11 +57,11 @@ class RunState:
                         "num_steps": self.result.num_steps},
         }
         shapes = {stable_name(n): list(p.shape) for n, p in self.params.items()}
-        save_checkpoint(path, state, {"settings": self.settings, "shapes": shapes})
+        save_checkpoint(path, state, {"kind": "fit", "settings": self.settings, "shapes": shapes})
 
     def restore(self, path) -> int:
         """Loads a checkpoint into the run; returns the step to continue from."""
-        state, metadata = load_checkpoint(path)
+        state, metadata = load_checkpoint(path, "fit", self.params, {"optimizer": self.optimizer})
         self._check(metadata, path)
         with torch.no_grad():
             for name, p in self.params.items():
