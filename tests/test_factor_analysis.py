@@ -125,3 +125,34 @@ def test_mean_field_guide_gives_a_lower_bound():
     assert elbo < exact  # a diagonal q cannot match the correlated posterior: KL > 0
     assert elbo > result.elbo[0]
     assert exact - elbo < 0.1 * (exact - result.elbo[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_constant_column_is_refused_by_name(dtype):
+    """Issue 15 item 5: with x_4 = 3.0 the likelihood has no maximum (psi_4 -> 0)."""
+    x = np.random.default_rng(0).normal(size=(200, 4))
+    x[:, 3] = 3.0
+    with pytest.raises(freqvi.errors.FreqviInputError, match=r"columns \[3\] of the data are constant"):
+        freqvi.em(FactorAnalysis(4, 1), data=torch.as_tensor(x, dtype=dtype), progress=False)
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_float32_at_a_large_offset_matches_float64_from_the_same_start(noise):
+    """Data at 1e4 with unit-scale structure: raw second moments would cancel in float32.
+
+    The float32 means lie within half a spacing (4.9e-4) of the float64 ones, which
+    costs at most 300 * 5 * (4.9e-4)^2 / (2 * 0.09) = 2e-3 nats, below the 0.01 compared.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 2)) @ rng.normal(size=(2, 5)) + 0.3 * rng.normal(size=(300, 5)) + 1e4
+    x = x.astype(np.float32).astype(np.float64)  # both precisions see the same values
+    reference = FactorAnalysis(5, 2, noise)
+    reference.model(torch.as_tensor(x))  # the principal-component start, in float64
+    init = {k: v.numpy() for k, v in reference.estimates().items()}
+    loglik = {}
+    for dtype in (torch.float32, torch.float64):
+        fa = FactorAnalysis(5, 2, noise, init=init)
+        data = torch.as_tensor(x, dtype=dtype)
+        freqvi.em(fa, data=data, tol=1e-7, max_iter=5000, progress=False)
+        loglik[dtype] = float(fa.log_marginal(data).detach().double().sum())
+    assert loglik[torch.float32] == pytest.approx(loglik[torch.float64], abs=0.01)

@@ -45,6 +45,11 @@ class FactorAnalysis(LatentVariableModel):
 
     Fitted parameters: ``mean`` ``(d,)``, ``loading`` ``W`` ``(d, q)``,
     ``noise_variance`` ``(d,)`` (diagonal) or a scalar (isotropic).
+
+    :raises FreqviInputError: on the first data, if a column is constant (its noise
+        variance's MLE would be 0, the log-likelihood unbounded). A column that is
+        exactly a linear function of ``q`` factors fitted to the others (a Heywood
+        case) drives its noise variance to the floor ``eps * mean(S_xx)`` instead.
     """
 
     _estimate_names = ("mean", "loading", "noise_variance")
@@ -104,6 +109,11 @@ class FactorAnalysis(LatentVariableModel):
 
     def _prepare(self, x: torch.Tensor) -> None:
         check_matrix(x, self.dim)
+        if not self.initialized:
+            _refuse_constant_columns(x)
+            # Statistics are moments about this fixed shift: raw ones cancel in float32 at
+            # large offsets, and a shift held fixed keeps online EM's blend linear.
+            self.register_buffer("shift", x.mean(0).detach().clone())
         self._ensure_initialized(x)
 
     def _psi(self) -> torch.Tensor:
@@ -157,14 +167,18 @@ class FactorAnalysis(LatentVariableModel):
 
     # ----- closed-form M-step -----------------------------------------------------------------
     def expected_statistics(self, guide_trace, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Averages of ``x x`` (diagonal), ``x E[z~]^T`` and ``E[z~ z~^T]`` with ``z~ = (z, 1)``.
+        r"""Averages of :math:`\tilde x^2` (diagonal), :math:`\tilde x\, E[\tilde z]^\top` and
+        :math:`E[\tilde z \tilde z^\top]`, with :math:`\tilde x = x - c` and :math:`\tilde z = (z, 1)`.
 
-        Any guide with a Gaussian factor site works (exact or mean-field); its
-        mean and covariance are read off the trace.
+        ``c`` is the data's mean when the model was initialised (the buffer ``shift``),
+        the MLE of :math:`\mu` on those data, so the second moments are about a point
+        near the mean: uncentred ones at an offset of 1e4 would cancel every digit of
+        a unit noise variance in float32. Any guide with a Gaussian factor site works
+        (exact or mean-field); its mean and covariance are read off the trace.
         """
         fn = guide_trace.nodes["factors"]["fn"]
         index = guide_trace.nodes[self.data_plate]["value"]
-        xb = x[index]
+        xb = x[index] - self.shift
         n, q = xb.shape[0], self.latent_dim
         mean = fn.mean
         cov = fn.covariance_matrix if hasattr(fn, "covariance_matrix") \
@@ -175,10 +189,25 @@ class FactorAnalysis(LatentVariableModel):
         return {"xx": xb.square().mean(0), "xz": xb.T @ ez / n, "zz": ezz}
 
     def maximize(self, statistics: dict[str, torch.Tensor]) -> None:
-        """``[W, mu] = S_xz S_zz^{-1}``, ``psi = diag(S_xx - [W, mu] S_xz^T)`` (averaged if isotropic)."""
+        """``[W, mu - c] = S_xz S_zz^{-1}``, ``psi = diag(S_xx - [W, mu - c] S_xz^T)``.
+
+        ``psi`` is averaged over coordinates if the noise is isotropic.
+        """
         xz, zz = statistics["xz"], statistics["zz"]
-        coef = torch.linalg.solve(zz, xz.T).T  # (d, q+1) = [W, mu]
+        coef = torch.linalg.solve(zz, xz.T).T  # (d, q+1) = [W, mu - c]
         psi = statistics["xx"] - (coef * xz).sum(-1)
         floor = torch.finfo(psi.dtype).eps * statistics["xx"].mean()
         psi = psi.clamp_min(floor) if self.noise == "diagonal" else psi.mean().clamp_min(floor)
-        self._set_values({"mean": coef[:, -1], "loading": coef[:, :-1], "noise_variance": psi})
+        self._set_values({"mean": self.shift + coef[:, -1], "loading": coef[:, :-1],
+                          "noise_variance": psi})
+
+
+def _refuse_constant_columns(x: torch.Tensor) -> None:
+    """Refuses data with a constant column: its noise variance would go to 0, the likelihood to infinity."""
+    constant = (x == x[:1]).all(0).nonzero().flatten().tolist()
+    if constant:
+        raise FreqviInputError(
+            f"columns {constant} of the data are constant ({[float(x[0, j]) for j in constant]}): "
+            "factor analysis's likelihood has no maximum there (that noise variance goes to 0 and "
+            "the log-likelihood to infinity); drop those columns, which the model cannot explain."
+        )
