@@ -31,6 +31,10 @@ class BoundaryWarning(FreqviWarning):
     """A parameter sits on the boundary of its space, where Wald intervals are not valid."""
 
 
+class NotAMaximumWarning(FreqviWarning):
+    """The score is not zero at the estimate: it is not a maximum, and Wald intervals do not apply."""
+
+
 @dataclass
 class Parameters:
     """The model's parameters as one flat vector of unconstrained coordinates.
@@ -98,7 +102,7 @@ class Information:
     pair: Pair
 
     def __post_init__(self):
-        _warn_on_boundary(self.parameters)
+        self.boundary = _warn_on_boundary(self.parameters, self.pair)
         self.basis = self.parameters.basis()
         self._reduced = self.basis.T @ self.matrix @ self.basis
         values, vectors = torch.linalg.eigh(self._reduced)
@@ -139,6 +143,7 @@ class Information:
         Entries that move along a flat direction of the log-likelihood are NaN,
         with an :class:`IdentifiabilityWarning` that names them.
         """
+        self._warn_unless_stationary()
         estimates, jac = self._delta()
         cov = self.covariance(kind)
         flat = self.basis @ self._flat  # (P, f)
@@ -152,14 +157,42 @@ class Information:
                 unidentified.append(name)
             out[name] = se.reshape(value.shape)
         if unidentified:
+            cause = "the estimate is on a boundary, see the BoundaryWarning" if self.boundary \
+                else "e.g. a rotation of factor loadings"
             warnings.warn(
                 f"the log-likelihood is flat along {flat.shape[1]} direction(s) at the estimate, so "
-                f"{unidentified} are not identified there (e.g. a rotation of factor loadings); their "
+                f"{unidentified} are not identified there ({cause}); their "
                 "standard errors are NaN. Quantities invariant to those directions keep theirs.",
                 IdentifiabilityWarning,
                 stacklevel=2,
             )
         return out
+
+    def score_statistic(self) -> float:
+        r"""Rao's score statistic at the estimate, :math:`g^\top \bigl(\sum_i s_i s_i^\top\bigr)^{+} g`.
+
+        :math:`s_i` are the per-observation scores in the free coordinates and
+        :math:`g = \sum_i s_i`; the outer-product information keeps the directions the
+        observed information calls flat (a variance on a floor has a score but no
+        curvature). It is 0 at a maximum; its square root is about how many standard
+        errors the estimate lies from a point where the score vanishes.
+        """
+        reduced = self.scores @ self.basis
+        total = reduced.sum(0)
+        outer = torch.linalg.pinv(reduced.T @ reduced, hermitian=True, rtol=_RTOL)
+        return float(total @ outer @ total)
+
+    def _warn_unless_stationary(self) -> None:
+        statistic = self.score_statistic()
+        if statistic > _SCORE_LIMIT:
+            warnings.warn(
+                f"the score is not zero at the estimate (score statistic {statistic:.3g}: about "
+                f"{math.sqrt(statistic):.2g} standard errors from a stationary point), so it is not a "
+                "maximum of the likelihood (a parameter held on a floor or boundary, or a fit stopped "
+                "early): Wald intervals and standard errors computed here are not valid.",
+                NotAMaximumWarning,
+                stacklevel=3,
+            )
 
     def summary(self, level: float = 0.95, kind: str = "observed"):
         """A parameter table like statsmodels': estimate, standard error, z, p-value, Wald interval.
@@ -204,25 +237,43 @@ class Information:
 # optimiser precision, a direction the likelihood cannot see keeps a tiny, sign-less curvature.
 _RTOL = 1e-7
 _BOUNDARY = 1e-6  # a positive or simplex parameter this close to 0 is on its boundary
+# A score statistic above 1 puts the estimate more than a standard error from a stationary point.
+_SCORE_LIMIT = 1.0
 
 
-def _warn_on_boundary(parameters: Parameters) -> None:
-    """Warns about positive and simplex parameters at (numerically) zero."""
+def _warn_on_boundary(parameters: Parameters, pair: Pair) -> list[str]:
+    """Warns about parameters on the boundary of their space; returns their names.
+
+    Generic: positive and simplex entries, and a Cholesky factor's diagonal (the
+    square roots of conditional variances), at most ``_BOUNDARY`` (non-strict: a value
+    placed on a floor is on it). A freqvi model adds its own floors through
+    ``on_boundary()`` (a mixture's covariance eigenvalues on ``reg_covar``).
+    """
     at_boundary = []
     for name, value, constraint in zip(parameters.names, parameters.values(parameters.vector).values(),
                                        parameters.constraints, strict=True):
         base = getattr(constraint, "base_constraint", constraint)
-        if base in (constraints.positive, constraints.simplex) and bool((value < _BOUNDARY).any()):
-            at_boundary.append(name)
+        if base in (constraints.positive, constraints.simplex):
+            entries = value
+        elif base in (constraints.lower_cholesky, constraints.positive_definite):
+            entries = value.diagonal(dim1=-2, dim2=-1).square() if base is constraints.lower_cholesky \
+                else torch.linalg.eigvalsh(value)
+        else:
+            continue
+        if bool((entries <= _BOUNDARY).any()):
+            at_boundary.append(f"{name} (an entry within {_BOUNDARY:g} of 0)")
+    declared = getattr(pair.owner, "on_boundary", None)
+    at_boundary += declared() if declared is not None else []
     if at_boundary:
         warnings.warn(
-            f"{at_boundary} have entries within {_BOUNDARY:g} of 0, the boundary of their space (an "
-            "empty mixture component, a vanishing variance): the estimator is not normal there, so "
+            f"the estimate is on the boundary of the parameter space: {at_boundary} (an empty "
+            "mixture component, a variance on its floor): the estimator is not normal there, so "
             "Wald intervals and standard errors of those entries are not valid; use the bootstrap, "
             "or refit a model without that component.",
             BoundaryWarning,
             stacklevel=4,
         )
+    return at_boundary
 
 
 def _statistics(pair: Pair, parameters: Parameters) -> dict[str, torch.Tensor]:

@@ -124,6 +124,21 @@ class GaussianMixture(LatentVariableModel):
             raise FreqviInputError("init['covariances'] must be positive definite.")
         return init
 
+    def on_boundary(self) -> list[str]:
+        """Components whose covariance has an eigenvalue on the ``reg_covar`` floor (to 1e-3).
+
+        There the likelihood would rise if the variance could fall further: the
+        estimate is on the boundary of the constrained space, not at a maximum.
+        """
+        if self.reg_covar == 0:
+            return []
+        cov = self.covariances.detach()
+        smallest = torch.linalg.eigvalsh(cov)[..., 0] if self.covariance == "full" \
+            else cov.reshape(self.n_components, -1).min(-1).values
+        floored = (smallest <= self.reg_covar * (1 + 1e-3)).nonzero().flatten().tolist()
+        return [f"covariances[{k}] (an eigenvalue on the reg_covar floor {self.reg_covar:g})"
+                for k in floored]
+
     def _set_values(self, values: dict[str, torch.Tensor]) -> None:
         self._set("weights", values["weights"], constraints.simplex)
         self._set("locs", values["locs"], constraints.real)
