@@ -89,10 +89,27 @@ class Information:
     delta method, :math:`\mathrm{Cov}(g(\hat u)) = J\, B (B^\top I B)^{-1} B^\top J^\top`,
     :math:`J = \partial g / \partial u`.
 
+    Flat directions (the likelihood does not see them: a rotation of factor
+    loadings, a variance held on a floor) get no standard error. The same rule
+    serves every pair, whatever its model:
+
+    * exact information: a curvature within ``1e-7`` of the largest;
+    * Monte-Carlo information (Louis's identity, ``score_replicates`` given): along a
+      flat direction each observation's score :math:`\nabla_v \ell_i` is 0, so its
+      Fisher-identity estimate is Monte-Carlo noise alone. A direction is flat when
+      :math:`\sum_i (\hat s_i^\top v)^2` is within ``_MC_Z`` standard deviations of its
+      noise :math:`\sum_i \mathrm{Var}(\hat s_i^\top v)` (the replicates' spread); the
+      directions are the generalised eigenvectors of the two matrices. Along a
+      curved direction the scores carry the Fisher information, about ``K_eff``
+      times their noise. An entry is moved by a flat direction when its component
+      there exceeds ``_MC_Z`` jackknife standard errors (over groups of observations).
+
     :ivar matrix: :math:`I` in all unconstrained coordinates, shape ``(P, P)``, float64.
     :ivar scores: per-observation scores :math:`\nabla \ell_i(\hat\theta)`, shape ``(n, P)``.
     :ivar method: ``"exact"`` (autograd Hessian of the exact log-likelihood) or
         ``"louis"`` (Louis's identity with importance-sampled posterior expectations).
+    :ivar score_replicates: independent Monte-Carlo replicates of ``scores``,
+        ``(R, n, P)`` with ``scores`` their mean, or ``None`` for exact scores.
     """
 
     matrix: torch.Tensor
@@ -100,21 +117,43 @@ class Information:
     method: str
     parameters: Parameters
     pair: Pair
+    score_replicates: torch.Tensor | None = None
 
     def __post_init__(self):
         self.boundary = _warn_on_boundary(self.parameters, self.pair)
         self.basis = self.parameters.basis()
         self._reduced = self.basis.T @ self.matrix @ self.basis
-        values, vectors = torch.linalg.eigh(self._reduced)
-        flat = values.abs() <= _RTOL * values.abs().max()
-        self._flat = vectors[:, flat]
-        if (values[~flat] < 0).any():
+        self._jackknife = None
+        if self.score_replicates is None:
+            values, vectors = torch.linalg.eigh(self._reduced)
+            self._flat = vectors[:, values.abs() <= _RTOL * values.abs().max()]
+        else:
+            replicates = self.score_replicates @ self.basis
+            self._flat = _flat_by_scores(replicates)
+            count = self._flat.shape[1]
+            self._jackknife = [_flat_by_scores(replicates[:, keep], count) for keep in _jackknife_groups(
+                replicates.shape[1])]
+        self._curved = _complement(self._flat)
+        curved = self._curved.T @ self._reduced @ self._curved
+        self._inverse = self._curved @ torch.linalg.pinv(curved, hermitian=True) @ self._curved.T
+        if (torch.linalg.eigvalsh(curved) < 0).any():
             warnings.warn(
                 "the observed information is not positive definite: the parameters are not at a "
                 "maximum of the likelihood; fit to convergence (e.g. a smaller tol) first.",
                 ConvergenceWarning,
                 stacklevel=3,
             )
+
+    def _touched(self, jacobian: torch.Tensor) -> torch.Tensor:
+        """Which entries (rows of ``jacobian`` ``(m, P)``) a flat direction moves, ``(m,)`` bool."""
+        reduced = jacobian @ self.basis  # (m, r)
+        along = (reduced @ self._flat).norm(dim=-1)
+        if self._jackknife is None:
+            return along > _RTOL ** 0.5 * reduced.norm(dim=-1)
+        leave_outs = torch.stack([(reduced @ flat).norm(dim=-1) for flat in self._jackknife])
+        groups = leave_outs.shape[0]
+        error = ((groups - 1) / groups * (leave_outs - leave_outs.mean(0)).square().sum(0)).sqrt()
+        return along > _MC_Z * error
 
     @property
     def num_parameters(self) -> int:
@@ -131,7 +170,7 @@ class Information:
         :meth:`standard_errors` reports NaN for what they touch.
         """
         check_choice(kind, "kind", KINDS)
-        inverse = torch.linalg.pinv(self._reduced, hermitian=True, rtol=_RTOL)
+        inverse = self._inverse
         if kind == "sandwich":
             reduced_scores = self.scores @ self.basis
             inverse = inverse @ (reduced_scores.T @ reduced_scores) @ inverse
@@ -146,21 +185,22 @@ class Information:
         self._warn_unless_stationary()
         estimates, jac = self._delta()
         cov = self.covariance(kind)
-        flat = self.basis @ self._flat  # (P, f)
         out, unidentified = {}, []
         for name, value in estimates.items():
             j = jac[name].reshape(value.numel(), -1).double()
             se = (j @ cov @ j.T).diagonal().clamp_min(0).sqrt()
-            touched = (j @ flat).abs().sum(-1) > _RTOL ** 0.5 * j.abs().sum(-1)
-            if flat.shape[1] and touched.any():
+            touched = self._touched(j)
+            if self._flat.shape[1] and touched.any():
                 se = torch.where(touched, torch.nan, se)
                 unidentified.append(name)
             out[name] = se.reshape(value.shape)
         if unidentified:
             cause = "the estimate is on a boundary, see the BoundaryWarning" if self.boundary \
                 else "e.g. a rotation of factor loadings"
+            if self.score_replicates is not None:
+                cause += "; judged to within the Monte-Carlo error of Louis's identity"
             warnings.warn(
-                f"the log-likelihood is flat along {flat.shape[1]} direction(s) at the estimate, so "
+                f"the log-likelihood is flat along {self._flat.shape[1]} direction(s) at the estimate, so "
                 f"{unidentified} are not identified there ({cause}); their "
                 "standard errors are NaN. Quantities invariant to those directions keep theirs.",
                 IdentifiabilityWarning,
@@ -177,7 +217,10 @@ class Information:
         curvature). It is 0 at a maximum; its square root is about how many standard
         errors the estimate lies from a point where the score vanishes.
         """
+        # With Monte-Carlo scores a flat direction's score is noise: keep the identified ones.
         reduced = self.scores @ self.basis
+        if self.score_replicates is not None:
+            reduced = reduced @ self._curved
         total = reduced.sum(0)
         outer = torch.linalg.pinv(reduced.T @ reduced, hermitian=True, rtol=_RTOL)
         return float(total @ outer @ total)
@@ -239,6 +282,53 @@ _RTOL = 1e-7
 _BOUNDARY = 1e-6  # a positive or simplex parameter this close to 0 is on its boundary
 # A score statistic above 1 puts the estimate more than a standard error from a stationary point.
 _SCORE_LIMIT = 1.0
+# Louis's identity runs as _REPLICATES estimates of at least _MIN_DRAWS draws each; Monte-Carlo
+# judgements (flat or not, moved or not) allow _MC_Z standard errors; _GROUPS for the jackknife.
+_REPLICATES, _MIN_DRAWS, _MC_Z, _GROUPS = 8, 25, 4.0, 8
+
+
+def _complement(flat: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis ``(r, r - f)`` of the complement of the columns of ``flat`` ``(r, f)``."""
+    left = torch.linalg.svd(flat, full_matrices=True)[0]
+    return left[:, flat.shape[1]:]
+
+
+def _flat_by_scores(replicates: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    r"""Directions whose per-observation scores are Monte-Carlo noise alone, orthonormal ``(r, f)``.
+
+    ``replicates`` ``(R, n, r)`` are independent estimates of the scores. With
+    :math:`\bar s_i` their mean, the signal :math:`S = \sum_i \bar s_i \bar s_i^\top` and the
+    noise :math:`N = \sum_i N_i`, :math:`N_i` the sample covariance of the replicates
+    over ``R``: along a flat direction :math:`v^\top S v / v^\top N v` is 1 up to its
+    sampling error, :math:`\sqrt{2 \sum_i (v^\top N_i v)^2} / v^\top N v`. Directions
+    are the generalised eigenvectors of :math:`(S, S + N)`; ``count`` takes that many
+    of the noisiest instead of testing (the jackknife's leave-outs).
+    """
+    copies = replicates.shape[0]
+    mean = replicates.mean(0)
+    deviations = replicates - mean
+    signal = mean.T @ mean
+    noise = torch.einsum("knp,knq->pq", deviations, deviations) / (copies * (copies - 1))
+    total = signal + noise
+    # A ridge makes a direction with no score at all (a parameter nothing uses) count as flat.
+    total = total + 1e-12 * total.trace() * torch.eye(total.shape[0], dtype=total.dtype)
+    whiten = torch.linalg.inv(torch.linalg.cholesky(total))
+    share, rotation = torch.linalg.eigh(whiten @ signal @ whiten.T)  # signal's share, ascending
+    directions = whiten.T @ rotation
+    if count is None:
+        per_observation = (deviations @ directions).square().sum(0) / (copies * (copies - 1))  # (n, r)
+        noise_along = per_observation.sum(0)
+        spread = (2 * per_observation.square().sum(0)).sqrt() / noise_along
+        ratio = share / (1 - share).clamp_min(1e-300)
+        count = int((ratio <= 1 + _MC_Z * spread).sum())
+    return torch.linalg.qr(directions[:, :count])[0]
+
+
+def _jackknife_groups(num_rows: int) -> list[torch.Tensor]:
+    """Row indices left after removing each of ``_GROUPS`` interleaved groups."""
+    groups = min(_GROUPS, num_rows)
+    rows = torch.arange(num_rows)
+    return [rows[rows % groups != g] for g in range(groups)]
 
 
 def _warn_on_boundary(parameters: Parameters, pair: Pair) -> list[str]:
@@ -340,8 +430,8 @@ def observed_information(model, data, guide=None, *, method: str = "auto", num_s
         return Information(matrix, scores, "exact", parameters, pair)
     if pair.guide is None:
         raise FreqviInputError("Louis's identity needs a guide as proposal: pass guide=...")
-    matrix, scores = _louis(pair, data, model_trace, frame, parameters, num_samples)
-    return Information(matrix, scores, "louis", parameters, pair)
+    matrix, scores, replicates = _louis_replicated(pair, data, model_trace, frame, parameters, num_samples)
+    return Information(matrix, scores, "louis", parameters, pair, replicates)
 
 
 def _exact(exact, data, model_trace, frame, parameters: Parameters):
@@ -352,6 +442,34 @@ def _exact(exact, data, model_trace, frame, parameters: Parameters):
     scores = jacobian(per_observation_loglik, vector, vectorize=True)  # (n, P)
     matrix = -hessian(lambda v: per_observation_loglik(v).sum(), vector)
     return matrix.double(), scores.double()
+
+
+def _louis_replicated(pair: Pair, data, model_trace, frame, parameters: Parameters, num_samples: int):
+    r"""Louis's identity as the mean of ``R`` independent estimates, each with ``num_samples / R`` draws.
+
+    The replicates measure the Monte-Carlo error that :class:`Information` needs to
+    tell a flat direction from a curved one, at no extra cost in draws. Their
+    spread also removes the self-normalised estimate's leading bias: the weighted
+    covariance of the complete-data scores about their weighted mean falls short of
+    the posterior covariance by the variance of that mean, :math:`\mathrm{Var}(\hat s_i)`,
+    so each replicate overstates :math:`I` by :math:`\sum_i \mathrm{Var}(\hat s_i)`, estimated
+    by the scores' sample covariance across replicates (exact for the exact posterior as
+    guide, first order in ``1/K_eff`` otherwise). With fewer than ``2 * _MIN_DRAWS``
+    draws there is one estimate and no correction.
+
+    :returns: the corrected mean information ``(P, P)``, the mean scores ``(n, P)``, and
+        the replicates of the scores ``(R, n, P)`` (``None`` with one estimate).
+    """
+    count = min(_REPLICATES, num_samples // _MIN_DRAWS)
+    if count < 2:
+        matrix, scores = _louis(pair, data, model_trace, frame, parameters, num_samples)
+        return matrix, scores, None
+    runs = [_louis(pair, data, model_trace, frame, parameters, num_samples // count) for _ in range(count)]
+    matrices = torch.stack([m for m, _ in runs])  # (R, P, P)
+    scores = torch.stack([s for _, s in runs])  # (R, n, P)
+    centred = scores - scores.mean(0)
+    bias = torch.einsum("rnp,rnq->pq", centred, centred) / (count - 1)
+    return matrices.mean(0) - bias, scores.mean(0), scores
 
 
 def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_samples: int):
