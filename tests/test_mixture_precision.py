@@ -148,3 +148,30 @@ def test_blended_statistics_are_the_statistics_of_the_union(covariance):
         np.testing.assert_allclose(blended["n"][k], r[:, k].mean(), rtol=1e-12)
         np.testing.assert_allclose(blended["shift"][k] + blended["offset"][k], mean, rtol=1e-12)
         np.testing.assert_allclose(blended["scatter"][k], scatter, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_component_in_99_dimensions_is_the_gaussian_mle(dtype):
+    """K = 1, d = 99, n = 100: Sigma = S + reg I, l = -n/2 (d log 2 pi + log|Sigma| + tr(Sigma^-1 S))."""
+    x = np.random.default_rng(2).normal(size=(100, 99)).astype(np.float32).astype(np.float64)
+    _, loglik = fit(x, 1, "full", dtype)
+    sigma = np.cov(x.T, bias=True) + 1e-6 * np.eye(99)
+    expected = -50 * (99 * math.log(2 * math.pi) + np.linalg.slogdet(sigma)[1]
+                      + np.trace(np.linalg.solve(sigma, np.cov(x.T, bias=True))))
+    assert loglik == pytest.approx(expected, rel=1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag", "spherical"])
+def test_a_constant_column_sits_on_the_floor_and_matches_scikit_learn(covariance):
+    """A constant second column: its variance is reg_covar in each component, as in scikit-learn."""
+    rng = np.random.default_rng(4)
+    x = np.stack([np.concatenate([rng.normal(0, 1, 50), rng.normal(6, 1, 50)]), np.full(100, 2.0)], -1)
+    init = start(np.asarray(x), covariance, 1.0)
+    gm, loglik = fit(x, 2, covariance, torch.float64, init=init, tol=1e-12)
+    precisions = np.linalg.inv(init["covariances"]) if covariance == "full" else 1 / init["covariances"]
+    sk = SkGaussianMixture(2, covariance_type=covariance, weights_init=init["weights"],
+                           means_init=init["locs"], precisions_init=precisions, tol=1e-14,
+                           max_iter=5000).fit(x)
+    assert loglik == pytest.approx(sk.score(x) * len(x), rel=1e-8)
+    if covariance != "spherical":
+        np.testing.assert_allclose(eigenvalues(gm).min(), 1e-6, rtol=1e-6)
