@@ -156,3 +156,36 @@ def test_float32_at_a_large_offset_matches_float64_from_the_same_start(noise):
         freqvi.em(fa, data=data, tol=1e-7, max_iter=5000, progress=False)
         loglik[dtype] = float(fa.log_marginal(data).detach().double().sum())
     assert loglik[torch.float32] == pytest.approx(loglik[torch.float64], abs=0.01)
+
+
+@IGNORE_MAX_ITER
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_online_em_in_float32_at_a_large_offset_follows_float64(noise):
+    """Online EM over the same 6 minibatches per pass in both precisions, from the same start.
+
+    The bound on the float32 means' rounding is the previous test's, 2e-3 nats.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 2)) @ rng.normal(size=(2, 5)) + 0.3 * rng.normal(size=(300, 5)) + 1e4
+    x = x.astype(np.float32).astype(np.float64)
+    reference = FactorAnalysis(5, 2, noise)
+    reference.model(torch.as_tensor(x))
+    init = {k: v.numpy() for k, v in reference.estimates().items()}
+    loglik = {}
+    for dtype in (torch.float32, torch.float64):
+        fa = FactorAnalysis(5, 2, noise, init=init)
+        data = torch.as_tensor(x, dtype=dtype)
+        batches = list(torch.split(data, 50))  # a fixed order: the random permutation may differ by dtype
+        freqvi.em(fa, data=Passes(batches), num_observations=300, max_iter=20, tol=0.0, progress=False)
+        loglik[dtype] = float(fa.log_marginal(data).detach().double().sum())
+    assert loglik[torch.float32] == pytest.approx(loglik[torch.float64], abs=0.01)
+
+
+class Passes:
+    """An iterable that starts over on every pass, as a DataLoader does."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __iter__(self):
+        return iter(self.parts)

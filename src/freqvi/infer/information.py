@@ -97,12 +97,12 @@ class Information:
     * Monte-Carlo information (Louis's identity, ``score_replicates`` given): along a
       flat direction each observation's score :math:`\nabla_v \ell_i` is 0, so its
       Fisher-identity estimate is Monte-Carlo noise alone. A direction is flat when
-      :math:`\sum_i (\hat s_i^\top v)^2` is within ``_MC_Z`` standard deviations of its
+      :math:`\sum_i (\hat s_i^\top v)^2` is within 4 standard deviations of its
       noise :math:`\sum_i \mathrm{Var}(\hat s_i^\top v)` (the replicates' spread); the
       directions are the generalised eigenvectors of the two matrices. Along a
       curved direction the scores carry the Fisher information, about ``K_eff``
       times their noise. An entry is moved by a flat direction when its component
-      there exceeds ``_MC_Z`` jackknife standard errors (over groups of observations).
+      there exceeds 4 jackknife standard errors (over 8 groups of observations).
 
     :ivar matrix: :math:`I` in all unconstrained coordinates, shape ``(P, P)``, float64.
     :ivar scores: per-observation scores :math:`\nabla \ell_i(\hat\theta)`, shape ``(n, P)``.
@@ -394,7 +394,10 @@ def observed_information(model, data, guide=None, *, method: str = "auto", num_s
 
       the expectations over the posterior :math:`p(z_i \mid x_i)` estimated by
       self-normalised importance sampling with ``num_samples`` draws from the
-      guide, so an approximate guide still targets the exact posterior;
+      guide, so an approximate guide still targets the exact posterior. The draws
+      run as 8 independent replicates (of at least 25 draws each, when there are
+      that many) whose spread corrects the estimate's leading bias and tells
+      Monte-Carlo noise from curvature (:class:`Information`);
     * ``"auto"``: exact where the model allows, else Louis's identity.
 
     The parameters should be at a maximum of the likelihood (after :func:`~freqvi.em`
