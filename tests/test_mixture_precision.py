@@ -190,3 +190,11 @@ def test_a_constant_column_sits_on_the_floor_and_matches_scikit_learn(covariance
     assert loglik == pytest.approx(sk.score(x) * len(x), rel=1e-8)
     if covariance != "spherical":
         np.testing.assert_allclose(eigenvalues(gm).min(), 1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag", "spherical"])
+def test_a_collapsed_component_without_a_floor_is_refused(covariance):
+    """reg_covar = 0 and a component on one point: the likelihood has no maximum (variance -> 0)."""
+    gm = GaussianMixture(2, 1, covariance, reg_covar=0.0)
+    with pytest.raises(freqvi.errors.FreqviInputError, match=r"components \[0, 1\] have a singular"):
+        freqvi.em(gm, data=torch.tensor([[9999.0], [0.0]]), progress=False)

@@ -50,7 +50,9 @@ class GaussianMixture(LatentVariableModel):
     :param init: optional starting values ``{"weights": (K,), "locs": (K, d),
         "covariances": ...}`` in scikit-learn's shapes; default: k-means++ then
         ten Lloyd iterations, and one M-step from the hard assignments.
-    :param reg_covar: non-negative ridge added to each covariance's diagonal.
+    :param reg_covar: non-negative ridge added to each covariance's diagonal. With 0, a
+        component whose covariance becomes singular stops the fit with a
+        :class:`~freqvi.errors.FreqviInputError` (the likelihood is unbounded there).
 
     Fitted parameters: ``weights`` ``(K,)``, ``locs`` ``(K, d)`` and
     ``covariances``: ``(K, d, d)`` full, ``(K, d)`` diag, ``(K,)`` spherical.
@@ -323,5 +325,24 @@ class GaussianMixture(LatentVariableModel):
             cov = stats["scatter"] / scale.unsqueeze(-1) + self.reg_covar
             if self.covariance == "spherical":
                 cov = cov.mean(-1)
+        _refuse_collapsed(cov, self.covariance)
         return {"weights": weights / weights.sum(), "locs": stats["shift"] + stats["offset"],
                 "covariances": cov}
+
+
+def _refuse_collapsed(cov: torch.Tensor, covariance: str) -> None:
+    """Refuses a singular covariance, possible only with ``reg_covar = 0``: the likelihood is unbounded.
+
+    A component on at most ``d`` distinct points (or with a constant coordinate) has a
+    singular scatter; as its covariance shrinks the likelihood grows without bound,
+    so there is no maximum to report. The parameters keep their last values.
+    """
+    singular = torch.linalg.cholesky_ex(cov)[1] != 0 if covariance == "full" \
+        else (cov <= 0).reshape(cov.shape[0], -1).any(-1)
+    if singular.any():
+        raise FreqviInputError(
+            f"components {singular.nonzero().flatten().tolist()} have a singular covariance (they sit "
+            "on too few distinct points, or a coordinate is constant there) and reg_covar = 0: the "
+            "likelihood grows without bound as that covariance shrinks, so it has no maximum. Pass "
+            "reg_covar > 0 (scikit-learn's default is 1e-6), a floor on every eigenvalue."
+        )
