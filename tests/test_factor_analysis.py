@@ -127,13 +127,18 @@ def test_mean_field_guide_gives_a_lower_bound():
     assert exact - elbo < 0.1 * (exact - result.elbo[0])
 
 
+@pytest.mark.parametrize("driver", ["em", "fit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_constant_column_is_refused_by_name(dtype):
+def test_a_constant_column_is_refused_by_name(dtype, driver):
     """Issue 15 item 5: with x_4 = 3.0 the likelihood has no maximum (psi_4 -> 0)."""
     x = np.random.default_rng(0).normal(size=(200, 4))
     x[:, 3] = 3.0
+    fa, data = FactorAnalysis(4, 1), torch.as_tensor(x, dtype=dtype)
     with pytest.raises(freqvi.errors.FreqviInputError, match=r"columns \[3\] of the data are constant"):
-        freqvi.em(FactorAnalysis(4, 1), data=torch.as_tensor(x, dtype=dtype), progress=False)
+        if driver == "em":
+            freqvi.em(fa, data=data, progress=False)
+        else:
+            freqvi.fit(fa, guide=fa.guide, data=data, num_steps=5, progress=False)
 
 
 @pytest.mark.parametrize("noise", ["diagonal", "isotropic"])

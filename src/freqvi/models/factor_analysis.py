@@ -107,10 +107,19 @@ class FactorAnalysis(LatentVariableModel):
         noise = torch.diagonal(cov) - loading.square().sum(-1) if self.noise == "diagonal" else rest
         return {"mean": mean, "loading": loading, "noise_variance": noise.clamp_min(floor)}
 
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raises :class:`~freqvi.errors.FreqviInputError` unless ``x`` is ``(n, dim)``, no column constant.
+
+        A constant column's noise variance has MLE 0, where the log-likelihood is
+        infinite: there is no maximum to fit. The error names the columns.
+        """
+        check_matrix(x, self.dim)
+        _refuse_constant_columns(x)
+
     def _prepare(self, x: torch.Tensor) -> None:
         check_matrix(x, self.dim)
         if not self.initialized:
-            _refuse_constant_columns(x)
+            self.check_data(x)
             # Statistics are moments about this fixed shift: raw ones cancel in float32 at
             # large offsets, and a shift held fixed keeps online EM's blend linear.
             self.register_buffer("shift", x.mean(0).detach().clone())
