@@ -141,6 +141,32 @@ def test_a_constant_column_is_refused_by_name(dtype, driver):
             freqvi.fit(fa, guide=fa.guide, data=data, num_steps=5, progress=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dependent_columns_are_refused_where_the_likelihood_is_unbounded(dtype):
+    """A duplicated column: diagonal noise can vanish on both (the em fit reached 2337 nats, no
+    warning); isotropic noise with rank 3 > q = 1 is bounded, with rank 3 <= q = 3 it is not."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4))
+    x[:, 3] = x[:, 0]
+    data = torch.as_tensor(x, dtype=dtype)
+    refused = r"combination \[-1.0, 1.0\] of columns \[0, 3\] is constant"
+    with pytest.raises(freqvi.errors.FreqviInputError, match=refused):
+        freqvi.em(FactorAnalysis(4, 1), data=data, progress=False)
+    freqvi.em(FactorAnalysis(4, 1, "isotropic"), data=data, progress=False)
+    with pytest.raises(freqvi.errors.FreqviInputError, match=r"rank 3 < 4"):
+        freqvi.em(FactorAnalysis(4, 3, "isotropic"), data=data, progress=False)
+
+
+def test_as_many_factors_as_columns_is_bounded_and_fits_the_sample_covariance():
+    """latent_dim = dim: W W^T + Psi can equal the (nonsingular) sample covariance S, the MLE."""
+    x = torch.as_tensor(np.random.default_rng(1).normal(size=(300, 3)) @ np.diag([1.0, 2.0, 0.5]))
+    fa = FactorAnalysis(3, 3)
+    freqvi.em(fa, data=x, tol=1e-9, max_iter=20000, progress=False)
+    sample = np.cov(x.numpy().T, bias=True)
+    reference = multivariate_normal(x.numpy().mean(0), sample).logpdf(x.numpy()).sum()
+    assert float(fa.log_marginal(x).detach().sum()) == pytest.approx(reference, rel=1e-9)
+
+
 @pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
 def test_float32_at_a_large_offset_matches_float64_from_the_same_start(noise):
     """Data at 1e4 with unit-scale structure: raw second moments would cancel in float32.

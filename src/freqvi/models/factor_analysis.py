@@ -46,10 +46,9 @@ class FactorAnalysis(LatentVariableModel):
     Fitted parameters: ``mean`` ``(d,)``, ``loading`` ``W`` ``(d, q)``,
     ``noise_variance`` ``(d,)`` (diagonal) or a scalar (isotropic).
 
-    :raises FreqviInputError: on the first data, if a column is constant (its noise
-        variance's MLE would be 0, the log-likelihood unbounded). A column that is
-        exactly a linear function of ``q`` factors fitted to the others (a Heywood
-        case) drives its noise variance to the floor ``eps * mean(S_xx)`` instead.
+    :raises FreqviInputError: on the first data, if a column is constant or the
+        columns are linearly dependent (:meth:`check_data`): noise variances would
+        go to 0 and the log-likelihood to infinity.
     """
 
     _estimate_names = ("mean", "loading", "noise_variance")
@@ -108,13 +107,17 @@ class FactorAnalysis(LatentVariableModel):
         return {"mean": mean, "loading": loading, "noise_variance": noise.clamp_min(floor)}
 
     def check_data(self, x: torch.Tensor) -> None:
-        """Raises :class:`~freqvi.errors.FreqviInputError` unless ``x`` is ``(n, dim)``, no column constant.
+        """Raises :class:`~freqvi.errors.FreqviInputError` unless ``x`` is ``(n, dim)``, likelihood bounded.
 
-        A constant column's noise variance has MLE 0, where the log-likelihood is
-        infinite: there is no maximum to fit. The error names the columns.
+        The log-likelihood has no maximum (it grows without bound as noise variances
+        go to 0) when some combination :math:`u^\top x_i` of the columns is constant,
+        i.e. the sample covariance is singular: for diagonal noise always (the noise
+        of the columns in :math:`u` can vanish with :math:`W^\top u = 0`), for isotropic
+        noise when the rank is at most ``latent_dim``. The error names the columns.
         """
         check_matrix(x, self.dim)
         _refuse_constant_columns(x)
+        _refuse_dependent_columns(x, 0 if self.noise == "diagonal" else self.latent_dim)
 
     def _prepare(self, x: torch.Tensor) -> None:
         check_matrix(x, self.dim)
@@ -209,6 +212,25 @@ class FactorAnalysis(LatentVariableModel):
         psi = psi.clamp_min(floor) if self.noise == "diagonal" else psi.mean().clamp_min(floor)
         self._set_values({"mean": self.shift + coef[:, -1], "loading": coef[:, :-1],
                           "noise_variance": psi})
+
+
+def _refuse_dependent_columns(x: torch.Tensor, rank_needed_above: int) -> None:
+    """Refuses data whose sample covariance is singular (rank below ``d``, or at most the bound)."""
+    centred = x.double() - x.double().mean(0)
+    values, vectors = torch.linalg.eigh(centred.T @ centred / x.shape[0])
+    # Below the rounding of the eigensolver or of the data's own precision, a spread is 0.
+    eps = max(x.shape[1] * torch.finfo(torch.float64).eps, (10 * torch.finfo(x.dtype).eps) ** 2)
+    null = values <= eps * values[-1]
+    rank = x.shape[1] - int(null.sum())
+    if rank < x.shape[1] and (rank_needed_above == 0 or rank <= rank_needed_above):
+        u = vectors[:, 0] / vectors[:, 0].abs().max()
+        columns = (u.abs() > 1e-6).nonzero().flatten().tolist()
+        raise FreqviInputError(
+            f"the data's columns are linearly dependent (the sample covariance has rank {rank} < "
+            f"{x.shape[1]}): the combination {[round(float(u[j]), 6) for j in columns]} of columns "
+            f"{columns} is constant, so the likelihood has no maximum (their noise variances go to 0 "
+            "and the log-likelihood to infinity); drop a column of each dependent set."
+        )
 
 
 def _refuse_constant_columns(x: torch.Tensor) -> None:
