@@ -5,7 +5,9 @@ maximise the ELBO of a model/guide pair over the model's parameters theta,
 and over the guide's as the E-step.
 """
 
-from freqvi import estimators, guides, models
+import importlib
+
+from freqvi import datasets, errors, estimators, guides, infer, models
 from freqvi.infer import (
     Bootstrap,
     EMResult,
@@ -24,8 +26,22 @@ from freqvi.infer import (
     observed_information,
 )
 from freqvi.infer.evaluation import AmortizationGap, ELBOTerms, amortization_gap, elbo_terms
+from freqvi.validation import with_missing
 
 __version__ = "0.1.0"
+
+# plots imports matplotlib (a third of a second): loaded on first use, as freqvi.plots.
+_LAZY_SUBMODULES = ("plots",)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"freqvi.{name}")
+    raise AttributeError(f"module 'freqvi' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
 __all__ = [
     "AmortizationGap",
@@ -40,14 +56,19 @@ __all__ = [
     "amortization_gap",
     "bootstrap",
     "compare",
+    "datasets",
     "elbo_terms",
     "em",
+    "errors",
     "estimators",
     "fit",
     "guides",
+    "infer",
     "information_criteria",
     "log_likelihood",
     "maximize_likelihood",
     "models",
     "observed_information",
+    "plots",
+    "with_missing",
 ]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from freqvi.errors import FreqviInputError
-from freqvi.validation import as_tensor, check_choice, check_finite, check_positive_int
+from freqvi.validation import as_real, check_choice, check_finite, check_positive_int
 
 FILE_TYPES = (".npy", ".csv")
 DIGITS_SPLITS = ("train", "test", "all")
@@ -140,11 +140,11 @@ def load_array(path_or_array, dtype: torch.dtype | None = None) -> torch.Tensor:
     if isinstance(path_or_array, str | os.PathLike):
         path = Path(path_or_array)
         name = str(path)
-        x = as_tensor(_read_file(path), name)
+        x = as_real(_read_file(path), name)
         check_finite(x, name)
     else:
         name = "data"
-        x = as_tensor(path_or_array, name)
+        x = as_real(path_or_array, name)
     _check_2d(x, name)
     return x if dtype is None else x.to(_check_dtype(dtype))
 

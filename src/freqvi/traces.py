@@ -16,6 +16,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
 
 from freqvi.errors import FreqviInputError
+from freqvi.validation import dtype_note
 
 
 def trace(fn: Callable, *args, **kwargs) -> Trace:
@@ -90,7 +91,7 @@ def data_plate(model_trace: Trace, name: str, num_data: int):
     raise FreqviInputError(
         f"the model has no vectorised plate called {name!r} over the observations; write "
         f"`with pyro.plate({name!r}, len(x)) as i:` around its per-observation sites "
-        "(or pass the plate's name as data_plate=...)."
+        "(or pass the plate's name to the driver as data_plate_name=...)."
     )
 
 
@@ -106,12 +107,17 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
         with torch.no_grad():
             guide_trace = trace(guide, *data)
             model_trace = trace(poutine.replay(model, trace=guide_trace), *data)
+            for tr in (guide_trace, model_trace):
+                _compute_densities(tr)
     except FreqviInputError:
         raise
+    except KeyError as exc:
+        raise FreqviInputError(_key_error_message(exc)) from exc
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise FreqviInputError(
-            f"running the model/guide pair on the data failed: {type(exc).__name__}: {exc}"
+            f"running the model/guide pair on the data failed: {type(exc).__name__}: {exc}{dtype_note(data)}"
         ) from exc
+    _check_plate_sizes(model_trace, guide_trace)
     model_latent = latent_sites(model_trace)
     guide_latent = latent_sites(guide_trace)
     extra = sorted(name for name, site in guide_latent.items()
@@ -131,6 +137,50 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
                          "(and are not marked infer={'enumerate': 'parallel'})")
         raise FreqviInputError("model and guide do not match: " + "; ".join(parts) + ".")
     return model_trace, guide_trace
+
+
+def _compute_densities(tr: Trace) -> None:
+    """Computes a trace's log-densities, so that a density that cannot take its values (a dtype it
+    refuses, a shape that does not broadcast: RuntimeError) fails before any step.
+
+    Values outside a support (a ValueError under validation, as Pyro wraps it) are left to the
+    drivers' step guard, which names the site whose log-density is not finite.
+    """
+    try:
+        tr.compute_log_prob(lambda name, site: not isinstance(site["fn"], _Subsample))
+    except ValueError:
+        pass
+
+
+def _plate_sizes(tr: Trace) -> dict[str, int]:
+    """The full size of each vectorised plate of a trace's sample sites."""
+    return {frame.name: frame.full_size or frame.size
+            for site in tr.nodes.values() if site["type"] == "sample"
+            for frame in site["cond_indep_stack"] if frame.vectorized}
+
+
+def _check_plate_sizes(model_trace: Trace, guide_trace: Trace) -> None:
+    """Raises where model and guide give one plate different sizes: a guide built for other data."""
+    model_sizes, guide_sizes = _plate_sizes(model_trace), _plate_sizes(guide_trace)
+    differ = {name: (model_sizes[name], size) for name, size in guide_sizes.items()
+              if name in model_sizes and model_sizes[name] != size}
+    if differ:
+        raise FreqviInputError(
+            "model and guide disagree on the size of the plates (model, guide) "
+            f"{differ}: the guide holds state for other data (one value per observation of another data "
+            "set); build the guide for these data."
+        )
+
+
+def _key_error_message(exc: KeyError) -> str:
+    """What a KeyError while first running a pair means: usually a ``pyro.param`` read before it exists."""
+    key = exc.args[0] if exc.args else None
+    if isinstance(key, str) and key not in pyro.get_param_store():
+        return (f"running the model/guide pair on the data failed: pyro.param({key!r}) was read before it "
+                "was created. Drivers run the guide first (as SVI does), so a guide that reads the model's "
+                f"parameters must create them as the model does: pyro.param({key!r}, initial_value), or "
+                "share a function that creates them with the model.")
+    return f"running the model/guide pair on the data failed: KeyError: {exc}"
 
 
 def param_names(tr: Trace) -> set[str]:

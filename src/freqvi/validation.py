@@ -7,59 +7,127 @@ that says what was expected and what was found.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pyro.infer.util import is_validation_enabled
 
 from freqvi.errors import FreqviInputError
 
 Data = torch.Tensor | tuple[torch.Tensor, ...]
 
+#: Floating dtypes kept as given; half precisions become the default dtype (too coarse for log-densities).
+_KEPT_FLOATS = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class WithMissing:
+    """An array (or an iterable of batches) whose NaN cells are missing values the model itself handles.
+
+    Made by :func:`with_missing`; every driver unwraps it where it checks its data.
+    """
+
+    data: object
+
+
+def with_missing(data) -> WithMissing:
+    r"""Marks ``data``'s NaN cells as missing values that the model masks, so drivers let them through.
+
+    Drivers refuse non-finite data by default. A model that handles missing values
+    itself (Pyro's ``obs_mask=``, ``poutine.mask`` or ``Distribution.mask`` on
+    ``~torch.isnan(x)``, the NaN replaced by any finite number where the
+    log-density is computed, e.g. ``x.nan_to_num()``, since a NaN times a zero mask
+    still poisons the gradient) maximises the likelihood of the observed cells,
+    :math:`\sum_i \log p(x_{i,\mathrm{obs}}; \theta)`. Pass ``with_missing(x)`` wherever
+    ``x`` goes (alone, inside a tuple of arrays, or around an iterable of batches):
+    NaN cells then pass; infinite values are still refused.
+
+    :param data: an array, a tensor or an iterable of batches.
+    :returns: the marked data, for any driver's ``data=``.
+    """
+    if isinstance(data, WithMissing):
+        return data
+    return WithMissing(data)
+
+
+class CheckedData(tuple):
+    """The tuple of tensors :func:`as_data` returns, remembering whether it let NaN cells through.
+
+    A driver that hands its data to another (``information_criteria`` to
+    ``log_likelihood``, ``compare`` to ``fit``) passes the permission on with them.
+    """
+
+    allow_nan: bool = False
+
 
 def as_tensor(x, name: str = "data") -> torch.Tensor:
-    """Converts an array-like to a floating tensor, keeping float64 as float64.
+    """Converts an array-like (a tensor, a NumPy array, nested lists of rows) to a tensor, keeping its dtype.
 
-    Precision follows the data: float64 input stays float64, every other
-    numeric input becomes float32 (PyTorch's default).
+    Floating arrays set the precision (float32 stays float32, float64 stays float64;
+    half precisions become the default dtype); boolean and integer arrays (masks,
+    index arrays, counts) pass through unchanged, as Pyro takes them. Values are not
+    checked here (:func:`as_data` checks floating arrays for finiteness).
+
+    :raises FreqviInputError: if ``x`` is not an array of numbers (strings, ragged
+        lists, complex numbers, ``None``).
     """
     if isinstance(x, torch.Tensor):
         t = x
     else:
         try:
             t = torch.as_tensor(np.asarray(x))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise FreqviInputError(
                 f"{name} must be a tensor or an array of numbers; got {type(x).__name__} ({exc})."
             ) from None
-    if t.dtype == torch.bool or not (t.is_floating_point() or _is_integer(t)):
+    if t.is_complex():
         raise FreqviInputError(f"{name} must hold real numbers; got dtype {t.dtype}.")
-    if t.dtype not in (torch.float32, torch.float64):
+    if t.is_floating_point() and t.dtype not in _KEPT_FLOATS:
         t = t.to(torch.get_default_dtype())
     return t
 
 
-def _is_integer(t: torch.Tensor) -> bool:
-    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+def as_real(x, name: str = "data") -> torch.Tensor:
+    """:func:`as_tensor` for quantities that are real numbers (a design matrix, a built-in model's data).
 
-
-def as_data(data, name: str = "data") -> tuple[torch.Tensor, ...]:
-    """Normalises ``data`` (one array or a tuple of arrays) to a tuple of tensors.
-
-    All tensors must share their first dimension, the number of observations,
-    and be finite.
+    Integer arrays become the default floating dtype; booleans are refused.
     """
-    items = data if isinstance(data, tuple | list) else (data,)
+    t = as_tensor(x, name)
+    if t.dtype == torch.bool:
+        raise FreqviInputError(f"{name} must hold real numbers; got booleans (dtype {t.dtype}).")
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
+def as_data(data, name: str = "data") -> CheckedData:
+    """Normalises ``data`` to the tuple of tensors passed to model and guide.
+
+    A tuple is several arrays (the model's positional arguments); anything else (a
+    tensor, a NumPy array, a list of rows) is one array. Each keeps its dtype
+    (:func:`as_tensor`). All must share their first dimension, the number of
+    observations. Floating arrays must be finite, except for NaN cells of an array
+    marked :func:`with_missing` (or of a :class:`CheckedData` that allowed them).
+
+    :raises FreqviInputError: for an empty tuple, a scalar, unequal row counts, no
+        rows, or non-finite values.
+    """
+    missing = isinstance(data, WithMissing) or getattr(data, "allow_nan", False)
+    data = data.data if isinstance(data, WithMissing) else data
+    items = data if isinstance(data, tuple) else (data,)
     if len(items) == 0:
         raise FreqviInputError(f"{name} is empty; pass at least one array of observations.")
-    tensors = tuple(as_tensor(x, f"{name}[{i}]" if len(items) > 1 else name)
-                    for i, x in enumerate(items))
-    for i, t in enumerate(tensors):
-        label = f"{name}[{i}]" if len(tensors) > 1 else name
+    tensors, marks = [], []
+    for i, item in enumerate(items):
+        label = f"{name}[{i}]" if len(items) > 1 else name
+        marks.append(missing or isinstance(item, WithMissing))
+        t = as_tensor(item.data if isinstance(item, WithMissing) else item, label)
         if t.dim() == 0:
             raise FreqviInputError(
                 f"{label} must have a first dimension indexing observations; got a scalar."
             )
-        check_finite(t, label)
+        if t.is_floating_point():
+            check_finite(t, label, allow_nan=marks[-1])
+        tensors.append(t)
     sizes = {t.shape[0] for t in tensors}
     if len(sizes) > 1:
         raise FreqviInputError(
@@ -68,27 +136,59 @@ def as_data(data, name: str = "data") -> tuple[torch.Tensor, ...]:
         )
     if tensors[0].shape[0] == 0:
         raise FreqviInputError(f"{name} has no observations (0 rows).")
-    return tensors
+    checked = CheckedData(tensors)
+    checked.allow_nan = any(marks)
+    return checked
 
 
-def check_finite(t: torch.Tensor, name: str) -> None:
-    """Raises if ``t`` holds NaN or infinite values, saying where the first one is."""
-    bad = ~torch.isfinite(t)
+def check_finite(t: torch.Tensor, name: str, allow_nan: bool = False, advice: str | None = None) -> None:
+    """Raises if ``t`` holds NaN (unless ``allow_nan``) or infinite values, saying where the first one is
+    and what to do (``advice``, or how to remove them or mark them missing)."""
+    bad = torch.isinf(t) if allow_nan else ~torch.isfinite(t)
     if bad.any():
         first = tuple(int(i) for i in bad.nonzero()[0])
         kind = "NaN" if torch.isnan(t[first]) else "infinite"
+        if advice is None:
+            advice = ("infinite values are not missing values; remove them" if allow_nan else
+                      "remove or impute them before fitting, or, if the model masks missing values itself, "
+                      "mark the NaN cells missing with freqvi.with_missing(data)")
         raise FreqviInputError(
-            f"{name} holds {int(bad.sum())} non-finite value(s) (first: {kind} at index {first}); "
-            "remove or impute them before fitting."
+            f"{name} holds {int(bad.sum())} non-finite value(s) (first: {kind} at index {first}); {advice}."
         )
 
 
+def dtype_note(data: tuple[torch.Tensor, ...]) -> str:
+    """A note for an error raised by a model run on ``data``: which arrays reached it as integers or booleans.
+
+    Empty where every array is floating. Such arrays pass unchanged (:func:`as_tensor`), so a
+    density over real values (``Bernoulli``, ``Normal``) observing one needs it as floats.
+    """
+    exact = [f"data[{i}] ({t.dtype})" for i, t in enumerate(data)
+             if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+    if not exact:
+        return ""
+    return (f" (note: {', '.join(exact)} reached the model as given; integer and boolean arrays are not "
+            "converted, so a density over real values that observes one needs it as floats, e.g. y.float())")
+
+
 def check_matrix(x: torch.Tensor, dim: int, name: str = "data") -> None:
-    """Raises unless ``x`` has shape ``(n, dim)``."""
+    """Raises unless ``x`` is a finite floating tensor of shape ``(n, dim)`` (a built-in model's data).
+
+    Finite also where the driver let NaN cells through (:func:`with_missing`): the
+    built-in models have no model of missing values. Values are read only while Pyro's
+    validation is on (the drivers' check of the pair, not their steps).
+    """
+    if not x.is_floating_point():
+        raise FreqviInputError(
+            f"{name} must hold real numbers in a floating dtype; got dtype {x.dtype}. Convert it, "
+            "e.g. torch.as_tensor(x, dtype=torch.float64)."
+        )
     if x.dim() != 2 or x.shape[-1] != dim:
         raise FreqviInputError(
             f"{name} must have shape (n_observations, {dim}); got {tuple(x.shape)}."
         )
+    if is_validation_enabled():
+        check_finite(x, name, advice="this model has no model of missing values: remove or impute them")
 
 
 def check_positive_int(value, name: str, minimum: int = 1) -> int:

@@ -37,7 +37,7 @@ class GradientMoments:
 
     @property
     def standard_error(self) -> torch.Tensor:
-        """Monte-Carlo standard error of :attr:`mean`, elementwise."""
+        """Monte-Carlo standard error of ``mean``, elementwise."""
         return (self.variance / self.num_draws).sqrt()
 
 
@@ -49,7 +49,7 @@ def gradient_variance(model, guide, data, loss: str | ELBO = "trace", num_draws:
     uses), parameters unchanged and estimators that adapt while training (the importance
     law over t of :class:`~freqvi.estimators.TimeSubsampledELBO`) held fixed through
     their ``frozen()`` context, so estimators can be compared on the same model
-    and guide: by bias (against each other's :attr:`~GradientMoments.mean`, or a
+    and guide: by bias (against each other's ``mean``, or a
     known gradient), by variance and by signal-to-noise ratio. Gradients are of
     the ELBO (not of the loss) with respect to the unconstrained parameters, in
     float64.

@@ -142,7 +142,7 @@ def quadratic_terms(reverse: ReverseProcess, forward: ForwardProcess, x0: torch.
 class DiffusionObjective(ELBO):
     """Base of the diffusion estimators: a per-observation objective summed over the data plate.
 
-    A subclass implements :meth:`_per_observation`, mapping the visited observations
+    A subclass implements ``_per_observation``, mapping the visited observations
     ``x0`` ``(b, d)`` to a differentiable ``(b,)`` tensor whose sum is the estimator's loss
     (for the ELBO estimators: a draw of each row's negative ELBO). The rows are those the
     model's data plate visits (so :func:`freqvi.fit`'s minibatches apply) and the sum is

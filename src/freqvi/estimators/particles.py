@@ -77,7 +77,7 @@ class LogWeights:
 class ParticleELBO(ELBO):
     """Base of the estimators built on :class:`LogWeights`.
 
-    A subclass implements :meth:`_objective`, which maps the weights to the
+    A subclass implements ``_objective``, which maps the weights to the
     bound's value and a surrogate whose gradient is the estimator's; the loss is
     the negative bound, carrying the surrogate's gradient.
 
@@ -90,7 +90,7 @@ class ParticleELBO(ELBO):
     #: Whether the guide's log density is taken with its parameters held fixed,
     #: so that guide gradients flow along the draws' paths only.
     path_derivative = False
-    #: Whether :meth:`differentiable_loss` can be traced into a graph
+    #: Whether ``differentiable_loss`` can be traced into a graph
     #: (:class:`~freqvi.infer.compiled.CompiledLoss`): no gradient hooks.
     traceable = True
 

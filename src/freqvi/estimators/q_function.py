@@ -41,7 +41,8 @@ class QFunctionELBO(ELBO):
     """
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf")):
-        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
+                         vectorize_particles=True)  # as its TraceEnum_ELBO: drivers check the pair for it
         self._elbo = TraceEnum_ELBO(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,

@@ -15,6 +15,7 @@ from freqvi.estimators.diffusion import (
 )
 from freqvi.validation import check_choice, check_positive_float, check_positive_int
 
+#: How each observation's time step t is drawn (``time_sampling=``).
 TIME_SAMPLING = ("uniform", "importance", "all")
 
 
@@ -47,7 +48,7 @@ class TimeSubsampledELBO(DiffusionObjective):
     * ``"importance"``: :math:`\pi_t \propto \sqrt{\mathbb E[Q_t^2]}` (Nichol and Dhariwal 2021),
       the second moment of each quadratic term :math:`Q_t` tracked by an exponentially
       weighted average of the training draws (``decay`` per step; evaluations without gradient,
-      such as :meth:`loss`, and draws inside :meth:`frozen` leave it alone), mixed with the uniform law
+      such as ``loss``, and draws inside ``frozen`` leave it alone), mixed with the uniform law
       (weight ``uniform_mix``) so every weight :math:`1/\pi_t` stays bounded; uniform until
       every step has been drawn. Unbiased for any such :math:`\pi`; the variance drops
       because the terms of small ``t`` are far larger than the rest. The law follows the terms'
@@ -68,7 +69,7 @@ class TimeSubsampledELBO(DiffusionObjective):
     the full-chain trace costs ``T`` calls and ``2T`` sample sites.
 
     :param num_particles: draws of ``(t, x_t)`` per observation.
-    :param time_sampling: one of :data:`TIME_SAMPLING`.
+    :param time_sampling: one of :data:`~freqvi.estimators.time_subsampled.TIME_SAMPLING`.
     :param decay: ``"importance"``: the running second moments' decay per step.
     :param uniform_mix: ``"importance"``: the uniform law's weight in :math:`\pi`, in ``(0, 1]``.
     :param chunk_size: ``"all"``: steps evaluated per vectorised denoiser call.

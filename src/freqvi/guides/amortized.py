@@ -54,10 +54,12 @@ class AmortizedNormal(PyroModule):
 
     **Default encoder.** An MLP on the observation's data, flattened and
     concatenated, standardised by the mean and standard deviation of the data of
-    the first call; ``hidden`` layers with ReLU; ``loc`` from a linear head and
-    ``scale = softplus(.) + 1e-5`` from another. Both heads start at zero
-    weights, so every observation starts at ``loc = 0`` and ``scale = init_scale``.
-    It is built on the first call, in the data's dtype.
+    the first call (over the observed cells; a missing cell, NaN under
+    :func:`freqvi.with_missing`, enters as its column's mean); ``hidden`` layers
+    with ReLU; ``loc`` from a linear head and ``scale = softplus(.) + 1e-5`` from
+    another. Both heads start at zero weights, so every observation starts at
+    ``loc = 0`` and ``scale = init_scale``. It is built on the first call, in the
+    data's dtype.
 
     :param model: the model, a callable taking the same arguments as the guide.
     :param encoder: a :class:`torch.nn.Module` obeying the contract above, or
@@ -197,8 +199,8 @@ class _MLPEncoder(nn.Module):
                  dtype: torch.dtype):
         super().__init__()
         flat = _flatten(data, dtype)
-        spread = flat.std(0) if len(flat) > 1 else torch.ones_like(flat[0])
-        self.register_buffer("shift", flat.mean(0))
+        shift, spread = _observed_moments(flat)
+        self.register_buffer("shift", shift)
         # constant inputs (padding, an intercept column) are left unscaled
         self.register_buffer("spread", torch.where(spread > 0, spread, torch.ones_like(spread)))
         layers, size = [], flat.shape[1]
@@ -215,8 +217,25 @@ class _MLPEncoder(nn.Module):
             self.scale.bias.fill_(_inverse_softplus(init_scale))
 
     def forward(self, *data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body((_flatten(data, self.shift.dtype) - self.shift) / self.spread)
+        # a missing cell (NaN, freqvi.with_missing) enters as its column's mean: any function of the
+        # observed cells is a valid encoder
+        h = self.body(((_flatten(data, self.shift.dtype) - self.shift) / self.spread).nan_to_num(0.0))
         return self.loc(h), softplus(self.scale(h)) + SCALE_FLOOR
+
+
+def _observed_moments(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column's mean and standard deviation (divisor ``m - 1``) over its ``m`` observed (non-NaN) cells.
+
+    A column with no observed cell gets mean 0, one with fewer than two standard deviation 1.
+    """
+    seen = ~torch.isnan(flat)
+    if seen.all():
+        return flat.mean(0), flat.std(0) if len(flat) > 1 else torch.ones_like(flat[0])
+    count = seen.sum(0)
+    shift = torch.where(seen, flat, 0.0).sum(0) / count.clamp_min(1)
+    squares = torch.where(seen, flat - shift, 0.0).square().sum(0)
+    spread = torch.where(count > 1, squares / (count - 1).clamp_min(1), 1.0).sqrt()
+    return shift, spread
 
 
 def _flatten(data: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

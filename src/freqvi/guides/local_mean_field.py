@@ -37,6 +37,11 @@ class LocalMeanField(PyroModule):
     full data, with plate dimensions at their full size; calls under a
     subsampled plate index them by the plate's indices.
 
+    The factors belong to the observations of that first call: every later call
+    must pass arguments of the same shapes (the same data, or other values of the
+    same size), else :class:`~freqvi.errors.FreqviInputError` is raised before
+    anything is drawn. For other data, build a new guide.
+
     :param model: the model, a callable taking the same arguments as the guide.
     :param init_scale: initial standard deviation of continuous factors.
     """
@@ -46,6 +51,7 @@ class LocalMeanField(PyroModule):
         self._model = (model,)  # a tuple, so a PyroModule model is not registered as a child
         self.init_scale = init_scale
         self._sites: dict[str, LatentSite] | None = None
+        self._shapes: list[tuple[int, ...] | None] = []
 
     def _setup(self, *args, **kwargs) -> None:
         sites = model_latent_sites(self._model[0], *args, **kwargs)
@@ -64,17 +70,31 @@ class LocalMeanField(PyroModule):
                 setattr(self, f"{safe}_loc", PyroParam(torch.zeros(shape, dtype=site.dtype)))
                 scale = torch.full(shape, self.init_scale, dtype=site.dtype)
                 setattr(self, f"{safe}_scale", PyroParam(scale, constraints.positive))
-        self._sites = sites
+        self._sites, self._shapes = sites, _shapes(args)
 
     def forward(self, *args, **kwargs) -> None:
         """Samples every latent site of the model from its local factor."""
         if self._sites is None:
             self._setup(*args, **kwargs)
+        else:
+            self._check_shapes(args)
         plates = site_plates(self._sites.values())
         for site in self._sites.values():
             with inside_plates(site, plates):
                 infer = {"enumerate": "parallel"} if site.values is not None else {}
                 pyro.sample(site.name, self._factor(site, plates), infer=infer)
+
+    def _check_shapes(self, args: tuple) -> None:
+        """Raises unless ``args`` have the shapes of the data the factors were built for."""
+        shapes = _shapes(args)
+        if shapes != self._shapes:
+            sizes = {f.name: f.full_size or f.size for site in self._sites.values() for f in site.frames}
+            raise FreqviInputError(
+                f"this {type(self).__name__} guide holds free parameters for each element of the plates "
+                f"{sizes}, built for data of shapes {self._shapes}; it is now called with data of shapes "
+                f"{shapes}. Its factors are the posteriors of those observations and cannot serve others: "
+                "build a new guide for these data (LocalMeanField(model), or a new model whose guide is one)."
+            )
 
     def _factor(self, site: LatentSite, plates: dict) -> dist.Distribution:
         safe = site.name.replace(".", "_")
@@ -95,3 +115,7 @@ class LocalMeanField(PyroModule):
                 param = param.index_select(f.dim - event_dim, plate.indices)
         return param
 
+
+def _shapes(args: tuple) -> list[tuple[int, ...] | None]:
+    """The shape of each tensor argument (``None`` for others)."""
+    return [tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args]

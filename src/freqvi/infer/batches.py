@@ -23,7 +23,7 @@ from freqvi.errors import FreqviInputError
 from freqvi.guides import LocalMeanField
 from freqvi.handlers import SubsamplePlate
 from freqvi.traces import data_plate
-from freqvi.validation import as_data, check_positive_int
+from freqvi.validation import WithMissing, as_data, check_positive_int, with_missing
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,16 @@ def make_batches(data, batch_size: int | None, plate_name: str, num_observations
     """An :class:`InMemoryBatches` for arrays, a :class:`StreamedBatches` for an iterable of batches."""
     if num_observations is not None:
         num_observations = check_positive_int(num_observations, "num_observations")
-    if not is_stream(data):
+    missing = isinstance(data, WithMissing)
+    if not is_stream(data.data if missing else data):
         return InMemoryBatches(as_data(data), batch_size, plate_name, num_observations, device)
     if batch_size is not None:
         raise FreqviInputError(
             f"batch_size={batch_size!r} was given with data that already come in batches "
             f"({type(data).__name__}); set the batch size in the data source and leave batch_size out."
         )
+    if missing:
+        return StreamedBatches(data.data, plate_name, num_observations, device, missing=True)
     return StreamedBatches(data, plate_name, num_observations, device)
 
 
@@ -201,7 +204,8 @@ class StreamedBatches(BatchSource):
 
     Each batch is a tensor or array of ``b`` rows, or a tuple or list of them (the
     model's arguments); the model is called with it and its plate sites are scaled by
-    ``n / b``. One iteration over ``source`` is one pass. ``n`` is ``num_observations``
+    ``n / b``. One iteration over ``source`` is one pass. With ``missing``, NaN cells
+    of the batches pass (:func:`~freqvi.validation.with_missing`). ``n`` is ``num_observations``
     if given, else ``source.num_observations``, else ``len(source.dataset)`` (a
     ``DataLoader``). The position in the data can be checkpointed when ``source``
     has ``state_dict()`` and ``load_state_dict()`` (:class:`freqvi.datasets.NpyBatches`,
@@ -209,8 +213,8 @@ class StreamedBatches(BatchSource):
     """
 
     def __init__(self, source: Iterable, plate_name: str, num_observations: int | None = None,
-                 device: torch.device | None = None):
-        self.source, self.plate_name, self.device = source, plate_name, device
+                 device: torch.device | None = None, missing: bool = False):
+        self.source, self.plate_name, self.device, self.missing = source, plate_name, device, missing
         self.n = num_observations if num_observations is not None else _length(source)
         self.iterator: Iterator | None = None
         self.pending: Batch | None = None
@@ -280,8 +284,12 @@ class StreamedBatches(BatchSource):
         self.passes += 1
 
     def _checked(self, item) -> tuple[torch.Tensor, ...]:
-        """The batch as the model's arguments: validated, of the first batch's shapes, on the device."""
-        data = as_data(item, "batch")
+        """The batch as the model's arguments: validated, of the first batch's shapes, on the device.
+
+        A list is the batch's arrays, as a ``DataLoader`` collates a dataset of tuples.
+        """
+        item = tuple(item) if isinstance(item, list) else item
+        data = as_data(with_missing(item) if self.missing else item, "batch")
         shapes = [tuple(t.shape[1:]) for t in data]
         if self.shapes is None:
             self.shapes = shapes

@@ -17,7 +17,7 @@ import torch
 from freqvi.errors import FreqviInputError
 from freqvi.estimators.time_subsampled import TimeSubsampledELBO
 from freqvi.infer.pair import resolve_pair
-from freqvi.validation import as_tensor
+from freqvi.validation import as_real
 
 
 @dataclass
@@ -55,7 +55,7 @@ def diffusion_bound(model, data, *, guide=None, num_particles: int = 1, seed: in
     :param chunk_size: steps evaluated per denoiser call.
     """
     pair = resolve_pair(model, guide)
-    x = as_tensor(data)
+    x = as_real(data)
     if x.dim() != 2:
         raise FreqviInputError(f"data must have shape (n_observations, dim); got {tuple(x.shape)}.")
     if seed is not None:
@@ -75,7 +75,7 @@ def gaussian_nll_per_dim(train, test) -> float:
     (divisor ``m``) from ``train`` ``(m, d)`` and :math:`y_i` the rows of ``test`` ``(n, d)``; float64.
     Raises :class:`~freqvi.errors.FreqviInputError` if :math:`S` is singular.
     """
-    train, test = as_tensor(train, "train").double(), as_tensor(test, "test").double()
+    train, test = as_real(train, "train").double(), as_real(test, "test").double()
     d = train.shape[1]
     covariance = torch.cov(train.T, correction=0).reshape(d, d)
     factor, info = torch.linalg.cholesky_ex(covariance)
@@ -99,7 +99,7 @@ def energy_distance(x, y) -> float:
     never negative; between two samples of one law it is of order ``1/m + 1/k`` (the noise
     floor to compare with). Computed in float64.
     """
-    x, y = as_tensor(x, "x").double(), as_tensor(y, "y").double()
+    x, y = as_real(x, "x").double(), as_real(y, "y").double()
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or not len(x) or not len(y):
         raise FreqviInputError(f"x and y must be non-empty (n, d) arrays of one d; got {tuple(x.shape)} "
                                f"and {tuple(y.shape)}.")

@@ -24,6 +24,7 @@ from freqvi.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint,
 from freqvi.infer.devices import move_to, on_device, resolve_device
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import deferred_interrupts
+from freqvi.infer.vectorize import check_particles
 from freqvi.models.base import ClosedFormMStep
 from freqvi.traces import (
     check_pair,
@@ -177,6 +178,10 @@ def em(
     e_step_lr = check_positive_float(e_step_lr, "e_step_lr")
     step = _EMStep(pair, batches, m_step, model_trace, guide_trace,
                    m_step_lr, m_step_iters, m_step_tol, e_step_iters, e_step_lr, num_particles)
+    if not step.exact or m_step == "gradient":  # Q and the objective draw particles at once
+        with on_device(device):
+            check_particles(pair.model, pair.guide, batches.first(), num_particles,
+                            max_plate_nesting(model_trace, guide_trace), "em")
     tol = tol * batches.n  # per observation -> total
 
     result = EMResult(m_step=m_step)

@@ -23,6 +23,7 @@ from freqvi.errors import FreqviInputError
 from freqvi.guides import AmortizedNormal, LocalMeanField
 from freqvi.infer.log_likelihood import per_observation
 from freqvi.infer.pair import resolve_pair
+from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, trace
 from freqvi.validation import as_data, check_positive_float, check_positive_int
 
@@ -70,6 +71,7 @@ def elbo_terms(model, guide=None, data=None, *, num_samples: int = 100, data_pla
     model_trace, _ = check_pair(pair.model, pair.guide, data)
     frame = data_plate(model_trace, data_plate_name, data[0].shape[0])
     particle_dim = -max_plate_nesting(model_trace) - 1
+    check_particles(pair.model, pair.guide, data, num_samples, -particle_dim - 1, "elbo_terms")
     particles = pyro.plate("_num_samples", num_samples, dim=particle_dim)
     with torch.no_grad():
         guide_tr = trace(particles(pair.guide), *data)

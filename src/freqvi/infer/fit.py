@@ -24,7 +24,8 @@ from freqvi.infer.optim import make_optimizer
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import RunState, deferred_interrupts
 from freqvi.infer.step import GuardedStep
-from freqvi.traces import check_pair, param_names, unconstrained_params
+from freqvi.infer.vectorize import check_particles
+from freqvi.traces import check_pair, max_plate_nesting, param_names, unconstrained_params
 from freqvi.validation import as_data, check_positive_float, check_positive_int
 
 _VALIDATION_SEED = 20_231_117
@@ -101,13 +102,17 @@ def fit(
         exact-posterior guide) or a ``(model, guide)`` tuple.
     :param guide: the guide callable, or ``None`` as above.
     :param data: one array or a tuple of arrays, passed to model and guide as
-        positional arguments; float64 data fits in float64. Or data larger than
+        positional arguments; float64 data fits in float64, integer and boolean arrays pass
+        unchanged, NaN cells only marked by :func:`freqvi.with_missing`. Or data larger than
         memory: an iterable of batches (a :class:`torch.utils.data.DataLoader`,
         :class:`freqvi.datasets.NpyBatches`, a generator; each batch an array or a
         tuple of arrays), the model called with each batch in turn and its data plate
         scaled by ``num_observations / len(batch)``.
     :param loss: an :class:`~pyro.infer.ELBO` or a name from
-        :data:`freqvi.estimators.ESTIMATORS`; ``loss_options`` go to its constructor.
+        :data:`freqvi.estimators.ESTIMATORS`; ``loss_options`` go to its constructor, with
+        ``data_plate_name`` and the pair's plate nesting where it takes them. An estimator that
+        draws its particles at once needs a pair that broadcasts over them
+        (:mod:`freqvi.infer.vectorize`), checked before the first step.
     :param optim: a name from :data:`freqvi.infer.optim.OPTIMIZERS` (one torch
         optimiser over all parameters, learning rate ``lr``), a torch optimiser
         already built over them, or a :class:`~pyro.optim.PyroOptim`.
@@ -184,7 +189,13 @@ def fit(
     with on_device(device):
         model_trace, guide_trace = _check_pair(pair, batches)
     batches.check_plate(model_trace, pair.guide)
-    elbo = get_estimator(loss, **loss_options)
+    nesting = max_plate_nesting(model_trace, guide_trace)
+    elbo = get_estimator(loss, plate_name=data_plate_name, plate_nesting=nesting, **loss_options)
+    if getattr(elbo, "vectorize_particles", False):
+        batch = batches.check_batch()
+        with on_device(device):
+            check_particles(batch.bind(pair.model), batch.bind(pair.guide), batch.data, elbo.num_particles,
+                            nesting, type(elbo).__name__)
     # Sorted by the names without instance numbers, so a rebuilt model resumes in the same order.
     names = sorted(param_names(model_trace) | param_names(guide_trace), key=stable_name)
     params = dict(zip(names, unconstrained_params(names), strict=True))

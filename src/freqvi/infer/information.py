@@ -16,6 +16,7 @@ from torch.distributions import constraints, transform_to
 from freqvi.errors import ConvergenceWarning, FreqviInputError, FreqviWarning
 from freqvi.infer.log_likelihood import exact_route, per_observation
 from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, param_names, trace
 from freqvi.validation import as_data, check_choice, check_positive_int
 
@@ -82,9 +83,9 @@ class Parameters:
 class Information:
     r"""The observed information :math:`I = -\nabla^2 \ell(\hat\theta)` and what follows from it.
 
-    Computed in the unconstrained coordinates of :class:`Parameters` (a
+    Computed in the unconstrained coordinates of :class:`~freqvi.infer.information.Parameters` (a
     variance's log, a simplex's logits, ...) and restricted to the directions
-    that change the model (:meth:`Parameters.basis`, ``B``). Standard errors are
+    that change the model (:meth:`~freqvi.infer.information.Parameters.basis`, ``B``). Standard errors are
     reported on the scale the user reads (the model's statistical names) by the
     delta method, :math:`\mathrm{Cov}(g(\hat u)) = J\, B (B^\top I B)^{-1} B^\top J^\top`,
     :math:`J = \partial g / \partial u`.
@@ -180,7 +181,7 @@ class Information:
         """Standard errors under the statistical names, each with its estimate's shape.
 
         Entries that move along a flat direction of the log-likelihood are NaN,
-        with an :class:`IdentifiabilityWarning` that names them.
+        with an :class:`~freqvi.infer.information.IdentifiabilityWarning` that names them.
         """
         self._warn_unless_stationary()
         estimates, jac = self._delta()
@@ -478,6 +479,7 @@ def _louis_replicated(pair: Pair, data, model_trace, frame, parameters: Paramete
 def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_samples: int):
     """Louis's identity with self-normalised importance weights over ``num_samples`` draws."""
     dims = max_plate_nesting(model_trace) + 1
+    check_particles(pair.model, pair.guide, data, num_samples, dims - 1, "Louis's identity")
     particles = pyro.plate("_louis_samples", num_samples, dim=-dims)
     with torch.no_grad():
         guide_trace = trace(particles(pair.guide), *data)

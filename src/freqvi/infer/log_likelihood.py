@@ -11,12 +11,14 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import config_enumerate
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.subsample_messenger import _Subsample
 
 from freqvi.errors import FreqviInputError, ImportanceSamplingWarning
 from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, trace
 from freqvi.validation import as_data, check_choice, check_positive_int
 
@@ -44,7 +46,7 @@ class LogLikelihood:
     num_samples: int = 0
 
     def to_inference_data(self, name: str = "obs"):
-        """:attr:`per_observation` as ArviZ's ``log_likelihood`` group (one chain, one draw).
+        """``per_observation`` as ArviZ's ``log_likelihood`` group (one chain, one draw).
 
         ``name`` is the observed variable's name in that group.
         """
@@ -113,6 +115,8 @@ def log_likelihood(
     if pair.guide is None:
         raise FreqviInputError("importance sampling needs a guide as proposal: pass guide=...")
     chunk = chunk_size or max(1, min(num_samples, 4_000_000 // max(n, 1)))
+    check_particles(pair.model, pair.guide, data, num_samples, max_plate_nesting(model_trace),
+                    "log_likelihood's importance sampling")
     with torch.no_grad():
         log_w = torch.cat([
             _log_weights(pair, data, frame, k, model_trace)
@@ -183,13 +187,14 @@ def _log_weights(pair: Pair, data, frame, k: int, model_trace) -> torch.Tensor:
 
 
 def per_observation(site, particle_dim: int, frame) -> torch.Tensor:
-    """A site's log-density summed over all dimensions but particles and the data plate."""
+    """A site's log-density, masked as the site is (``poutine.mask``: a masked cell adds 0), summed over all
+    dimensions but particles and the data plate."""
     if not any(f.name == frame.name for f in site["cond_indep_stack"]):
         raise FreqviInputError(
             f"site {site['name']!r} is outside the data plate {frame.name!r}; the log-likelihood "
             "per observation needs every latent and observed site inside it."
         )
-    lp = site["fn"].log_prob(site["value"])
+    lp = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
     lp = lp.reshape((1,) * (-particle_dim - lp.dim()) + lp.shape)
     keep = {lp.dim() + particle_dim, lp.dim() + frame.dim}
     summed = [d for d in range(lp.dim()) if d not in keep]

@@ -27,6 +27,7 @@ from freqvi.models.noise_schedule import NoiseSchedule
 from freqvi.models.vae import mlp
 from freqvi.validation import check_choice, check_finite, check_matrix, check_positive_int
 
+#: The reverse step's variance sigma_t^2: beta_t, or the forward posterior's betatilde_t.
 REVERSE_VARIANCES = ("beta", "posterior")
 SAMPLERS = ("ancestral", "ddim")
 
@@ -151,9 +152,9 @@ class GaussianDiffusion(LatentVariableModel):
     :math:`\sigma_t^2 = \beta_t` (``reverse_variance="beta"``) or :math:`\tilde\beta_t`
     (``"posterior"``). The decoder :math:`p_\theta(x_0 \mid x_1)` is the same Gaussian with
     :math:`\sigma_1^2 = \beta_1` in both cases (:math:`\tilde\beta_1 = 0`): a density for
-    continuous data. The guide (:attr:`guide`, a :class:`ForwardNoising`) is the fixed forward
+    continuous data. The guide (``guide``, a :class:`ForwardNoising`) is the fixed forward
     chain. The model's sites, inside the plate ``"data"``: ``"x_T"``, ..., ``"x_1"`` (latent,
-    event shape ``(d,)``) and ``"x_0"`` (observed), named by :func:`site_name`.
+    event shape ``(d,)``) and ``"x_0"`` (observed), named by ``site_name``.
 
     The pair is a genuine Pyro model/guide pair, so Pyro's :class:`~pyro.infer.Trace_ELBO`
     fits it as the hierarchical VAE it is (at a cost growing with ``T``); freqvi's
@@ -167,7 +168,7 @@ class GaussianDiffusion(LatentVariableModel):
     :param denoiser: any module ``(x_t, t) -> eps`` mapping ``(b, d)`` and integer ``(b,)`` to
         ``(b, d)``; default a :class:`TimeMLP` with ``hidden`` widths. It is run once at
         construction to check its output shape.
-    :param reverse_variance: one of :data:`REVERSE_VARIANCES`.
+    :param reverse_variance: one of :data:`~freqvi.models.diffusion.REVERSE_VARIANCES`.
     """
 
     exact_guide = False

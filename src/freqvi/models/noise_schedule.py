@@ -26,6 +26,7 @@ import torch
 from freqvi.errors import FreqviInputError
 from freqvi.validation import check_choice, check_finite, check_positive_float, check_positive_int
 
+#: The named schedules of :meth:`~freqvi.models.NoiseSchedule.named`.
 SCHEDULES = ("linear", "cosine")
 
 
@@ -92,7 +93,7 @@ class NoiseSchedule:
 
     @classmethod
     def named(cls, name: str, num_steps: int) -> NoiseSchedule:
-        """The schedule called ``name`` (one of :data:`SCHEDULES`) with its default settings."""
+        """The schedule called ``name`` (one of :data:`.SCHEDULES`) with its default settings."""
         return getattr(cls, check_choice(name, "schedule", SCHEDULES))(num_steps)
 
     @property

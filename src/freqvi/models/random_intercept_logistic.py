@@ -17,7 +17,7 @@ from freqvi.errors import FreqviInputError
 from freqvi.guides import LocalMeanField
 from freqvi.models.base import LatentVariableModel
 from freqvi.models.quadrature import adaptive_gauss_hermite
-from freqvi.validation import as_tensor, check_finite, check_positive_int
+from freqvi.validation import as_real, check_finite, check_positive_int
 
 
 class RandomInterceptLogistic(LatentVariableModel):
@@ -96,7 +96,7 @@ class RandomInterceptLogistic(LatentVariableModel):
             ``(m, n_max)`` in ``X``'s dtype, zero-padded. Row ``i`` is the ``i``-th label of
             ``np.unique(groups)``; within a group, observations keep their order.
         """
-        X, y = as_tensor(X, "X"), as_tensor(y, "y")
+        X, y = as_real(X, "X"), as_real(y, "y")
         groups = np.asarray(groups)
         if X.dim() != 2 or X.shape[0] == 0:
             raise FreqviInputError(f"X must have shape (n_observations, p); got {tuple(X.shape)}.")
@@ -138,8 +138,8 @@ class RandomInterceptLogistic(LatentVariableModel):
 
     def _as_tensors(self, X, y, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Checks the shapes (values are checked where they are read); ``y`` gets ``X``'s dtype."""
-        X = as_tensor(X, "X")
-        y = as_tensor(y, "y").to(X.dtype)
+        X = as_real(X, "X")
+        y = as_real(y, "y").to(X.dtype)
         mask = torch.as_tensor(mask)
         if X.dim() != 3 or X.shape[-1] != self.dim or X.shape[0] == 0 or X.shape[1] == 0:
             raise FreqviInputError(f"X must have shape (groups, max_group_size, {self.dim}) with at "

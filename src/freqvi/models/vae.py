@@ -19,12 +19,14 @@ from freqvi.guides.amortized import SCALE_FLOOR, AmortizedNormal
 from freqvi.models.base import LatentVariableModel
 from freqvi.validation import check_choice, check_finite, check_matrix, check_positive_int
 
+#: The observation models of :class:`~freqvi.models.VAE` (``likelihood=``).
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
+#: The Gaussian likelihood's scale: one per coordinate, or one shared (``noise=``).
 NOISE_TYPES = ("diagonal", "isotropic")
 
 
 def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    """Affine layers ``sizes[0] -> sizes[1] -> ... -> sizes[-1]``, ``activation`` between them (not after).
+    """Affine layers through ``sizes`` (``sizes[0]`` in, ``sizes[-1]`` out); ``activation`` between only.
 
     ``mlp((d, h, q))`` computes :math:`W_2\\, \\mathrm{relu}(W_1 x + b_1) + b_2`, mapping
     ``(..., d)`` to ``(..., q)``; PyTorch's default initialisation.
@@ -76,7 +78,7 @@ class VAE(LatentVariableModel):
 
     The decoder :math:`\theta` is estimated by maximum likelihood through the ELBO; the
     encoder :math:`\phi` (a :class:`GaussianEncoder` ``data_dim -> hidden -> latent_dim``
-    inside :attr:`guide`, an :class:`~freqvi.guides.AmortizedNormal`) only serves the
+    inside ``guide``, an :class:`~freqvi.guides.AmortizedNormal`) only serves the
     approximation. Sites: ``"latent"`` (event shape ``(q,)``) and ``"obs"`` (event shape
     ``(d,)``) inside the plate ``"data"``. Both networks are built at construction, in
     float32; float64 data converts them.
@@ -88,8 +90,8 @@ class VAE(LatentVariableModel):
     :param data_dim: ``d``, the observation's dimension.
     :param latent_dim: ``q >= 1``.
     :param hidden: the encoder's hidden widths, input side first; the decoder mirrors them.
-    :param likelihood: one of :data:`LIKELIHOODS`.
-    :param noise: the Gaussian likelihood's scale, one of :data:`NOISE_TYPES`.
+    :param likelihood: one of :data:`~freqvi.models.vae.LIKELIHOODS`.
+    :param noise: the Gaussian likelihood's scale, one of :data:`~freqvi.models.vae.NOISE_TYPES`.
     :param init_noise_scale: its initial value.
     """
 
