@@ -229,8 +229,11 @@ class Information:
         :math:`g = \sum_i s_i`; the outer-product information keeps the directions the
         observed information calls flat (a variance on a floor has a score but no
         curvature). It is 0 at a maximum; its square root is about how many standard
-        errors the estimate lies from a point where the score vanishes.
+        errors the estimate lies from a point where the score vanishes. NaN where
+        per-observation scores do not exist (a latent outside the data plate couples the rows).
         """
+        if self.scores is None:
+            return math.nan
         # With Monte-Carlo scores a flat direction's score is noise: keep the identified ones.
         reduced = self.scores @ self.basis
         if self.score_replicates is not None:
@@ -475,18 +478,24 @@ def _louis_replicated(pair: Pair, data, model_trace, frame, parameters: Paramete
     guide, first order in ``1/K_eff`` otherwise). With fewer than ``2 * _MIN_DRAWS``
     draws there is one estimate and no correction.
 
+    On the joint weight (a latent outside the data plate) the replicates' total scores
+    correct the bias the same way, and no per-observation scores exist.
+
     :returns: the corrected mean information ``(P, P)``, the mean scores ``(n, P)``, and
-        the replicates of the scores ``(R, n, P)`` (``None`` with one estimate).
+        the replicates of the scores ``(R, n, P)`` (``None`` with one estimate; both
+        ``None`` on the joint weight).
     """
     count = min(_REPLICATES, num_samples // _MIN_DRAWS)
     if count < 2:
-        matrix, scores = _louis(pair, data, model_trace, frame, parameters, num_samples)
-        return matrix, scores, None
+        matrix, scores, joint = _louis(pair, data, model_trace, frame, parameters, num_samples)
+        return matrix, None if joint else scores, None
     runs = [_louis(pair, data, model_trace, frame, parameters, num_samples // count) for _ in range(count)]
-    matrices = torch.stack([m for m, _ in runs])  # (R, P, P)
-    scores = torch.stack([s for _, s in runs])  # (R, n, P)
+    matrices = torch.stack([m for m, _, _ in runs])  # (R, P, P)
+    scores = torch.stack([s for _, s, _ in runs])  # (R, n, P), or (R, 1, P) for the joint total
     centred = scores - scores.mean(0)
     bias = torch.einsum("rnp,rnq->pq", centred, centred) / (count - 1)
+    if runs[0][2]:
+        return matrices.mean(0) - bias, None, None
     return matrices.mean(0) - bias, scores.mean(0), scores
 
 
@@ -502,7 +511,8 @@ def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_sam
     of all latents: the information is then the total's, and per-observation
     scores do not exist (returned as ``None``).
 
-    :returns: ``(I, scores)``: ``(P, P)`` and ``(n, P)`` (or ``None``), float64.
+    :returns: ``(I, scores, joint)``: ``(P, P)`` and ``(n, P)`` per-observation scores, or on the
+        joint weight ``(1, P)``, the total's score, with ``joint`` true; float64.
     :raises FreqviInputError: for a point-mass guide (:func:`~freqvi.traces.check_proposal`).
     """
     dims = max_plate_nesting(model_trace) + 1
@@ -523,4 +533,4 @@ def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_sam
     mean_score = (weights.unsqueeze(-1) * scores).sum(0)  # (n, P): Fisher's identity
     centred = scores - mean_score
     covariance = torch.einsum("kn,knp,knq->pq", weights, centred, centred)
-    return -expected_hessian - covariance, None if draws.joint else mean_score
+    return -expected_hessian - covariance, mean_score, draws.joint
