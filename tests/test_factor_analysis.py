@@ -125,3 +125,98 @@ def test_mean_field_guide_gives_a_lower_bound():
     assert elbo < exact  # a diagonal q cannot match the correlated posterior: KL > 0
     assert elbo > result.elbo[0]
     assert exact - elbo < 0.1 * (exact - result.elbo[0])
+
+
+@pytest.mark.parametrize("driver", ["em", "fit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_constant_column_is_refused_by_name(dtype, driver):
+    """Issue 15 item 5: with x_4 = 3.0 the likelihood has no maximum (psi_4 -> 0)."""
+    x = np.random.default_rng(0).normal(size=(200, 4))
+    x[:, 3] = 3.0
+    fa, data = FactorAnalysis(4, 1), torch.as_tensor(x, dtype=dtype)
+    with pytest.raises(freqvi.errors.FreqviInputError, match=r"columns \[3\] of the data are constant"):
+        if driver == "em":
+            freqvi.em(fa, data=data, progress=False)
+        else:
+            freqvi.fit(fa, guide=fa.guide, data=data, num_steps=5, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dependent_columns_are_refused_where_the_likelihood_is_unbounded(dtype):
+    """A duplicated column: diagonal noise can vanish on both (the em fit reached 2337 nats, no
+    warning); isotropic noise with rank 3 > q = 1 is bounded, with rank 3 <= q = 3 it is not."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4))
+    x[:, 3] = x[:, 0]
+    data = torch.as_tensor(x, dtype=dtype)
+    refused = r"combination \[-1.0, 1.0\] of columns \[0, 3\] is constant"
+    with pytest.raises(freqvi.errors.FreqviInputError, match=refused):
+        freqvi.em(FactorAnalysis(4, 1), data=data, progress=False)
+    freqvi.em(FactorAnalysis(4, 1, "isotropic"), data=data, progress=False)
+    with pytest.raises(freqvi.errors.FreqviInputError, match=r"rank 3 < 4"):
+        freqvi.em(FactorAnalysis(4, 3, "isotropic"), data=data, progress=False)
+
+
+def test_as_many_factors_as_columns_is_bounded_and_fits_the_sample_covariance():
+    """latent_dim = dim: W W^T + Psi can equal the (nonsingular) sample covariance S, the MLE."""
+    x = torch.as_tensor(np.random.default_rng(1).normal(size=(300, 3)) @ np.diag([1.0, 2.0, 0.5]))
+    fa = FactorAnalysis(3, 3)
+    freqvi.em(fa, data=x, tol=1e-9, max_iter=20000, progress=False)
+    sample = np.cov(x.numpy().T, bias=True)
+    reference = multivariate_normal(x.numpy().mean(0), sample).logpdf(x.numpy()).sum()
+    assert float(fa.log_marginal(x).detach().sum()) == pytest.approx(reference, rel=1e-9)
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_float32_at_a_large_offset_matches_float64_from_the_same_start(noise):
+    """Data at 1e4 with unit-scale structure: raw second moments would cancel in float32.
+
+    The float32 means lie within half a spacing (4.9e-4) of the float64 ones, which
+    costs at most 300 * 5 * (4.9e-4)^2 / (2 * 0.09) = 2e-3 nats, below the 0.01 compared.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 2)) @ rng.normal(size=(2, 5)) + 0.3 * rng.normal(size=(300, 5)) + 1e4
+    x = x.astype(np.float32).astype(np.float64)  # both precisions see the same values
+    reference = FactorAnalysis(5, 2, noise)
+    reference.model(torch.as_tensor(x))  # the principal-component start, in float64
+    init = {k: v.numpy() for k, v in reference.estimates().items()}
+    loglik = {}
+    for dtype in (torch.float32, torch.float64):
+        fa = FactorAnalysis(5, 2, noise, init=init)
+        data = torch.as_tensor(x, dtype=dtype)
+        freqvi.em(fa, data=data, tol=1e-7, max_iter=5000, progress=False)
+        loglik[dtype] = float(fa.log_marginal(data).detach().double().sum())
+    assert loglik[torch.float32] == pytest.approx(loglik[torch.float64], abs=0.01)
+
+
+@IGNORE_MAX_ITER
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_online_em_in_float32_at_a_large_offset_follows_float64(noise):
+    """Online EM over the same 6 minibatches per pass in both precisions, from the same start.
+
+    The bound on the float32 means' rounding is the previous test's, 2e-3 nats.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 2)) @ rng.normal(size=(2, 5)) + 0.3 * rng.normal(size=(300, 5)) + 1e4
+    x = x.astype(np.float32).astype(np.float64)
+    reference = FactorAnalysis(5, 2, noise)
+    reference.model(torch.as_tensor(x))
+    init = {k: v.numpy() for k, v in reference.estimates().items()}
+    loglik = {}
+    for dtype in (torch.float32, torch.float64):
+        fa = FactorAnalysis(5, 2, noise, init=init)
+        data = torch.as_tensor(x, dtype=dtype)
+        batches = list(torch.split(data, 50))  # a fixed order: the random permutation may differ by dtype
+        freqvi.em(fa, data=Passes(batches), num_observations=300, max_iter=20, tol=0.0, progress=False)
+        loglik[dtype] = float(fa.log_marginal(data).detach().double().sum())
+    assert loglik[torch.float32] == pytest.approx(loglik[torch.float64], abs=0.01)
+
+
+class Passes:
+    """An iterable that starts over on every pass, as a DataLoader does."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __iter__(self):
+        return iter(self.parts)

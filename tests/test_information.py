@@ -9,7 +9,7 @@ from scipy.stats import multivariate_normal, norm
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import freqvi
-from freqvi.infer.information import BoundaryWarning, IdentifiabilityWarning
+from freqvi.infer.information import BoundaryWarning, IdentifiabilityWarning, NotAMaximumWarning
 from freqvi.models import FactorAnalysis, GaussianMixture
 
 
@@ -154,5 +154,34 @@ def test_a_parameter_on_its_boundary_is_flagged():
     x = torch.as_tensor(mixture_1d(100, seed=7))
     gm = GaussianMixture(2, 1, "spherical", init={"weights": [1 - 1e-8, 1e-8], "locs": [[0.0], [9.0]],
                                                    "covariances": [1.0, 1.0]})
-    with pytest.warns(BoundaryWarning, match=r"weights'\] have entries within 1e-06 of 0"):
+    with pytest.warns(BoundaryWarning, match=r"weights \(an entry within 1e-06 of 0\)"):
         freqvi.observed_information(gm, x)
+
+
+@pytest.mark.parametrize(("covariance", "score"), [("full", -10.0), ("diag", -5.0), ("spherical", -5.0)])
+def test_a_variance_on_its_floor_is_a_boundary_and_not_a_maximum(covariance, score):
+    """Issue 15 item 4: 30 N(0, 1) draws and ten copies of 4.0, K = 2, default reg_covar.
+
+    The second component sits on the ten copies with variance v = reg_covar. There
+    sum_i log N(4; 4, v) = -5 log v + const, so the score along log v is -10/2 = -5,
+    and along log L = (log v)/2 (a Cholesky factor's unconstrained diagonal) it is -10.
+    """
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(np.concatenate([rng.normal(size=30), np.full(10, 4.0)])[:, None])
+    gm = GaussianMixture(2, 1, covariance)
+    freqvi.em(gm, data=x, tol=1e-10, max_iter=2000, progress=False, seed=0)
+    assert gm.estimates()["covariances"].min() == pytest.approx(1e-6, rel=1e-9)
+    with pytest.warns(BoundaryWarning, match=r"an eigenvalue on the reg_covar floor 1e-06"):
+        info = freqvi.observed_information(gm, x)
+    assert info.scores.sum(0).min() == pytest.approx(score, rel=1e-6)
+    with pytest.warns(NotAMaximumWarning, match="not a maximum"), \
+            pytest.warns(IdentifiabilityWarning, match="on a boundary, see the BoundaryWarning"):
+        info.summary()
+
+
+def test_an_interior_maximum_is_stationary():
+    """At a converged interior fit the score statistic is 0 to the fit's precision: no warning."""
+    x = mixture_1d(400, seed=1)
+    info = freqvi.observed_information(fit_mixture_1d(x), torch.as_tensor(x))
+    assert info.score_statistic() < 1e-8
+    info.summary()

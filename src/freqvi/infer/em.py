@@ -586,9 +586,9 @@ class _EMStep:
             gamma = 1.0 if self.t == 1 else _gamma(step_size, self.t)
             if self.statistics is None:
                 self.statistics = stats
-            else:
-                self.statistics = {k: (1 - gamma) * self.statistics[k] + gamma * stats[k]
-                                   for k in stats}
+            else:  # a model whose statistics are not all plain averages says how to blend them
+                blend = getattr(owner, "blend_statistics", _blend_linearly)
+                self.statistics = blend(self.statistics, stats, gamma)
             owner.maximize(self.statistics)
 
 
@@ -685,6 +685,10 @@ def _lbfgs(loss, params: list[torch.Tensor], lr: float, max_iter: int, change_to
                 p.copy_(b)
     converged = optimizer.state[optimizer._params[0]].get("n_iter", max_iter) < max_iter
     return converged, first_grad[0] if first_grad else math.inf
+
+
+def _blend_linearly(old: dict, new: dict, gamma: float) -> dict:
+    return {k: (1 - gamma) * old[k] + gamma * new[k] for k in new}
 
 
 def _gamma(step_size, t: int) -> float:

@@ -41,6 +41,10 @@ class BoundaryWarning(FreqviWarning):
     """A parameter sits on the boundary of its space, where Wald intervals are not valid."""
 
 
+class NotAMaximumWarning(FreqviWarning):
+    """The score is not zero at the estimate: it is not a maximum, and Wald intervals do not apply."""
+
+
 @dataclass
 class Parameters:
     """The model's parameters as one flat vector of unconstrained coordinates.
@@ -95,11 +99,28 @@ class Information:
     delta method, :math:`\mathrm{Cov}(g(\hat u)) = J\, B (B^\top I B)^{-1} B^\top J^\top`,
     :math:`J = \partial g / \partial u`.
 
+    Flat directions (the likelihood does not see them: a rotation of factor
+    loadings, a variance held on a floor) get no standard error. The same rule
+    serves every pair, whatever its model:
+
+    * exact information: a curvature within ``1e-7`` of the largest;
+    * Monte-Carlo information (Louis's identity, ``score_replicates`` given): along a
+      flat direction each observation's score :math:`\nabla_v \ell_i` is 0, so its
+      Fisher-identity estimate is Monte-Carlo noise alone. A direction is flat when
+      :math:`\sum_i (\hat s_i^\top v)^2` is within 4 standard deviations of its
+      noise :math:`\sum_i \mathrm{Var}(\hat s_i^\top v)` (the replicates' spread); the
+      directions are the generalised eigenvectors of the two matrices. Along a
+      curved direction the scores carry the Fisher information, about ``K_eff``
+      times their noise. An entry is moved by a flat direction when its component
+      there exceeds 4 jackknife standard errors (over 8 groups of observations).
+
     :ivar matrix: :math:`I` in all unconstrained coordinates, shape ``(P, P)``, float64.
     :ivar scores: per-observation scores :math:`\nabla \ell_i(\hat\theta)`, shape ``(n, P)``;
         ``None`` when a latent site outside the data plate couples the observations.
     :ivar method: ``"exact"`` (autograd Hessian of the exact log-likelihood) or
         ``"louis"`` (Louis's identity with importance-sampled posterior expectations).
+    :ivar score_replicates: independent Monte-Carlo replicates of ``scores``,
+        ``(R, n, P)`` with ``scores`` their mean, or ``None`` for exact scores.
     """
 
     matrix: torch.Tensor
@@ -107,21 +128,43 @@ class Information:
     method: str
     parameters: Parameters
     pair: Pair
+    score_replicates: torch.Tensor | None = None
 
     def __post_init__(self):
-        _warn_on_boundary(self.parameters)
+        self.boundary = _warn_on_boundary(self.parameters, self.pair)
         self.basis = self.parameters.basis()
         self._reduced = self.basis.T @ self.matrix @ self.basis
-        values, vectors = torch.linalg.eigh(self._reduced)
-        flat = values.abs() <= _RTOL * values.abs().max()
-        self._flat = vectors[:, flat]
-        if (values[~flat] < 0).any():
+        self._jackknife = None
+        if self.score_replicates is None:
+            values, vectors = torch.linalg.eigh(self._reduced)
+            self._flat = vectors[:, values.abs() <= _RTOL * values.abs().max()]
+        else:
+            replicates = self.score_replicates @ self.basis
+            self._flat = _flat_by_scores(replicates)
+            count = self._flat.shape[1]
+            self._jackknife = [_flat_by_scores(replicates[:, keep], count) for keep in _jackknife_groups(
+                replicates.shape[1])]
+        self._curved = _complement(self._flat)
+        curved = self._curved.T @ self._reduced @ self._curved
+        self._inverse = self._curved @ torch.linalg.pinv(curved, hermitian=True) @ self._curved.T
+        if (torch.linalg.eigvalsh(curved) < 0).any():
             warnings.warn(
                 "the observed information is not positive definite: the parameters are not at a "
                 "maximum of the likelihood; fit to convergence (e.g. a smaller tol) first.",
                 ConvergenceWarning,
                 stacklevel=3,
             )
+
+    def _touched(self, jacobian: torch.Tensor) -> torch.Tensor:
+        """Which entries (rows of ``jacobian`` ``(m, P)``) a flat direction moves, ``(m,)`` bool."""
+        reduced = jacobian @ self.basis  # (m, r)
+        along = (reduced @ self._flat).norm(dim=-1)
+        if self._jackknife is None:
+            return along > _RTOL ** 0.5 * reduced.norm(dim=-1)
+        leave_outs = torch.stack([(reduced @ flat).norm(dim=-1) for flat in self._jackknife])
+        groups = leave_outs.shape[0]
+        error = ((groups - 1) / groups * (leave_outs - leave_outs.mean(0)).square().sum(0)).sqrt()
+        return along > _MC_Z * error
 
     @property
     def num_parameters(self) -> int:
@@ -142,7 +185,7 @@ class Information:
             raise FreqviInputError("the sandwich needs per-observation scores, which do not exist when a "
                                    "latent site outside the data plate couples the observations; use "
                                    "kind='observed'.")
-        inverse = torch.linalg.pinv(self._reduced, hermitian=True, rtol=_RTOL)
+        inverse = self._inverse
         if kind == "sandwich":
             reduced_scores = self.scores @ self.basis
             inverse = inverse @ (reduced_scores.T @ reduced_scores) @ inverse
@@ -154,27 +197,63 @@ class Information:
         Entries that move along a flat direction of the log-likelihood are NaN,
         with an :class:`~freqvi.infer.information.IdentifiabilityWarning` that names them.
         """
+        self._warn_unless_stationary()
         estimates, jac = self._delta()
         cov = self.covariance(kind)
-        flat = self.basis @ self._flat  # (P, f)
         out, unidentified = {}, []
         for name, value in estimates.items():
             j = jac[name].reshape(value.numel(), -1).double()
             se = (j @ cov @ j.T).diagonal().clamp_min(0).sqrt()
-            touched = (j @ flat).abs().sum(-1) > _RTOL ** 0.5 * j.abs().sum(-1)
-            if flat.shape[1] and touched.any():
+            touched = self._touched(j)
+            if self._flat.shape[1] and touched.any():
                 se = torch.where(touched, torch.nan, se)
                 unidentified.append(name)
             out[name] = se.reshape(value.shape)
         if unidentified:
+            cause = "the estimate is on a boundary, see the BoundaryWarning" if self.boundary \
+                else "e.g. a rotation of factor loadings"
+            if self.score_replicates is not None:
+                cause += "; judged to within the Monte-Carlo error of Louis's identity"
             warnings.warn(
-                f"the log-likelihood is flat along {flat.shape[1]} direction(s) at the estimate, so "
-                f"{unidentified} are not identified there (e.g. a rotation of factor loadings); their "
+                f"the log-likelihood is flat along {self._flat.shape[1]} direction(s) at the estimate, so "
+                f"{unidentified} are not identified there ({cause}); their "
                 "standard errors are NaN. Quantities invariant to those directions keep theirs.",
                 IdentifiabilityWarning,
                 stacklevel=2,
             )
         return out
+
+    def score_statistic(self) -> float:
+        r"""Rao's score statistic at the estimate, :math:`g^\top \bigl(\sum_i s_i s_i^\top\bigr)^{+} g`.
+
+        :math:`s_i` are the per-observation scores in the free coordinates and
+        :math:`g = \sum_i s_i`; the outer-product information keeps the directions the
+        observed information calls flat (a variance on a floor has a score but no
+        curvature). It is 0 at a maximum; its square root is about how many standard
+        errors the estimate lies from a point where the score vanishes. NaN where
+        per-observation scores do not exist (a latent outside the data plate couples the rows).
+        """
+        if self.scores is None:
+            return math.nan
+        # With Monte-Carlo scores a flat direction's score is noise: keep the identified ones.
+        reduced = self.scores @ self.basis
+        if self.score_replicates is not None:
+            reduced = reduced @ self._curved
+        total = reduced.sum(0)
+        outer = torch.linalg.pinv(reduced.T @ reduced, hermitian=True, rtol=_RTOL)
+        return float(total @ outer @ total)
+
+    def _warn_unless_stationary(self) -> None:
+        statistic = self.score_statistic()
+        if statistic > _SCORE_LIMIT:
+            warnings.warn(
+                f"the score is not zero at the estimate (score statistic {statistic:.3g}: about "
+                f"{math.sqrt(statistic):.2g} standard errors from a stationary point), so it is not a "
+                "maximum of the likelihood (a parameter held on a floor or boundary, or a fit stopped "
+                "early): Wald intervals and standard errors computed here are not valid.",
+                NotAMaximumWarning,
+                stacklevel=3,
+            )
 
     def summary(self, level: float = 0.95, kind: str = "observed"):
         """A parameter table like statsmodels': estimate, standard error, z, p-value, Wald interval.
@@ -219,25 +298,90 @@ class Information:
 # optimiser precision, a direction the likelihood cannot see keeps a tiny, sign-less curvature.
 _RTOL = 1e-7
 _BOUNDARY = 1e-6  # a positive or simplex parameter this close to 0 is on its boundary
+# A score statistic above 1 puts the estimate more than a standard error from a stationary point.
+_SCORE_LIMIT = 1.0
+# Louis's identity runs as _REPLICATES estimates of at least _MIN_DRAWS draws each; Monte-Carlo
+# judgements (flat or not, moved or not) allow _MC_Z standard errors; _GROUPS for the jackknife.
+_REPLICATES, _MIN_DRAWS, _MC_Z, _GROUPS = 8, 25, 4.0, 8
 
 
-def _warn_on_boundary(parameters: Parameters) -> None:
-    """Warns about positive and simplex parameters at (numerically) zero."""
+def _complement(flat: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis ``(r, r - f)`` of the complement of the columns of ``flat`` ``(r, f)``."""
+    left = torch.linalg.svd(flat, full_matrices=True)[0]
+    return left[:, flat.shape[1]:]
+
+
+def _flat_by_scores(replicates: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    r"""Directions whose per-observation scores are Monte-Carlo noise alone, orthonormal ``(r, f)``.
+
+    ``replicates`` ``(R, n, r)`` are independent estimates of the scores. With
+    :math:`\bar s_i` their mean, the signal :math:`S = \sum_i \bar s_i \bar s_i^\top` and the
+    noise :math:`N = \sum_i N_i`, :math:`N_i` the sample covariance of the replicates
+    over ``R``: along a flat direction :math:`v^\top S v / v^\top N v` is 1 up to its
+    sampling error, :math:`\sqrt{2 \sum_i (v^\top N_i v)^2} / v^\top N v`. Directions
+    are the generalised eigenvectors of :math:`(S, S + N)`; ``count`` takes that many
+    of the noisiest instead of testing (the jackknife's leave-outs).
+    """
+    copies = replicates.shape[0]
+    mean = replicates.mean(0)
+    deviations = replicates - mean
+    signal = mean.T @ mean
+    noise = torch.einsum("knp,knq->pq", deviations, deviations) / (copies * (copies - 1))
+    total = signal + noise
+    # A ridge makes a direction with no score at all (a parameter nothing uses) count as flat.
+    total = total + 1e-12 * total.trace() * torch.eye(total.shape[0], dtype=total.dtype)
+    whiten = torch.linalg.inv(torch.linalg.cholesky(total))
+    share, rotation = torch.linalg.eigh(whiten @ signal @ whiten.T)  # signal's share, ascending
+    directions = whiten.T @ rotation
+    if count is None:
+        per_observation = (deviations @ directions).square().sum(0) / (copies * (copies - 1))  # (n, r)
+        noise_along = per_observation.sum(0)
+        spread = (2 * per_observation.square().sum(0)).sqrt() / noise_along
+        ratio = share / (1 - share).clamp_min(1e-300)
+        count = int((ratio <= 1 + _MC_Z * spread).sum())
+    return torch.linalg.qr(directions[:, :count])[0]
+
+
+def _jackknife_groups(num_rows: int) -> list[torch.Tensor]:
+    """Row indices left after removing each of ``_GROUPS`` interleaved groups."""
+    groups = min(_GROUPS, num_rows)
+    rows = torch.arange(num_rows)
+    return [rows[rows % groups != g] for g in range(groups)]
+
+
+def _warn_on_boundary(parameters: Parameters, pair: Pair) -> list[str]:
+    """Warns about parameters on the boundary of their space; returns their names.
+
+    Generic: positive and simplex entries, and a Cholesky factor's diagonal (the
+    square roots of conditional variances), at most ``_BOUNDARY`` (non-strict: a value
+    placed on a floor is on it). A freqvi model adds its own floors through
+    ``on_boundary()`` (a mixture's covariance eigenvalues on ``reg_covar``).
+    """
     at_boundary = []
     for name, value, constraint in zip(parameters.names, parameters.values(parameters.vector).values(),
                                        parameters.constraints, strict=True):
         base = getattr(constraint, "base_constraint", constraint)
-        if base in (constraints.positive, constraints.simplex) and bool((value < _BOUNDARY).any()):
-            at_boundary.append(name)
+        if base in (constraints.positive, constraints.simplex):
+            entries = value
+        elif base in (constraints.lower_cholesky, constraints.positive_definite):
+            entries = value.diagonal(dim1=-2, dim2=-1).square() if base is constraints.lower_cholesky \
+                else torch.linalg.eigvalsh(value)
+        else:
+            continue
+        if bool((entries <= _BOUNDARY).any()):
+            at_boundary.append(f"{name} (an entry within {_BOUNDARY:g} of 0)")
+    declared = getattr(pair.owner, "on_boundary", None)
+    at_boundary += declared() if declared is not None else []
     if at_boundary:
         warnings.warn(
-            f"{at_boundary} have entries within {_BOUNDARY:g} of 0, the boundary of their space (an "
-            "empty mixture component, a vanishing variance): the estimator is not normal there, so "
+            f"the estimate is on the boundary of the parameter space: {at_boundary} (an empty "
+            "mixture component, a variance on its floor): the estimator is not normal there, so "
             "Wald intervals and standard errors of those entries are not valid; use the bootstrap, "
             "or refit a model without that component.",
             BoundaryWarning,
             stacklevel=4,
         )
+    return at_boundary
 
 
 def _statistics(pair: Pair, parameters: Parameters) -> dict[str, torch.Tensor]:
@@ -269,7 +413,10 @@ def observed_information(model, data, guide=None, *, method: str = "auto", num_s
 
       the expectations over the posterior :math:`p(z_i \mid x_i)` estimated by
       self-normalised importance sampling with ``num_samples`` draws from the
-      guide, so an approximate guide still targets the exact posterior;
+      guide, so an approximate guide still targets the exact posterior. The draws
+      run as 8 independent replicates (of at least 25 draws each, when there are
+      that many) whose spread corrects the estimate's leading bias and tells
+      Monte-Carlo noise from curvature (:class:`Information`);
     * ``"auto"``: exact where the model allows, else Louis's identity.
 
     The parameters should be at a maximum of the likelihood (after :func:`~freqvi.em`
@@ -306,8 +453,8 @@ def observed_information(model, data, guide=None, *, method: str = "auto", num_s
         return Information(matrix, None if coupled else scores, "exact", parameters, pair)
     if pair.guide is None:
         raise FreqviInputError("Louis's identity needs a guide as proposal: pass guide=...")
-    matrix, scores = _louis(pair, data, model_trace, frame, parameters, num_samples)
-    return Information(matrix, scores, "louis", parameters, pair)
+    matrix, scores, replicates = _louis_replicated(pair, data, model_trace, frame, parameters, num_samples)
+    return Information(matrix, scores, "louis", parameters, pair, replicates)
 
 
 def _exact(exact, data, model_trace, frame, parameters: Parameters):
@@ -318,6 +465,40 @@ def _exact(exact, data, model_trace, frame, parameters: Parameters):
     scores = jacobian(per_observation_loglik, vector, vectorize=True)  # (n, P)
     matrix = -hessian(lambda v: per_observation_loglik(v).sum(), vector)
     return matrix.double(), scores.double()
+
+
+def _louis_replicated(pair: Pair, data, model_trace, frame, parameters: Parameters, num_samples: int):
+    r"""Louis's identity as the mean of ``R`` independent estimates, each with ``num_samples / R`` draws.
+
+    The replicates measure the Monte-Carlo error that :class:`Information` needs to
+    tell a flat direction from a curved one, at no extra cost in draws. Their
+    spread also removes the self-normalised estimate's leading bias: the weighted
+    covariance of the complete-data scores about their weighted mean falls short of
+    the posterior covariance by the variance of that mean, :math:`\mathrm{Var}(\hat s_i)`,
+    so each replicate overstates :math:`I` by :math:`\sum_i \mathrm{Var}(\hat s_i)`, estimated
+    by the scores' sample covariance across replicates (exact for the exact posterior as
+    guide, first order in ``1/K_eff`` otherwise). With fewer than ``2 * _MIN_DRAWS``
+    draws there is one estimate and no correction.
+
+    On the joint weight (a latent outside the data plate) the replicates' total scores
+    correct the bias the same way, and no per-observation scores exist.
+
+    :returns: the corrected mean information ``(P, P)``, the mean scores ``(n, P)``, and
+        the replicates of the scores ``(R, n, P)`` (``None`` with one estimate; both
+        ``None`` on the joint weight).
+    """
+    count = min(_REPLICATES, num_samples // _MIN_DRAWS)
+    if count < 2:
+        matrix, scores, joint = _louis(pair, data, model_trace, frame, parameters, num_samples)
+        return matrix, None if joint else scores, None
+    runs = [_louis(pair, data, model_trace, frame, parameters, num_samples // count) for _ in range(count)]
+    matrices = torch.stack([m for m, _, _ in runs])  # (R, P, P)
+    scores = torch.stack([s for _, s, _ in runs])  # (R, n, P), or (R, 1, P) for the joint total
+    centred = scores - scores.mean(0)
+    bias = torch.einsum("rnp,rnq->pq", centred, centred) / (count - 1)
+    if runs[0][2]:
+        return matrices.mean(0) - bias, None, None
+    return matrices.mean(0) - bias, scores.mean(0), scores
 
 
 def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_samples: int):
@@ -332,7 +513,8 @@ def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_sam
     of all latents: the information is then the total's, and per-observation
     scores do not exist (returned as ``None``).
 
-    :returns: ``(I, scores)``: ``(P, P)`` and ``(n, P)`` (or ``None``), float64.
+    :returns: ``(I, scores, joint)``: ``(P, P)`` and ``(n, P)`` per-observation scores, or on the
+        joint weight ``(1, P)``, the total's score, with ``joint`` true; float64.
     :raises FreqviInputError: for a point-mass guide (:func:`~freqvi.traces.check_proposal`).
     """
     dims = max_plate_nesting(model_trace) + 1
@@ -353,4 +535,4 @@ def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_sam
     mean_score = (weights.unsqueeze(-1) * scores).sum(0)  # (n, P): Fisher's identity
     centred = scores - mean_score
     covariance = torch.einsum("kn,knp,knq->pq", weights, centred, centred)
-    return -expected_hessian - covariance, None if draws.joint else mean_score
+    return -expected_hessian - covariance, mean_score, draws.joint

@@ -105,6 +105,8 @@ class ClosedFormMStep(Protocol):
     :math:`s_t = (1-\\gamma_t) s_{t-1} + \\gamma_t \\hat s_t`, is the natural-gradient
     step of stochastic VI; :math:`\\gamma_t = 1` on the full data is batch EM and a
     decreasing :math:`\\gamma_t` on minibatches is online EM (Cappe and Moulines 2009).
+    A model whose statistics are not plain averages (centred ones, kept for float32
+    accuracy) also defines ``blend_statistics(old, new, gamma)``, which EM then uses.
     """
 
     def expected_statistics(self, guide_trace: Trace, *data: torch.Tensor) -> dict:

@@ -45,6 +45,10 @@ class FactorAnalysis(LatentVariableModel):
 
     Fitted parameters: ``mean`` ``(d,)``, ``loading`` ``W`` ``(d, q)``,
     ``noise_variance`` ``(d,)`` (diagonal) or a scalar (isotropic).
+
+    :raises FreqviInputError: on the first data, if a column is constant or the
+        columns are linearly dependent (:meth:`check_data`): noise variances would
+        go to 0 and the log-likelihood to infinity.
     """
 
     _estimate_names = ("mean", "loading", "noise_variance")
@@ -102,8 +106,26 @@ class FactorAnalysis(LatentVariableModel):
         noise = torch.diagonal(cov) - loading.square().sum(-1) if self.noise == "diagonal" else rest
         return {"mean": mean, "loading": loading, "noise_variance": noise.clamp_min(floor)}
 
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raises :class:`~freqvi.errors.FreqviInputError` unless ``x`` is ``(n, dim)``, likelihood bounded.
+
+        The log-likelihood has no maximum (it grows without bound as noise variances
+        go to 0) when some combination :math:`u^\top x_i` of the columns is constant,
+        i.e. the sample covariance is singular: for diagonal noise always (the noise
+        of the columns in :math:`u` can vanish with :math:`W^\top u = 0`), for isotropic
+        noise when the rank is at most ``latent_dim``. The error names the columns.
+        """
+        check_matrix(x, self.dim)
+        _refuse_constant_columns(x)
+        _refuse_dependent_columns(x, 0 if self.noise == "diagonal" else self.latent_dim)
+
     def _prepare(self, x: torch.Tensor) -> None:
         check_matrix(x, self.dim)
+        if not self.initialized:
+            self.check_data(x)
+            # Statistics are moments about this fixed shift: raw ones cancel in float32 at
+            # large offsets, and a shift held fixed keeps online EM's blend linear.
+            self.register_buffer("shift", x.mean(0).detach().clone())
         self._ensure_initialized(x)
 
     def _psi(self) -> torch.Tensor:
@@ -157,14 +179,18 @@ class FactorAnalysis(LatentVariableModel):
 
     # ----- closed-form M-step -----------------------------------------------------------------
     def expected_statistics(self, guide_trace, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Averages of ``x x`` (diagonal), ``x E[z~]^T`` and ``E[z~ z~^T]`` with ``z~ = (z, 1)``.
+        r"""Averages of :math:`\tilde x^2` (diagonal), :math:`\tilde x\, E[\tilde z]^\top` and
+        :math:`E[\tilde z \tilde z^\top]`, with :math:`\tilde x = x - c` and :math:`\tilde z = (z, 1)`.
 
-        Any guide with a Gaussian factor site works (exact or mean-field); its
-        mean and covariance are read off the trace.
+        ``c`` is the data's mean when the model was initialised (the buffer ``shift``),
+        the MLE of :math:`\mu` on those data, so the second moments are about a point
+        near the mean: uncentred ones at an offset of 1e4 would cancel every digit of
+        a unit noise variance in float32. Any guide with a Gaussian factor site works
+        (exact or mean-field); its mean and covariance are read off the trace.
         """
         fn = guide_trace.nodes["factors"]["fn"]
         index = guide_trace.nodes[self.data_plate]["value"]
-        xb = x[index]
+        xb = x[index] - self.shift
         n, q = xb.shape[0], self.latent_dim
         mean = fn.mean
         cov = fn.covariance_matrix if hasattr(fn, "covariance_matrix") \
@@ -175,10 +201,44 @@ class FactorAnalysis(LatentVariableModel):
         return {"xx": xb.square().mean(0), "xz": xb.T @ ez / n, "zz": ezz}
 
     def maximize(self, statistics: dict[str, torch.Tensor]) -> None:
-        """``[W, mu] = S_xz S_zz^{-1}``, ``psi = diag(S_xx - [W, mu] S_xz^T)`` (averaged if isotropic)."""
+        """``[W, mu - c] = S_xz S_zz^{-1}``, ``psi = diag(S_xx - [W, mu - c] S_xz^T)``.
+
+        ``psi`` is averaged over coordinates if the noise is isotropic.
+        """
         xz, zz = statistics["xz"], statistics["zz"]
-        coef = torch.linalg.solve(zz, xz.T).T  # (d, q+1) = [W, mu]
+        coef = torch.linalg.solve(zz, xz.T).T  # (d, q+1) = [W, mu - c]
         psi = statistics["xx"] - (coef * xz).sum(-1)
         floor = torch.finfo(psi.dtype).eps * statistics["xx"].mean()
         psi = psi.clamp_min(floor) if self.noise == "diagonal" else psi.mean().clamp_min(floor)
-        self._set_values({"mean": coef[:, -1], "loading": coef[:, :-1], "noise_variance": psi})
+        self._set_values({"mean": self.shift + coef[:, -1], "loading": coef[:, :-1],
+                          "noise_variance": psi})
+
+
+def _refuse_dependent_columns(x: torch.Tensor, rank_needed_above: int) -> None:
+    """Refuses data whose sample covariance is singular (rank below ``d``, or at most the bound)."""
+    centred = x.double() - x.double().mean(0)
+    values, vectors = torch.linalg.eigh(centred.T @ centred / x.shape[0])
+    # Below the rounding of the eigensolver or of the data's own precision, a spread is 0.
+    eps = max(x.shape[1] * torch.finfo(torch.float64).eps, (10 * torch.finfo(x.dtype).eps) ** 2)
+    null = values <= eps * values[-1]
+    rank = x.shape[1] - int(null.sum())
+    if rank < x.shape[1] and (rank_needed_above == 0 or rank <= rank_needed_above):
+        u = vectors[:, 0] / vectors[:, 0].abs().max()
+        columns = (u.abs() > 1e-6).nonzero().flatten().tolist()
+        raise FreqviInputError(
+            f"the data's columns are linearly dependent (the sample covariance has rank {rank} < "
+            f"{x.shape[1]}): the combination {[round(float(u[j]), 6) for j in columns]} of columns "
+            f"{columns} is constant, so the likelihood has no maximum (their noise variances go to 0 "
+            "and the log-likelihood to infinity); drop a column of each dependent set."
+        )
+
+
+def _refuse_constant_columns(x: torch.Tensor) -> None:
+    """Refuses data with a constant column: its noise variance would go to 0, the likelihood to infinity."""
+    constant = (x == x[:1]).all(0).nonzero().flatten().tolist()
+    if constant:
+        raise FreqviInputError(
+            f"columns {constant} of the data are constant ({[float(x[0, j]) for j in constant]}): "
+            "factor analysis's likelihood has no maximum there (that noise variance goes to 0 and "
+            "the log-likelihood to infinity); drop those columns, which the model cannot explain."
+        )

@@ -41,7 +41,8 @@ class GaussianMixture(LatentVariableModel):
       :class:`~pyro.infer.TraceEnum_ELBO` to sum ``z`` out inside the model.
 
     The M-step has a closed form (:meth:`expected_statistics`, :meth:`maximize`),
-    with ``reg_covar`` added to the covariances' diagonals as scikit-learn does.
+    with ``reg_covar`` added to the covariances' diagonals as scikit-learn does: a
+    floor on every eigenvalue, in float32 as in float64.
 
     :param n_components: ``K >= 1``.
     :param dim: dimension ``d >= 1`` of an observation.
@@ -49,7 +50,9 @@ class GaussianMixture(LatentVariableModel):
     :param init: optional starting values ``{"weights": (K,), "locs": (K, d),
         "covariances": ...}`` in scikit-learn's shapes; default: k-means++ then
         ten Lloyd iterations, and one M-step from the hard assignments.
-    :param reg_covar: non-negative ridge added to each covariance's diagonal.
+    :param reg_covar: non-negative ridge added to each covariance's diagonal. With 0, a
+        component whose covariance becomes singular stops the fit with a
+        :class:`~freqvi.errors.FreqviInputError` (the likelihood is unbounded there).
 
     Fitted parameters: ``weights`` ``(K,)``, ``locs`` ``(K, d)`` and
     ``covariances``: ``(K, d, d)`` full, ``(K, d)`` diag, ``(K,)`` spherical.
@@ -123,6 +126,21 @@ class GaussianMixture(LatentVariableModel):
             raise FreqviInputError("init['covariances'] must be positive definite.")
         return init
 
+    def on_boundary(self) -> list[str]:
+        """Components whose covariance has an eigenvalue on the ``reg_covar`` floor (to 1e-3).
+
+        There the likelihood would rise if the variance could fall further: the
+        estimate is on the boundary of the constrained space, not at a maximum.
+        """
+        if self.reg_covar == 0:
+            return []
+        cov = self.covariances.detach()
+        smallest = torch.linalg.eigvalsh(cov)[..., 0] if self.covariance == "full" \
+            else cov.reshape(self.n_components, -1).min(-1).values
+        floored = (smallest <= self.reg_covar * (1 + 1e-3)).nonzero().flatten().tolist()
+        return [f"covariances[{k}] (an eigenvalue on the reg_covar floor {self.reg_covar:g})"
+                for k in floored]
+
     def _set_values(self, values: dict[str, torch.Tensor]) -> None:
         self._set("weights", values["weights"], constraints.simplex)
         self._set("locs", values["locs"], constraints.real)
@@ -135,7 +153,8 @@ class GaussianMixture(LatentVariableModel):
     def _initial_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         labels = kmeans(x, self.n_components)
         resp = torch.nn.functional.one_hot(labels, self.n_components).to(x.dtype)
-        return self._maximizer(self._statistics(resp, x - x.mean(0)), x.mean(0))
+        shift = x.mean(0).expand(self.n_components, self.dim)
+        return self._maximizer(self._statistics(resp, x, shift))
 
     def _check_data(self, x: torch.Tensor) -> None:
         check_matrix(x, self.dim)
@@ -147,8 +166,6 @@ class GaussianMixture(LatentVariableModel):
 
     def _prepare(self, x: torch.Tensor) -> None:
         self._check_data(x)
-        if not self.initialized:
-            self.register_buffer("shift", x.mean(0).detach().clone())
         self._ensure_initialized(x)
 
     # ----- densities --------------------------------------------------------------------------
@@ -227,37 +244,105 @@ class GaussianMixture(LatentVariableModel):
 
     # ----- closed-form M-step -----------------------------------------------------------------
     def expected_statistics(self, guide_trace, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Averages of ``r_ik``, ``r_ik (x_i - c)`` and ``r_ik (x_i - c)(x_i - c)^T``.
+        r"""Each component's share, mean and centred scatter under the responsibilities.
 
-        ``c`` is a fixed shift (the data mean at initialisation) that keeps the
-        second moments well conditioned in float32. Averages run over the
-        observations of the guide trace's ``"data"`` plate (a minibatch or all).
+        For the rows of the guide trace's ``"data"`` plate (a minibatch or all,
+        ``m`` of them) and :math:`r_{ik} = q(z_i = k)`:
+        ``"n"`` :math:`n_k = \frac1m \sum_i r_{ik}` ``(K,)``; the mean
+        :math:`\bar x_k = \sum_i r_{ik} x_i / \sum_i r_{ik}` as ``"shift"`` ``(K, d)``
+        (the current means) plus ``"offset"`` ``(K, d)``; and ``"scatter"``
+        :math:`S_k = \frac1m \sum_i r_{ik} (x_i - \bar x_k)(x_i - \bar x_k)^\top`
+        ``(K, d, d)``, or its diagonal ``(K, d)`` for diagonal and spherical covariances.
+
+        The scatter is centred at each component's own mean (two passes), so it has
+        no cancellation: raw second moments lose every digit of a variance that is
+        small next to the squared mean in float32 (a variance of 1e-6 at 1e4 is
+        1e-14 of it). The mean is kept as a small offset from a shift so that online
+        EM's running mean moves by less than float32's spacing at the mean without
+        stalling. Blend minibatch statistics with :meth:`blend_statistics`.
         """
         resp = guide_trace.nodes["assignment"]["fn"].probs
         index = guide_trace.nodes[self.data_plate]["value"]
-        return self._statistics(resp, x[index] - self.shift)
+        # A copy, not a view: maximize writes locs in place, and online EM keeps this shift.
+        return self._statistics(resp, x[index], self.locs.detach().clone())
 
-    def _statistics(self, resp: torch.Tensor, xc: torch.Tensor) -> dict[str, torch.Tensor]:
-        n = xc.shape[0]
-        stats = {"n": resp.mean(0), "x": resp.T @ xc / n}
+    def _statistics(self, resp: torch.Tensor, x: torch.Tensor, shift: torch.Tensor) -> dict:
+        """:meth:`expected_statistics` from responsibilities ``(m, K)`` and a shift ``(K, d)``."""
+        counts = resp.sum(0)
+        share = resp / counts.clamp_min(torch.finfo(x.dtype).tiny)
+        offset = (share.T.unsqueeze(-1) * (x - shift.unsqueeze(-2))).sum(-2)
+        centred = x - (shift + offset).unsqueeze(-2)  # (K, m, d)
+        weighted = resp.T.unsqueeze(-1) * centred
         if self.covariance == "full":
-            stats["xx"] = (resp.T.unsqueeze(-1) * xc).mT @ xc / n  # (K, d, d); einsum plans cost more
+            scatter = weighted.mT @ centred
+            scatter = 0.5 * (scatter + scatter.mT)  # exactly symmetric for the Cholesky factor
         else:
-            stats["xx"] = resp.T @ xc.square() / n
-        return stats
+            scatter = (weighted * centred).sum(-2)
+        m = x.shape[0]
+        return {"n": counts / m, "shift": shift, "offset": offset, "scatter": scatter / m}
+
+    @staticmethod
+    def blend_statistics(old: dict, new: dict, gamma: float) -> dict[str, torch.Tensor]:
+        r"""Online EM's step :math:`s = (1 - \gamma) s_{old} + \gamma s_{new}` on the raw moments.
+
+        Computed on counts, means and centred scatters by the pairwise update of Chan,
+        Golub and LeVeque (1979): with :math:`a = (1-\gamma) n_{old}`, :math:`b = \gamma
+        n_{new}` and :math:`\delta = \bar x_{new} - \bar x_{old}`, the mean moves by
+        :math:`b \delta / (a + b)` and the scatter gains :math:`a b\, \delta \delta^\top / (a + b)`,
+        the same moments as blending uncentred ones, without their cancellation. The
+        running means stay offsets from ``old``'s shift.
+        """
+        a, b = (1 - gamma) * old["n"], gamma * new["n"]
+        total = a + b
+        ratio = b / total.clamp_min(torch.finfo(total.dtype).tiny)
+        delta = (new["shift"] - old["shift"]) + new["offset"] - old["offset"]
+        spread = delta.unsqueeze(-1) * delta.unsqueeze(-2) if old["scatter"].dim() == 3 else delta.square()
+        gain = (a * ratio).reshape(-1, *[1] * (spread.dim() - 1)) * spread
+        return {"n": total, "shift": old["shift"], "offset": old["offset"] + ratio.unsqueeze(-1) * delta,
+                "scatter": (1 - gamma) * old["scatter"] + gamma * new["scatter"] + gain}
 
     def maximize(self, statistics: dict[str, torch.Tensor]) -> None:
-        """Sets ``w_k = n_k / sum n``, ``mu_k = c + x_k / n_k``, ``Sigma_k = xx_k / n_k - ...``."""
-        self._set_values(self._maximizer(statistics, self.shift))
+        r"""Sets :math:`w_k \propto n_k`, :math:`\mu_k = \bar x_k` (shift plus offset) and
+        :math:`\Sigma_k = S_k / n_k + \text{reg\_covar}\, I`.
 
-    def _maximizer(self, stats: dict[str, torch.Tensor], shift: torch.Tensor) -> dict:
-        nk = stats["n"] + 10 * torch.finfo(stats["n"].dtype).eps
-        centred = stats["x"] / nk.unsqueeze(-1)
+        ``reg_covar`` is a floor on every eigenvalue of :math:`\Sigma_k`: :math:`S_k`
+        is a sum of weighted outer products of residuals, positive semi-definite (for
+        diagonal and spherical covariances its entries are sums of squares, so the
+        floor holds exactly; a full one's eigenvalues are exact to rounding relative to
+        the largest). Spherical variances average the diagonal.
+        """
+        self._set_values(self._maximizer(statistics))
+
+    def _maximizer(self, stats: dict[str, torch.Tensor]) -> dict:
+        nk = stats["n"]
+        # As scikit-learn: 10 eps keeps an emptied component's weight, and its log, positive.
+        weights = nk + 10 * torch.finfo(nk.dtype).eps
+        scale = nk.clamp_min(torch.finfo(nk.dtype).tiny)
         if self.covariance == "full":
-            cov = stats["xx"] / nk[:, None, None] - centred.unsqueeze(-1) * centred.unsqueeze(-2)
-            cov = cov + self.reg_covar * torch.eye(self.dim, dtype=cov.dtype)
+            cov = stats["scatter"] / scale[:, None, None] + self.reg_covar * torch.eye(
+                self.dim, dtype=nk.dtype)
         else:
-            cov = stats["xx"] / nk.unsqueeze(-1) - centred.square() + self.reg_covar
+            cov = stats["scatter"] / scale.unsqueeze(-1) + self.reg_covar
             if self.covariance == "spherical":
                 cov = cov.mean(-1)
-        return {"weights": nk / nk.sum(), "locs": centred + shift, "covariances": cov}
+        _refuse_collapsed(cov, self.covariance)
+        return {"weights": weights / weights.sum(), "locs": stats["shift"] + stats["offset"],
+                "covariances": cov}
+
+
+def _refuse_collapsed(cov: torch.Tensor, covariance: str) -> None:
+    """Refuses a singular covariance, possible only with ``reg_covar = 0``: the likelihood is unbounded.
+
+    A component on at most ``d`` distinct points (or with a constant coordinate) has a
+    singular scatter; as its covariance shrinks the likelihood grows without bound,
+    so there is no maximum to report. The parameters keep their last values.
+    """
+    singular = torch.linalg.cholesky_ex(cov)[1] != 0 if covariance == "full" \
+        else (cov <= 0).reshape(cov.shape[0], -1).any(-1)
+    if singular.any():
+        raise FreqviInputError(
+            f"components {singular.nonzero().flatten().tolist()} have a singular covariance (they sit "
+            "on too few distinct points, or a coordinate is constant there) and reg_covar = 0: the "
+            "likelihood grows without bound as that covariance shrinks, so it has no maximum. Pass "
+            "reg_covar > 0 (scikit-learn's default is 1e-6), a floor on every eigenvalue."
+        )
