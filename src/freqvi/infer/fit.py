@@ -348,12 +348,12 @@ class _Clock:
     def elapsed(self) -> tuple[float, float]:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
-    def spent(self) -> str | None:
-        """``"max_time"`` or ``"max_cpu_time"`` once that budget is used up, else ``None``."""
-        wall, cpu = self.elapsed()
-        if self.max_time is not None and wall >= self.max_time:
+    def spent(self, result: FitResult) -> str | None:
+        """``"max_time"`` or ``"max_cpu_time"`` if that budget was used up at the end of the step just
+        booked (the times the callbacks saw), else ``None``."""
+        if self.max_time is not None and result.wall_time >= self.max_time:
             return "max_time"
-        if self.max_cpu_time is not None and cpu >= self.max_cpu_time:
+        if self.max_cpu_time is not None and result.cpu_time >= self.max_cpu_time:
             return "max_cpu_time"
         return None
 
@@ -364,7 +364,7 @@ def _stop_wanted(on_step: list[Callable], result: FitResult, clock: _Clock, sign
         return "interrupted"
     if _asks_to_stop(on_step, result):
         return "on_step"
-    return clock.spent()
+    return clock.spent(result)
 
 
 def _asks_to_stop(callbacks: list[Callable], result: FitResult) -> bool:
