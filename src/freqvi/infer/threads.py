@@ -79,22 +79,18 @@ def requested_num_threads(num_threads: int | None = None) -> int | None:
     return int(text)
 
 
-def choose_num_threads(entries: int | None, num_threads: int | None = None) -> int:
-    """The intra-op thread count for work whose steps read ``entries`` data entries (``None``: unknown).
-
-    :raises FreqviInputError: ``num_threads`` or :data:`ENV_VAR` is not a positive integer.
-    """
-    requested = requested_num_threads(num_threads)
-    return requested if requested is not None else _by_size(entries)
-
-
 def _by_size(entries: int | None) -> int:
+    """Rules 3 and 4: one thread below :data:`SMALL_WORK` entries a step, else the caller's count."""
     return 1 if entries is not None and entries < SMALL_WORK else torch.get_num_threads()
 
 
 @contextmanager
 def intra_op_threads(num_threads: int | None = None, *, entries: int | None = None) -> Iterator[int]:
-    """Runs the block with :func:`choose_num_threads`'s count; yields it; restores the caller's after.
+    """Runs the block on the policy's thread count for steps reading ``entries`` data entries
+    (``None``: unknown, so the caller's count unless one is requested); yields the count and
+    restores the caller's afterwards, also when the block raises.
+
+    :raises FreqviInputError: ``num_threads`` or :data:`ENV_VAR` is not a positive integer.
 
     An explicit ``num_threads`` also holds for the drivers called inside the block. Torch's
     setting is the process's: a block in one Python thread sets it for every thread.
