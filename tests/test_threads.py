@@ -1,6 +1,10 @@
 """The thread policy: drivers size torch's intra-op threads to the work and give the caller's back."""
 
 import inspect
+import os
+import subprocess
+import sys
+import time
 
 import pyro
 import pyro.distributions as dist
@@ -62,11 +66,29 @@ def test_small_work_runs_on_one_thread_and_the_callers_count_comes_back(caller_t
     assert torch.get_num_threads() == caller_threads
 
 
-def test_large_work_keeps_the_callers_count(caller_threads):
+@pytest.mark.parametrize(("busy", "expected"), [(0, 3), (6, 2), (7, 1), (12, 1)])
+def test_large_work_gets_the_callers_count_capped_by_free_cores(caller_threads, monkeypatch, busy, expected):
+    """On 8 usable cores with ``busy`` of them taken by other runnable tasks."""
+    monkeypatch.setattr(threads, "_usable_cores", lambda: 8)
+    monkeypatch.setattr(threads, "_busy_cores", lambda: busy)
     seen = []
     model, guide = _recording_model(seen)
     freqvi.fit(model, guide=guide, data=torch.randn(SMALL_WORK), num_steps=2, progress=False)
-    assert set(seen) == {caller_threads}
+    assert set(seen) == {expected}
+    assert torch.get_num_threads() == caller_threads
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="reads Linux's /proc/loadavg")
+def test_busy_processes_are_counted():
+    loop = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end:\n    pass\n"
+    children = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        assert threads._busy_cores() >= 2  # ours, and whatever else runs on the machine
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
 
 
 def test_minibatches_size_the_work_by_the_rows_of_a_step(caller_threads):

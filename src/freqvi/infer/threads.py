@@ -5,7 +5,8 @@ core). On the small tensors of most latent variable models that buys little on a
 idle machine and costs a great deal on a busy one: threads that wait at the end of
 each parallel region spin, and beside other processes they wait for a core. Measured
 on a 2-core machine shared with other jobs, one EM iteration of a Gaussian mixture on
-20,000 rows took 3.0 ms on one thread and 23 ms on two.
+20,000 rows took 3.0 ms on one thread and 23 ms on two; on the same machine at a quiet
+moment, two threads made it 1.66 times faster.
 
 The policy, for each driver call (:func:`thread_policy`) and each block of work
 (:func:`intra_op_threads`), first rule that applies:
@@ -13,7 +14,9 @@ The policy, for each driver call (:func:`thread_policy`) and each block of work
 1. ``num_threads=`` given to the driver (or to an enclosing driver or block);
 2. the environment variable :data:`ENV_VAR` (``FREQVI_NUM_THREADS``);
 3. one thread when a step reads fewer than :data:`SMALL_WORK` data entries;
-4. otherwise the caller's setting, left as it is.
+4. otherwise the caller's setting, capped at the cores that other processes do not keep busy at
+   the call (Linux: the runnable tasks in ``/proc/loadavg``; elsewhere no cap): on an idle
+   machine large work gets every thread, beside busy processes one.
 
 The caller's setting is restored on the way out, also when the work raises.
 """
@@ -26,6 +29,7 @@ import math
 import operator
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,13 +42,14 @@ from freqvi.errors import FreqviInputError
 ENV_VAR = "FREQVI_NUM_THREADS"
 
 # Data entries one step reads (rows per step x entries per row), below which one thread runs it.
-# Measured on the 2-core development machine (torch 2.13, OpenMP, MKL), one EM iteration of a
-# 3-component mixture in 4 dimensions, median of 3: two threads took 0.9x to 1.1x the wall time of
-# one up to 192,000 entries (48,000 rows) while spending 1.8x to 2x its CPU time, and 1.26x to
-# 1.42x less wall time from 256,000 entries up; a VAE step of 2,048 digits (131,072 entries) ran
-# 8% faster on two threads for 78% more CPU time. Beside other processes two threads cost up to
-# 8x (20,000 rows: 3.0 ms against 23 ms), so the threshold sits where a second thread first pays.
-SMALL_WORK = 250_000
+# Measured on the 2-core development machine (torch 2.13, OpenMP, MKL) at a quiet moment (load
+# average 1), one EM iteration of a 5-component full-covariance mixture in 4 dimensions, median of
+# 5: two threads ran 1.28x faster than one at 16,000 entries for 1.6x the CPU time, 1.50x at
+# 32,000, 1.39x-1.71x from 48,000 to 256,000 (1.2x-1.25x the CPU time). Below 32,768 entries
+# ATen's elementwise kernels do not split across threads anyway (its grain size), and the VAE
+# (128 x 64 digits) and GLMM steps there ran no faster on two threads. Beside busy processes a
+# second thread costs up to 8x (rule 4 drops it there: 20,000 rows, 3.0 ms against 23 ms).
+SMALL_WORK = 32_768
 
 # An explicit count from an enclosing driver or block, inherited by the drivers it calls.
 _explicit: ContextVar[int | None] = ContextVar("freqvi_num_threads", default=None)
@@ -80,8 +85,33 @@ def requested_num_threads(num_threads: int | None = None) -> int | None:
 
 
 def _by_size(entries: int | None) -> int:
-    """Rules 3 and 4: one thread below :data:`SMALL_WORK` entries a step, else the caller's count."""
-    return 1 if entries is not None and entries < SMALL_WORK else torch.get_num_threads()
+    """Rules 3 and 4: one thread below :data:`SMALL_WORK` entries a step, else the caller's count
+    capped at the cores other processes leave free."""
+    if entries is not None and entries < SMALL_WORK:
+        return 1
+    free = _usable_cores() - _busy_cores()
+    return max(1, min(torch.get_num_threads(), free))
+
+
+def _usable_cores() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _busy_cores(reads: int = 3, pause: float = 5e-4) -> int:
+    """Runnable tasks other than this one, the least of ``reads`` looks at ``/proc/loadavg`` (its
+    fourth field counts the tasks runnable now, this one included): a process that keeps a core
+    busy is runnable at every look, a short-lived one is not. 0 where the file does not exist."""
+    counts = []
+    for i in range(reads):
+        try:
+            with open("/proc/loadavg", encoding="ascii") as loadavg:
+                counts.append(int(loadavg.read().split()[3].split("/")[0]) - 1)
+        except (OSError, IndexError, ValueError):
+            return 0
+        if i + 1 < reads:
+            time.sleep(pause)
+    return max(0, min(counts))
 
 
 @contextmanager
@@ -112,9 +142,10 @@ def intra_op_threads(num_threads: int | None = None, *, entries: int | None = No
 NUM_THREADS_DOC = f"""
 :param num_threads: torch's intra-op thread count during the call (keyword only). Default: the
     environment variable ``{ENV_VAR}`` if set, else one thread when a step reads fewer than
-    {SMALL_WORK:,} data entries (rows per step times entries per row; more threads only fight
-    other processes for cores there), else the caller's setting. The caller's count is restored
-    afterwards, also after an error; drivers called inside inherit an explicit count.
+    {SMALL_WORK:,} data entries (rows per step times entries per row), else the caller's setting
+    capped at the cores other processes leave free (:mod:`freqvi.infer.threads`). The caller's
+    count is restored afterwards, also after an error; drivers called inside inherit an explicit
+    count.
 :raises FreqviInputError: ``num_threads`` or ``{ENV_VAR}`` is not a positive integer.
 """
 
