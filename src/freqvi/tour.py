@@ -284,8 +284,8 @@ def run_tour(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
 
     :param num_threads: torch's intra-op threads for the whole tour, as the drivers'
         ``num_threads`` (:mod:`freqvi.infer.threads`): by default ``$FREQVI_NUM_THREADS``, else
-        one, since every stage's data are embedded and small (at most 1,500 x 64 entries); the
-        caller's count is restored afterwards.
+        the policy's count for its largest data set (1,500 x 64 digits), while each driver
+        inside sizes its own steps; the caller's count is restored afterwards.
     """
     budget = BUDGETS["quick" if quick else "full"]
     out.mkdir(parents=True, exist_ok=True)
