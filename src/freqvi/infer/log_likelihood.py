@@ -22,6 +22,7 @@ from freqvi.errors import FreqviInputError, ImportanceSamplingWarning, Unestimab
 from freqvi.estimators.particles import Arrangement
 from freqvi.handlers import SubsamplePlate
 from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.proposals import Proposal, as_proposal
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, check_proposal, data_plate, latent_sites, max_plate_nesting, trace
@@ -47,6 +48,8 @@ class LogLikelihood:
     :ivar joint: whether a latent site outside the data plate (a global latent, an
         autoguide's joint draw) couples the observations, so that only the total exists.
     :ivar pareto_k_note: why :math:`\\hat k` could not be estimated, where it could not.
+    :ivar proposal: the importance proposal, as :func:`~freqvi.infer.proposals.as_proposal`
+        names it (``"guide"``, ``"student-t(df=5)"``, ...); ``None`` when exact.
     """
 
     total: float
@@ -57,12 +60,13 @@ class LogLikelihood:
     num_samples: int = 0
     joint: bool = False
     pareto_k_note: str | None = None
+    proposal: str | None = None
 
     def __repr__(self) -> str:
         """One line: the total, its standard error and method, and what k-hat says."""
         text = f"log-likelihood {self.total:.4f} nats ({self.method}"
         if self.method == "importance":
-            text += (f", s.e. {self.standard_error:.4f}, K = {self.num_samples}, "
+            text += (f", proposal {self.proposal}, s.e. {self.standard_error:.4f}, K = {self.num_samples}, "
                      f"max PSIS k-hat {self.max_pareto_k:.2f}")
             text += f", {self.num_heavy_tailed} above 0.7" if self.num_heavy_tailed else ""
             text += f", {self.num_unestimable} not estimable" if self.num_unestimable else ""
@@ -118,6 +122,7 @@ def log_likelihood(
     chunk_size: int | None = None,
     data_plate_name: str = "data",
     seed: int | None = None,
+    proposal: str | Proposal = "guide",
 ) -> LogLikelihood:
     r"""The log-likelihood :math:`\ell(\theta) = \log \int p(x_{1..n}, z; \theta)\,dz`.
 
@@ -152,16 +157,32 @@ def log_likelihood(
     route sums a shared discrete latent out of the joint likelihood alike. A data
     plate declared with ``subsample_size`` is evaluated over all its rows.
 
+    The proposal need not be the guide itself: ``proposal`` widens its tails
+    (:mod:`freqvi.infer.proposals`), ``"student_t"`` (each Normal factor of the guide
+    becomes a Student-t with its location and scale, 5 degrees of freedom) or
+    ``"mixture"`` (Hesterberg's defensive mixture, 0.8 of the guide and 0.2 of the
+    guide with three times its scale), or a
+    :class:`~freqvi.infer.proposals.Proposal` with other settings; the weights are
+    then :math:`p(x_i, z) / r(z)` with :math:`z \\sim r`. The result's ``proposal``
+    names the one used.
+
     :param num_samples: ``K``, importance samples per observation.
+    :param proposal: ``"guide"``, ``"student_t"``, ``"mixture"`` or a
+        :class:`~freqvi.infer.proposals.Proposal`.
     :param chunk_size: samples drawn at once (default: bounded to ~4 million
         log-density entries per chunk).
     :raises FreqviInputError: for a guide that puts a point mass on a model latent
-        (``AutoDelta``): it is no proposal (see :func:`~freqvi.traces.check_proposal`).
+        (``AutoDelta``): it is no proposal (see :func:`~freqvi.traces.check_proposal`);
+        for a Student-t or mixture proposal of a guide with a site it cannot widen
+        (a discrete or non-Normal draw), naming the site.
     """
     check_choice(method, "method", METHODS)
     num_samples = check_positive_int(num_samples, "num_samples")
+    proposal = as_proposal(proposal)
     data = as_data(data)
     pair = resolve_pair(model, guide, require_guide=False)
+    if pair.guide is not None:  # the pair's guide is the proposal from here on
+        pair = Pair(pair.model, proposal.wrap(pair.guide), pair.owner)
     if seed is not None:
         pyro.set_rng_seed(seed)
     if pair.guide is not None:
@@ -192,7 +213,7 @@ def log_likelihood(
     coupled = bool(outside_data_plate({**latent_sites(model_trace), **latent_sites(guide_trace)}, frame))
     with torch.no_grad():
         weights = ImportanceWeights.draw(pair, data, frame, dims, _chunks(num_samples, chunk), coupled)
-    return _importance_estimate(weights.columns(), weights.offset(), weights.joint)
+    return _importance_estimate(weights.columns(), weights.offset(), weights.joint, str(proposal))
 
 
 def outside_data_plate(sites: dict[str, dict], frame) -> list[str]:
@@ -433,7 +454,7 @@ def _pareto_k(log_w: torch.Tensor, eps: float, what: str) -> tuple[np.ndarray, s
     return pareto_k, f"PSIS k-hat cannot be estimated for {int(unestimable.sum())} of {width} {what}: {why}."
 
 
-def _importance_estimate(log_w: torch.Tensor, offset: float, joint: bool) -> LogLikelihood:
+def _importance_estimate(log_w: torch.Tensor, offset: float, joint: bool, proposal: str) -> LogLikelihood:
     """The estimate from log weights ``(K, b)``: one column per observation, or one joint column."""
     k = log_w.shape[0]
     log_w64 = log_w.double()
@@ -452,6 +473,7 @@ def _importance_estimate(log_w: torch.Tensor, offset: float, joint: bool) -> Log
         num_samples=k,
         joint=joint,
         pareto_k_note=note,
+        proposal=proposal,
     )
     _warn_on_pareto_k(result, what)
     return result
@@ -466,8 +488,9 @@ def _warn_on_pareto_k(result: LogLikelihood, what: str) -> None:
             f"{heavy} of {len(result.pareto_k)} {what} have PSIS k-hat > {PARETO_K_THRESHOLD} "
             f"(max {result.max_pareto_k:.2f}): their importance-sampling estimates cannot be trusted. The "
             "weights are heavy-tailed where the guide's tails are lighter than the posterior's; more "
-            "samples do not cure that: use a proposal with heavier tails (e.g. a Student-t guide with the "
-            f"fitted guide's location and scale) or a guide closer to the posterior.{unestimable}",
+            "samples do not cure that: use a proposal with heavier tails (proposal='student_t', a Student-t "
+            "with the guide's location and scale, or proposal='mixture') or a guide closer to the "
+            f"posterior.{unestimable}",
             ImportanceSamplingWarning,
             stacklevel=4,
         )

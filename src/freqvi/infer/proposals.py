@@ -1,0 +1,207 @@
+r"""Importance proposals built from a guide: the guide itself, a Student-t, a defensive mixture.
+
+Importance sampling estimates :math:`p(x_i) = E_r[p(x_i, z) / r(z)]` for any proposal
+:math:`r` whose support covers the posterior's; its variance is finite only where
+:math:`p(z \mid x_i)^2 / r(z)` is integrable, i.e. where :math:`r`'s tails are at least
+as heavy as the posterior's. A Gaussian guide fitted by the ELBO (which penalises
+mass where the posterior has none) is typically lighter-tailed than the posterior,
+and PSIS :math:`\hat k > 0.7` flags the resulting heavy-tailed weights. The
+proposals here keep the guide's location and scale and widen its tails:
+
+* :class:`GuideProposal`: :math:`r = q`, the guide itself;
+* :class:`StudentTProposal`: each Normal factor :math:`N(m, s^2)` of the guide
+  becomes :math:`t_\nu(m, s)` (a MultivariateNormal :math:`N(m, LL^\top)`
+  becomes the multivariate :math:`t_\nu(m, L)`), whose polynomial tails dominate
+  any Gaussian posterior tail (Geweke 1989);
+* :class:`DefensiveMixtureProposal`: each Normal factor becomes
+  :math:`(1 - \alpha) N(m, s^2) + \alpha N(m, c^2 s^2)`, so that
+  :math:`w = p(x, z) / r(z) \le p(x, z) / (\alpha N(z; m, c^2 s^2))`: the weights
+  are bounded wherever the wide component's tails dominate the posterior's
+  (Hesterberg 1995, "Weighted average importance sampling and defensive
+  mixture distributions", *Technometrics* 37(2)).
+
+A proposal replaces the distribution of every latent sample site the guide draws
+(auxiliary ones included) by a Pyro handler, keeping its support transform
+(``TransformedDistribution``), its ``to_event`` dimensions and its mask, so that
+freqvi's guides (:class:`~freqvi.guides.LocalMeanField`,
+:class:`~freqvi.guides.AmortizedNormal`) and Pyro's ``AutoNormal``,
+``AutoDiagonalNormal`` and ``AutoMultivariateNormal`` can all be widened. The point
+masses through which an autoguide hands its auxiliary draw to the model are
+left as they are: they are functions of the widened draw and carry its Jacobian.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyro.distributions as dist
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+
+from freqvi.errors import FreqviInputError
+from freqvi.traces import is_point_mass
+
+PROPOSALS = ("guide", "student_t", "mixture")
+
+
+class Proposal:
+    """A proposal built from a guide: :meth:`wrap` returns the guide with its draws replaced."""
+
+    def wrap(self, guide: Callable) -> Callable:
+        """``guide`` run under a handler that replaces each latent site's Normal factor (see module)."""
+        return _Widening(self)(guide)
+
+    def normal(self, loc: torch.Tensor, scale: torch.Tensor, event_dims: int) -> dist.Distribution:
+        """The replacement of ``Normal(loc, scale).to_event(event_dims)``."""
+        raise NotImplementedError
+
+    def multivariate_normal(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> dist.Distribution:
+        """The replacement of ``MultivariateNormal(loc, scale_tril=scale_tril)``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class GuideProposal(Proposal):
+    """The guide itself, :math:`r = q`."""
+
+    def wrap(self, guide: Callable) -> Callable:
+        """``guide``, unchanged."""
+        return guide
+
+    def __str__(self) -> str:
+        return "guide"
+
+
+@dataclass(frozen=True)
+class StudentTProposal(Proposal):
+    r"""Each Normal factor :math:`N(m, s^2)` of the guide replaced by a Student-t :math:`t_\nu(m, s)`.
+
+    :param df: the degrees of freedom :math:`\nu > 0`; the smaller, the heavier the tails
+        (the variance :math:`s^2 \nu / (\nu - 2)` exists for :math:`\nu > 2`).
+    :raises FreqviInputError: for ``df`` not a positive finite number.
+    """
+
+    df: float = 5.0
+
+    def __post_init__(self):
+        _check_positive(self.df, "df", "the Student-t's degrees of freedom")
+
+    def normal(self, loc, scale, event_dims):
+        return dist.StudentT(loc.new_tensor(self.df), loc, scale).to_event(event_dims)
+
+    def multivariate_normal(self, loc, scale_tril):
+        return dist.MultivariateStudentT(loc.new_tensor(self.df), loc, scale_tril)
+
+    def __str__(self) -> str:
+        return f"student-t(df={self.df:g})"
+
+
+@dataclass(frozen=True)
+class DefensiveMixtureProposal(Proposal):
+    r"""Each Normal factor :math:`N(m, s^2)` replaced by :math:`(1-\alpha) N(m, s^2) + \alpha N(m, c^2 s^2)`.
+
+    The mixture is over the factor's whole event (one component per draw, as
+    Hesterberg 1995 has it), so the weight is at most :math:`1/\alpha` times the
+    weight of the wide component alone.
+
+    :param weight: :math:`\alpha \in (0, 1)`, the wide component's share.
+    :param widen: :math:`c \ge 1`, the wide component's scale relative to the guide's.
+    :raises FreqviInputError: for ``weight`` outside (0, 1) or ``widen`` below 1.
+    """
+
+    weight: float = 0.2
+    widen: float = 3.0
+
+    def __post_init__(self):
+        _check_positive(self.widen, "widen", "the wide component's scale factor")
+        if not 0 < self.weight < 1:
+            raise FreqviInputError(f"weight (the wide component's share) must lie in (0, 1); "
+                                   f"got {self.weight!r}.")
+        if self.widen < 1:
+            raise FreqviInputError(f"widen (the wide component's scale factor) must be at least 1; "
+                                   f"got {self.widen!r}.")
+
+    def _mixing(self, like: torch.Tensor, batch_shape: torch.Size) -> dist.Categorical:
+        """The component choice, one per draw (torch's sampler wants it in the mixture's full batch shape)."""
+        return dist.Categorical(probs=like.new_tensor([1 - self.weight, self.weight])).expand(batch_shape)
+
+    def normal(self, loc, scale, event_dims):
+        at = loc.dim() - event_dims  # the component dimension sits just left of the event
+        loc, scale = torch.broadcast_tensors(loc, scale)
+        components = dist.Normal(torch.stack([loc, loc], at), torch.stack([scale, self.widen * scale], at))
+        return dist.MixtureSameFamily(self._mixing(loc, loc.shape[:at]), components.to_event(event_dims))
+
+    def multivariate_normal(self, loc, scale_tril):
+        loc = loc.expand(scale_tril.shape[:-1])
+        scale_tril = torch.stack([scale_tril, self.widen * scale_tril], -3)
+        components = dist.MultivariateNormal(torch.stack([loc, loc], -2), scale_tril=scale_tril)
+        return dist.MixtureSameFamily(self._mixing(loc, loc.shape[:-1]), components)
+
+    def __str__(self) -> str:
+        return f"defensive mixture({1 - self.weight:g} guide + {self.weight:g} guide, scale x{self.widen:g})"
+
+
+def as_proposal(proposal: str | Proposal) -> Proposal:
+    """A proposal from its name (``"guide"``, ``"student_t"``, ``"mixture"``: default settings) or itself.
+
+    :raises FreqviInputError: for anything else.
+    """
+    if isinstance(proposal, Proposal):
+        return proposal
+    named = {"guide": GuideProposal, "student_t": StudentTProposal, "mixture": DefensiveMixtureProposal}
+    if isinstance(proposal, str) and proposal in named:
+        return named[proposal]()
+    raise FreqviInputError(
+        f"proposal must be one of {list(PROPOSALS)} or a freqvi.infer.proposals.Proposal (e.g. "
+        f"StudentTProposal(df=3)); got {proposal!r}."
+    )
+
+
+def _check_positive(value, name: str, what: str) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise FreqviInputError(f"{name} ({what}) must be a positive finite number; got {value!r}.")
+
+
+class _Widening(Messenger):
+    """Replaces the distribution of each latent sample site by the proposal's (see the module)."""
+
+    def __init__(self, proposal: Proposal):
+        super().__init__()
+        self.proposal = proposal
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if msg["is_observed"] or isinstance(fn, _Subsample) or is_point_mass(fn):
+            return
+        msg["fn"] = _replaced(fn, self.proposal, msg["name"])
+
+
+def _replaced(fn, proposal: Proposal, name: str) -> dist.Distribution:
+    """``fn`` with its Normal (or MultivariateNormal) core replaced, its wrappers rebuilt around it."""
+    if isinstance(fn, dist.MaskedDistribution):
+        return _replaced(fn.base_dist, proposal, name).mask(fn._mask)
+    if isinstance(fn, dist.ExpandedDistribution):
+        return _replaced(fn.base_dist, proposal, name).expand(fn.batch_shape)
+    if isinstance(fn, dist.TransformedDistribution):
+        return dist.TransformedDistribution(_replaced(fn.base_dist, proposal, name), fn.transforms)
+    event_dims = 0
+    while isinstance(fn, dist.Independent):  # the event dims go to the proposal: one mixture per draw
+        event_dims, fn = event_dims + fn.reinterpreted_batch_ndims, fn.base_dist
+    if isinstance(fn, torch.distributions.Normal):
+        return proposal.normal(fn.loc, fn.scale, event_dims)
+    if isinstance(fn, torch.distributions.MultivariateNormal):
+        return proposal.multivariate_normal(fn.loc, fn.scale_tril).to_event(event_dims)
+    if event_dims:
+        return _replaced(fn, proposal, name).to_event(event_dims)
+    kind = "discrete" if fn.support.is_discrete else "continuous but not Normal"
+    raise FreqviInputError(
+        f"the proposal {proposal} cannot widen the guide's site {name!r}: it draws from "
+        f"{type(fn).__name__}, which is {kind}. The Student-t and mixture proposals replace a Normal or "
+        "MultivariateNormal factor (possibly transformed to the site's support, as freqvi's guides and "
+        "Pyro's AutoNormal, AutoDiagonalNormal and AutoMultivariateNormal draw); use proposal='guide' for "
+        "this guide, or sum a discrete site out (infer={'enumerate': 'parallel'} in the model)."
+    )
