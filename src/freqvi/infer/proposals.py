@@ -28,6 +28,8 @@ freqvi's guides (:class:`~freqvi.guides.LocalMeanField`,
 ``AutoDiagonalNormal`` and ``AutoMultivariateNormal`` can all be widened. The point
 masses through which an autoguide hands its auxiliary draw to the model are
 left as they are: they are functions of the widened draw and carry its Jacobian.
+:func:`choose_proposal` settles ``"auto"``, :func:`~freqvi.log_likelihood`'s default:
+the Student-t where every draw of the guide can be widened, the guide otherwise.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from freqvi.errors import FreqviInputError
-from freqvi.traces import is_point_mass
+from freqvi.traces import is_point_mass, latent_sites
 
-PROPOSALS = ("guide", "student_t", "mixture")
+PROPOSALS = ("auto", "guide", "student_t", "mixture")
 
 
 class Proposal:
@@ -53,6 +55,12 @@ class Proposal:
     def wrap(self, guide: Callable) -> Callable:
         """``guide`` run under a handler that replaces each latent site's Normal factor (see module)."""
         return _Widening(self)(guide)
+
+    def check(self, guide_trace) -> None:
+        """Raises :class:`~freqvi.errors.FreqviInputError`, naming the site, where a latent site of
+        ``guide_trace`` (a run of the guide) cannot be replaced."""
+        for name, site in _drawn_sites(guide_trace).items():
+            _replaced(site["fn"], self, name)
 
     def normal(self, loc: torch.Tensor, scale: torch.Tensor, event_dims: int) -> dist.Distribution:
         """The replacement of ``Normal(loc, scale).to_event(event_dims)``."""
@@ -71,6 +79,9 @@ class GuideProposal(Proposal):
         """``guide``, unchanged."""
         return guide
 
+    def check(self, guide_trace) -> None:
+        """Any guide is its own proposal (point masses are refused elsewhere)."""
+
     def __str__(self) -> str:
         return "guide"
 
@@ -84,7 +95,7 @@ class StudentTProposal(Proposal):
     :raises FreqviInputError: for ``df`` not a positive finite number.
     """
 
-    df: float = 5.0
+    df: float = 3.0
 
     def __post_init__(self):
         _check_positive(self.df, "df", "the Student-t's degrees of freedom")
@@ -147,9 +158,11 @@ class DefensiveMixtureProposal(Proposal):
 def as_proposal(proposal: str | Proposal) -> Proposal:
     """A proposal from its name (``"guide"``, ``"student_t"``, ``"mixture"``: default settings) or itself.
 
+    ``"auto"`` is returned as it is (:func:`choose_proposal` settles it given the guide).
+
     :raises FreqviInputError: for anything else.
     """
-    if isinstance(proposal, Proposal):
+    if isinstance(proposal, Proposal) or proposal == "auto":
         return proposal
     named = {"guide": GuideProposal, "student_t": StudentTProposal, "mixture": DefensiveMixtureProposal}
     if isinstance(proposal, str) and proposal in named:
@@ -164,6 +177,40 @@ def _check_positive(value, name: str, what: str) -> None:
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not number or not math.isfinite(value) or value <= 0:
         raise FreqviInputError(f"{name} ({what}) must be a positive finite number; got {value!r}.")
+
+
+#: What ``"auto"`` chooses for a guide whose every draw can be widened: on the digits VAE
+#: (latent 8, K = 5000) the share of test images with PSIS k-hat > 0.7 was 19% under the
+#: guide, 2.7% under df = 3, 5.4% under df = 5, 8.4% under df = 10 and 13-18% under the
+#: defensive mixtures, whose wide component loses density near the mode in 8 dimensions.
+DEFAULT = StudentTProposal()
+
+
+def choose_proposal(proposal: str | Proposal, guide_trace) -> Proposal:
+    """The proposal to draw from, given a run of the guide.
+
+    ``"auto"`` is :data:`DEFAULT` (a Student-t with 3 degrees of freedom) where every
+    latent site the guide draws is a Normal factor it can widen, and the guide itself
+    otherwise (a discrete or non-Normal draw); any other choice is
+    :func:`as_proposal`'s, checked against the guide.
+
+    :raises FreqviInputError: for an unknown proposal, or one that cannot replace a site
+        of the guide (naming it).
+    """
+    if proposal == "auto":
+        try:
+            DEFAULT.check(guide_trace)
+        except FreqviInputError:
+            return GuideProposal()
+        return DEFAULT
+    proposal = as_proposal(proposal)
+    proposal.check(guide_trace)
+    return proposal
+
+
+def _drawn_sites(guide_trace) -> dict[str, dict]:
+    """The latent sites of a guide run that a proposal replaces: all but the point masses."""
+    return {name: site for name, site in latent_sites(guide_trace).items() if not is_point_mass(site["fn"])}
 
 
 class _Widening(Messenger):
