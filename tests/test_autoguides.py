@@ -85,7 +85,7 @@ def test_exact_posterior_autoguide_gives_the_exact_log_likelihood(guide_class, m
     by sum_i log z_i."""
     x = data()
     guide = at_posterior(guide_class, model, x, mu=0.7)
-    ll = freqvi.log_likelihood(model, guide=guide, data=x, num_samples=50, seed=0)
+    ll = freqvi.log_likelihood(model, guide=guide, data=x, num_samples=50, proposal="guide", seed=0)
     assert ll.method == "importance"
     assert ll.total == pytest.approx(normal_loglik(x, 0.7), abs=1e-8)
     assert ll.standard_error < 1e-8
@@ -136,7 +136,7 @@ def test_louis_standard_error_with_an_autoguide(guide_class):
 def test_information_criteria_with_an_autoguide(guide_class):
     x = data()
     guide = at_posterior(guide_class, normal_model, x, mu=0.7)
-    criteria = information_criteria(normal_model, x, guide, num_samples=20, seed=0)
+    criteria = information_criteria(normal_model, x, guide, num_samples=20, proposal="guide", seed=0)
     assert criteria.num_parameters == 1  # mu: the guide's parameters are not the model's
     assert criteria.log_likelihood == pytest.approx(normal_loglik(x, 0.7), abs=1e-8)
     assert criteria.aic == pytest.approx(-2 * normal_loglik(x, 0.7) + 2, abs=1e-7)
@@ -292,7 +292,7 @@ def test_an_auxiliary_autoguide_list_is_a_proposal():
         guide(x)
     for part, loc in zip(guide, ((0.7 + x) / 2, x / 2), strict=True):
         part.loc, part.scale = torch.nn.Parameter(loc), torch.full_like(x, 0.5 ** 0.5)
-    ll = freqvi.log_likelihood(model, guide=guide, data=x, num_samples=20, seed=0)
+    ll = freqvi.log_likelihood(model, guide=guide, data=x, num_samples=20, proposal="guide", seed=0)
     assert ll.joint
     assert ll.total == pytest.approx(normal_loglik(x, 0.7) + normal_loglik(x, 0.0), abs=1e-8)
 

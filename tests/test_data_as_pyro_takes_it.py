@@ -82,7 +82,8 @@ def test_integer_ids_and_a_boolean_mask_reach_the_model_unchanged():
     expected = norm(fitted[group[seen]], 2**0.5).logpdf(x[seen]).sum()
     assert result.log_likelihood[-1] == pytest.approx(expected, abs=1e-8)
     assert result.log_likelihood[-1] > result.log_likelihood[0] + 50  # it moved toward the group means
-    ll = freqvi.log_likelihood(group_model, guide=group_guide, data=(x, group, seen), num_samples=2)
+    ll = freqvi.log_likelihood(group_model, guide=group_guide, data=(x, group, seen), num_samples=2,
+                               proposal="guide")
     assert ll.total == pytest.approx(expected, abs=1e-8)
     np.testing.assert_array_equal(ll.per_observation.numpy()[~seen], 0.0)  # a masked row adds nothing
 
@@ -184,7 +185,7 @@ def test_ppca_with_missing_cells_fits_and_its_likelihood_is_the_observed_cells_m
     expected = observed_cells_log_likelihood(x.numpy())
     assert expected > start + 500  # it fitted (-2405 at the start, about -1186 at the MLE)
     assert reached == pytest.approx(expected, abs=1e-6)
-    ll = freqvi.log_likelihood(ppca_model, guide=ppca_guide, data=data, num_samples=4)
+    ll = freqvi.log_likelihood(ppca_model, guide=ppca_guide, data=data, num_samples=4, proposal="guide")
     assert ll.total == pytest.approx(expected, abs=1e-6)
 
 
@@ -238,5 +239,5 @@ def test_a_driver_that_hands_its_data_on_keeps_the_missing_mark():
     x = ppca_data(n=60)
     ppca_params(x)
     criteria = freqvi.information_criteria(ppca_model, freqvi.with_missing(x), guide=ppca_guide,
-                                           num_samples=4)
+                                           num_samples=4, proposal="guide")
     assert criteria.aic == pytest.approx(-2 * observed_cells_log_likelihood(x.numpy()) + 2 * 16, abs=1e-6)

@@ -97,7 +97,7 @@ def test_a_global_latent_gives_the_joint_total_with_an_exact_proposal():
     x = groups()
     set_params(1.3, 0.9)
     guide = exact_posterior_guide(x, 1.3, 0.9)
-    ll = freqvi.log_likelihood(hierarchical, guide=guide, data=x, num_samples=30, seed=0)
+    ll = freqvi.log_likelihood(hierarchical, guide=guide, data=x, num_samples=30, seed=0, proposal="guide")
     assert ll.joint and ll.per_observation is None and ll.pareto_k.shape == (1,)
     assert ll.total == pytest.approx(exact_loglik(x, 1.3, 0.9), abs=1e-7)
     assert ll.standard_error < 1e-7
@@ -263,7 +263,8 @@ def test_crossed_random_effects_by_the_joint_weight():
     guide.loc = torch.nn.Parameter(torch.tensor(mean))
     guide.scale = tril.diagonal().clone()
     guide.scale_tril = tril / tril.diagonal().unsqueeze(-1)
-    ll = freqvi.log_likelihood(crossed, guide=guide, data=(y, school, rater), num_samples=30, seed=0)
+    ll = freqvi.log_likelihood(crossed, guide=guide, data=(y, school, rater), num_samples=30, seed=0,
+                               proposal="guide")
     assert ll.joint and ll.per_observation is None
     assert ll.total == pytest.approx(exact.logpdf(y.numpy()), abs=1e-8)
 

@@ -41,7 +41,8 @@ def subsampled_guide(x, inflate=1.0):
 def test_a_subsampled_plate_is_evaluated_over_every_row():
     x = data()
     exact = stats.norm(0.5, math.sqrt(2.0)).logpdf(x.numpy())
-    ll = freqvi.log_likelihood(subsampled_model, guide=subsampled_guide, data=x, num_samples=30, seed=0)
+    ll = freqvi.log_likelihood(subsampled_model, guide=subsampled_guide, data=x, num_samples=30, seed=0,
+                               proposal="guide")
     assert ll.per_observation.shape == (N,)
     np.testing.assert_allclose(ll.per_observation.numpy(), exact, atol=1e-10)
 
@@ -152,7 +153,8 @@ def test_heavy_tails_are_still_called_heavy():
         subsampled_guide(x, inflate=0.3)
 
     with pytest.warns(ImportanceSamplingWarning, match="heavy-tailed") as caught:
-        ll = freqvi.log_likelihood(subsampled_model, guide=narrow_guide, data=x, num_samples=500, seed=0)
+        ll = freqvi.log_likelihood(subsampled_model, guide=narrow_guide, data=x, num_samples=500, seed=0,
+                                   proposal="guide")
     assert not any(isinstance(w.message, UnestimableParetoKWarning) for w in caught)
     assert ll.num_heavy_tailed > 0 and ll.max_pareto_k > 0.7
 

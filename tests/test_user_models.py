@@ -68,7 +68,7 @@ def test_user_pair_through_em_fit_and_log_likelihood():
     # MLE in closed form: mu = mean(x), tau^2 + 1 = var(x)
     assert float(pyro.param("mu").detach()) == pytest.approx(float(x.mean()), abs=0.05)
     assert float(pyro.param("tau").detach()) ** 2 + 1 == pytest.approx(float(x.var(correction=0)), rel=0.05)
-    ll = freqvi.log_likelihood(model, x, exact_guide, num_samples=50)
+    ll = freqvi.log_likelihood(model, x, exact_guide, num_samples=50, proposal="guide")
     assert ll.method == "importance"
     assert ll.total == pytest.approx(exact_log_likelihood(x), rel=1e-10)  # exact proposal: zero variance
 
@@ -97,7 +97,7 @@ def test_heavy_tailed_weights_warn():
         exact_guide(x, inflate=0.3)
 
     with pytest.warns(freqvi.errors.ImportanceSamplingWarning, match="k-hat"):
-        freqvi.log_likelihood(model, x, narrow_guide, num_samples=500)
+        freqvi.log_likelihood(model, x, narrow_guide, num_samples=500, proposal="guide")
 
 
 def discrete_model(x):

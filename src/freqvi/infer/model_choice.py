@@ -41,12 +41,13 @@ class InformationCriteria:
 
 @thread_policy
 def information_criteria(model, data, guide=None, *, num_samples: int = 1000,
-                         seed: int | None = None) -> InformationCriteria:
+                         seed: int | None = None, proposal="auto") -> InformationCriteria:
     """AIC and BIC of a fitted model at its current parameters.
 
     The log-likelihood is :func:`~freqvi.log_likelihood`'s (exact where the model
-    allows, else importance sampling with ``num_samples`` draws from the guide, any
-    Pyro guide but a point mass; the joint total for latents outside the data plate).
+    allows, else importance sampling with ``num_samples`` draws from ``proposal``, built
+    from the guide, any Pyro guide but a point mass; the joint total for latents outside
+    the data plate).
     The parameter count is the model's own ``num_parameters`` where it states one
     (a freqvi model does, leaving out non-identified directions such as a factor
     model's rotations), else the number of free directions of the model's
@@ -55,7 +56,7 @@ def information_criteria(model, data, guide=None, *, num_samples: int = 1000,
     estimate would drop nearly redundant components and favour overfitting.
     """
     data = as_data(data)
-    loglik = log_likelihood(model, guide=guide, data=data, num_samples=num_samples, seed=seed)
+    loglik = log_likelihood(model, data, guide, num_samples=num_samples, seed=seed, proposal=proposal)
     return InformationCriteria(loglik.total, _num_parameters(model, guide, data), data[0].shape[0])
 
 
