@@ -219,8 +219,9 @@ class Arrangement:
     def _inside(self, site) -> bool:
         return self.frame is not None and any(f.name == self.frame.name for f in site["cond_indep_stack"])
 
-    def _reduce(self, site, log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inside, outside)`` parts of one site's log density: ``(K, b)`` and ``(K,)``."""
+    def reduce(self, site, log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inside, outside)`` parts of one site's log density (or any tensor of its batch shape):
+        ``(K, b)`` and ``(K,)``."""
         log_p = log_p.reshape((1,) * max(self.dims - log_p.dim(), 0) + log_p.shape)
         if not self._inside(site):
             outside = log_p.reshape(log_p.shape[0], -1).sum(-1).expand(self.k)
@@ -238,7 +239,7 @@ class Arrangement:
         ``model_trace`` is the arranged model's trace replayed, e.g. at other parameter
         values (log densities computed); sites drawn from the prior are included.
         """
-        return self._total(self._reduce(site, site["log_prob"])
+        return self._total(self.reduce(site, site["log_prob"])
                            for site in model_trace.nodes.values() if site["type"] == "sample")
 
     def is_joint(self, outside: torch.Tensor) -> bool:
@@ -267,14 +268,14 @@ class Arrangement:
             if site["type"] != "sample":
                 continue
             if name not in self.prior_drawn:
-                log_w.append(self._reduce(site, site["log_prob"]))
+                log_w.append(self.reduce(site, site["log_prob"]))
             elif not site["fn"].has_rsample:  # drawn from the prior, which cancels from the weight
-                score.append(self._reduce(site, site["log_prob"]))
+                score.append(self.reduce(site, site["log_prob"]))
         for name, site in self.guide_latent.items():
-            inside, outside = self._reduce(site, stopped.get(name, site["log_prob"]))
+            inside, outside = self.reduce(site, stopped.get(name, site["log_prob"]))
             log_w.append((-inside, -outside))
             if not site["fn"].has_rsample:
-                score.append(self._reduce(site, site["log_prob"]))
+                score.append(self.reduce(site, site["log_prob"]))
             elif site["value"].requires_grad and not is_point_mass(site["fn"]):
                 values.append(site)  # a point mass's value is a function of a base draw, hooked there
         return self._total(log_w), self._total(score), values

@@ -1,0 +1,252 @@
+r"""Annealed importance sampling (Neal 2001) of the log-likelihood, per observation.
+
+From the guide :math:`q(z \mid x_i)` to the posterior :math:`p(z \mid x_i)` along the
+geometric path :math:`f_\beta(z) = q(z \mid x_i)^{1-\beta}\, p(x_i, z)^\beta`,
+:math:`0 = \beta_0 < \beta_1 < \ldots < \beta_T = 1`, each of ``K`` chains starts at a
+draw of the guide and moves by one Hamiltonian Monte Carlo transition that leaves
+:math:`f_{\beta_t}` invariant, accumulating the log weight
+
+.. math::
+
+    \log w = \sum_{t=1}^T (\beta_t - \beta_{t-1})
+             \bigl[\log p(x_i, z_{t-1}) - \log q(z_{t-1} \mid x_i)\bigr],
+
+whose expectation is :math:`p(x_i)`: :math:`\log \frac1K \sum_k w_k` estimates
+:math:`\log p(x_i)` (biased low by the log's concavity, as importance sampling is).
+HMC runs on the unconstrained space :math:`u = T^{-1}(z)` (``biject_to`` of each
+site's support), whose densities carry :math:`\log|\det \partial T/\partial u|` for
+both ends of the path, so it cancels from the weight. All chains and observations
+move at once: the data plate makes their targets independent, so one gradient of the
+summed log densities holds each one's gradient, and each accepts or rejects alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.distributions.util import sum_rightmost
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+
+from freqvi.errors import FreqviInputError
+from freqvi.estimators.particles import Arrangement
+from freqvi.infer.log_likelihood import _on_rows, outside_data_plate
+from freqvi.infer.pair import resolve_pair
+from freqvi.traces import (
+    check_pair,
+    data_plate,
+    is_auxiliary,
+    is_point_mass,
+    latent_sites,
+    max_plate_nesting,
+    trace,
+)
+from freqvi.validation import as_data, check_positive_int
+
+
+@dataclass
+class AnnealedLogLikelihood:
+    """What :func:`annealed_log_likelihood` returns.
+
+    :ivar total: :math:`\\sum_i \\log \\hat p(x_i)`.
+    :ivar per_observation: :math:`\\log \\hat p(x_i)`, shape ``(n,)``.
+    :ivar standard_error: Monte-Carlo standard error of ``total`` across chains (delta method).
+    :ivar per_observation_se: the same per observation, shape ``(n,)``.
+    :ivar effective_sample_size: :math:`(\\sum_k w_k)^2 / \\sum_k w_k^2` per observation, shape ``(n,)``.
+    :ivar acceptance_rate: the share of HMC proposals accepted, over all transitions.
+    :ivar cpu_seconds_per_observation: the process time spent, divided by ``n``.
+    """
+
+    total: float
+    per_observation: torch.Tensor
+    standard_error: float
+    per_observation_se: torch.Tensor
+    effective_sample_size: torch.Tensor
+    acceptance_rate: float
+    num_temperatures: int
+    num_chains: int
+    leapfrog_steps: int
+    cpu_seconds_per_observation: float
+
+    def __repr__(self) -> str:
+        """One line: the total, its standard error, the settings and the diagnostics."""
+        return (f"log-likelihood {self.total:.4f} nats (annealed importance sampling, s.e. "
+                f"{self.standard_error:.4f}, {self.num_temperatures} temperatures x {self.num_chains} chains "
+                f"x {self.leapfrog_steps} leapfrog steps, acceptance {self.acceptance_rate:.2f}, smallest "
+                f"ESS {float(self.effective_sample_size.min()):.1f}, {self.cpu_seconds_per_observation:.2g} "
+                "CPU s per observation)")
+
+
+def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = 100, num_chains: int = 16,
+                            leapfrog_steps: int = 5, step_size: float = 0.1, data_plate_name: str = "data",
+                            seed: int | None = None) -> AnnealedLogLikelihood:
+    r"""The log-likelihood :math:`\sum_i \log p(x_i)` by annealed importance sampling from the guide.
+
+    See :mod:`freqvi.infer.annealed` for the estimator. The temperatures follow
+    Grosse et al.'s (2015) sigmoid schedule, :math:`\beta_t \propto \sigma(8t/T - 4)`,
+    rescaled to run from 0 to 1. The cost per observation is ``num_temperatures x
+    num_chains x (leapfrog_steps + 1)`` evaluations of the model's and the guide's log
+    densities and their gradients.
+
+    :param num_temperatures: ``T``, the transitions of each chain.
+    :param num_chains: ``K``, independent chains per observation (the standard error
+        and the effective sample size are across them).
+    :param leapfrog_steps: leapfrog steps per HMC transition.
+    :param step_size: the leapfrog step on the unconstrained space (unit mass).
+    :raises FreqviInputError: for a guide that is not a density over the model's
+        latents drawn directly (auxiliary draws, point masses), a discrete latent, a
+        latent outside the data plate or a model latent the guide lacks (naming the
+        site), a subsampled data plate, or non-positive settings.
+    """
+    settings = [check_positive_int(value, name) for value, name in
+                ((num_temperatures, "num_temperatures"), (num_chains, "num_chains"),
+                 (leapfrog_steps, "leapfrog_steps"))]
+    if not isinstance(step_size, int | float) or not 0 < step_size < math.inf:
+        raise FreqviInputError(f"step_size must be a positive finite number; got {step_size!r}.")
+    data = as_data(data)
+    pair = resolve_pair(model, guide)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
+    frame = data_plate(model_trace, data_plate_name, data[0].shape[0])
+    _check_annealable(model_trace, guide_trace, frame)
+    start = time.process_time()
+    chains = _Chains(pair, data, frame, max_plate_nesting(model_trace) + 1, num_chains)
+    log_w, acceptance = chains.anneal(_schedule(num_temperatures), float(step_size), leapfrog_steps)
+    return _estimate(log_w, acceptance, settings, (time.process_time() - start) / frame.size)
+
+
+def _check_annealable(model_trace: Trace, guide_trace: Trace, frame) -> None:
+    n = frame.full_size or frame.size
+    if frame.size != n:
+        raise FreqviInputError(f"annealed importance sampling runs over all rows at once; the data plate "
+                               f"{frame.name!r} draws {frame.size} of its {n} rows (subsample_size): declare "
+                               f"pyro.plate({frame.name!r}, {n}).")
+    guide_sites, model_sites = latent_sites(guide_trace), latent_sites(model_trace)
+    for name, site in guide_sites.items():
+        if is_auxiliary(site) or is_point_mass(site["fn"]):
+            raise FreqviInputError(
+                f"annealed importance sampling needs a guide that draws the model's latent sites directly "
+                f"(freqvi's LocalMeanField or AmortizedNormal, a hand-written guide); its site {name!r} is "
+                "an auxiliary draw or a point mass (an autoguide's): use log_likelihood's importance "
+                "sampling.")
+    for name, site in model_sites.items():
+        if site["fn"].support.is_discrete:
+            raise FreqviInputError(f"annealed importance sampling moves continuous latents by Hamiltonian "
+                                   f"Monte Carlo; the model's site {name!r} is discrete.")
+        if name not in guide_sites:
+            raise FreqviInputError(f"the model's latent site {name!r} has no site in the guide: annealed "
+                                   "importance sampling starts every latent at a draw of the guide.")
+    outside = outside_data_plate(model_sites, frame)
+    if outside:
+        raise FreqviInputError(f"the latent site(s) {outside} lie outside the data plate {frame.name!r}: "
+                               "annealed importance sampling here anneals each observation's latents alone.")
+
+
+def _schedule(num_temperatures: int) -> torch.Tensor:
+    """:math:`\\beta_0 = 0 < \\ldots < \\beta_T = 1`, sigmoid-spaced (Grosse et al. 2015), float64."""
+    s = torch.sigmoid(torch.linspace(-4.0, 4.0, num_temperatures + 1, dtype=torch.float64))
+    return (s - s[0]) / (s[-1] - s[0])
+
+
+class _Chains:
+    """``K`` chains per observation on the unconstrained space, their log densities and HMC moves."""
+
+    def __init__(self, pair, data, frame, dims: int, k: int):
+        self.data, self.frame, self.dims, self.k = data, frame, dims, k
+        self.model, self.guide = (_on_rows(program, frame.name, k, dims, None)
+                                  for program in (pair.model, pair.guide))
+        with torch.no_grad():
+            self.sites = latent_sites(trace(self.guide, *data))
+        self.transforms = {name: biject_to(site["fn"].support) for name, site in self.sites.items()}
+        self.u = {name: self.transforms[name].inv(site["value"]).detach()
+                  for name, site in self.sites.items()}
+        self.arrangement = None
+
+    def densities(self, u: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(log p(x_i, z), log q(z | x_i), log|det dT/du|)`` at ``z = T(u)``, each ``(K, n)``."""
+        z = {name: self.transforms[name](value) for name, value in u.items()}
+        given = Trace()
+        for name, value in z.items():
+            given.add_node(name, type="sample", is_observed=False, value=value, infer={})
+        guide_tr = trace(poutine.replay(self.guide, trace=given), *self.data)
+        model_tr = prune_subsample_sites(trace(poutine.replay(self.model, trace=guide_tr), *self.data))
+        guide_tr = prune_subsample_sites(guide_tr)
+        model_tr.compute_log_prob()
+        guide_tr.compute_log_prob()
+        self.arrangement = Arrangement(model_tr, guide_tr, self.k, self.dims, self.frame.name)
+        log_p = self.arrangement.model_parts(model_tr)[0]
+        log_q = log_p - self.arrangement.parts({})[0][0]
+        log_det = sum(self._per_observation(name, transform.log_abs_det_jacobian(u[name], z[name]))
+                      for name, transform in self.transforms.items())
+        return log_p, log_q, log_det
+
+    def _per_observation(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """A tensor over a site's batch and (unconstrained) event dimensions, summed to ``(K, n)``."""
+        site = self.sites[name]
+        batch_dims = site["value"].dim() - site["fn"].event_dim
+        return self.arrangement.reduce(site, sum_rightmost(values, values.dim() - batch_dims))[0]
+
+    def _laid(self, name: str, per_obs: torch.Tensor) -> torch.Tensor:
+        """A ``(K, n)`` tensor shaped to broadcast against site ``name``'s unconstrained value."""
+        site, value = self.sites[name], self.u[name]
+        batch_dims = site["value"].dim() - site["fn"].event_dim
+        shape = [1] * value.dim()
+        shape[batch_dims - self.dims], shape[batch_dims + self.frame.dim] = self.k, self.frame.size
+        return per_obs.reshape(shape)
+
+    def _target(self, u, beta: float):
+        """``log f_beta`` on the unconstrained space, its gradient, and the two log densities."""
+        u = {name: value.detach().requires_grad_() for name, value in u.items()}
+        log_p, log_q, log_det = self.densities(u)
+        target = (1 - beta) * log_q + beta * log_p + log_det
+        grads = torch.autograd.grad(target.sum(), list(u.values()))
+        return target.detach(), dict(zip(u, grads, strict=True)), log_p.detach(), log_q.detach()
+
+    def _hmc(self, beta: float, step: float, steps: int) -> torch.Tensor:
+        """One HMC transition of every chain at ``beta``; returns which were accepted, ``(K, n)``."""
+        target, grad, log_p, log_q = self._target(self.u, beta)
+        momentum = {name: torch.randn_like(value) for name, value in self.u.items()}
+        energy = -target + self._kinetic(momentum)
+        u = dict(self.u)
+        for _ in range(steps):
+            momentum = {name: r + 0.5 * step * grad[name] for name, r in momentum.items()}
+            u = {name: value + step * momentum[name] for name, value in u.items()}
+            new_target, grad, new_log_p, new_log_q = self._target(u, beta)
+            momentum = {name: r + 0.5 * step * grad[name] for name, r in momentum.items()}
+        new_energy = -new_target + self._kinetic(momentum)
+        accept = torch.rand_like(energy).log() < (energy - new_energy).nan_to_num(nan=-math.inf)
+        self.u = {name: torch.where(self._laid(name, accept), u[name].detach(), value)
+                  for name, value in self.u.items()}
+        self.log_p, self.log_q = torch.where(accept, new_log_p, log_p), torch.where(accept, new_log_q, log_q)
+        return accept
+
+    def _kinetic(self, momentum) -> torch.Tensor:
+        return sum(self._per_observation(name, 0.5 * r.square()) for name, r in momentum.items()).detach()
+
+    def anneal(self, betas: torch.Tensor, step: float, steps: int) -> tuple[torch.Tensor, float]:
+        """Runs the chains along ``betas``; returns the log weights ``(K, n)`` and the acceptance rate."""
+        with torch.no_grad():
+            log_p, log_q, _ = self.densities(self.u)
+        self.log_p, self.log_q = log_p, log_q
+        log_w, accepted = torch.zeros_like(log_p, dtype=torch.float64), 0.0
+        for previous, beta in zip(betas[:-1].tolist(), betas[1:].tolist(), strict=True):
+            log_w += (beta - previous) * (self.log_p - self.log_q).double()
+            accepted += float(self._hmc(beta, step, steps).double().mean())
+        return log_w, accepted / (len(betas) - 1)
+
+
+def _estimate(log_w: torch.Tensor, acceptance: float, settings, cpu: float) -> AnnealedLogLikelihood:
+    k = log_w.shape[0]
+    per_obs = torch.logsumexp(log_w, 0) - math.log(k)
+    w = torch.exp(log_w - log_w.max(0).values)
+    se = w.std(0, correction=1) / (math.sqrt(k) * w.mean(0)) if k > 1 else torch.full_like(per_obs, math.inf)
+    ess = w.sum(0).square() / w.square().sum(0)
+    return AnnealedLogLikelihood(float(per_obs.sum()), per_obs, float(se.square().sum().sqrt()), se, ess,
+                                 acceptance, *settings, cpu)
