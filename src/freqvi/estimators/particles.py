@@ -27,7 +27,7 @@ reparameterisable (discrete sites) contribute score-function terms.
 the density of the model's latent values. A joint auxiliary vector lies outside
 the data plate, so such a guide gets the joint weight. A guide that puts a point
 mass on a model latent (``AutoDelta``) has no importance weights and is refused
-on the first call (:func:`~freqvi.traces.check_proposal`).
+on the first call (``freqvi.traces.check_proposal``).
 """
 
 from __future__ import annotations

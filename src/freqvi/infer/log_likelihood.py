@@ -177,7 +177,7 @@ def log_likelihood(
     :param chunk_size: samples drawn at once (default: bounded to ~4 million
         log-density entries per chunk).
     :raises FreqviInputError: for a guide that puts a point mass on a model latent
-        (``AutoDelta``): it is no proposal (see :func:`~freqvi.traces.check_proposal`);
+        (``AutoDelta``): it is no proposal (see ``freqvi.traces.check_proposal``);
         for an unknown ``proposal``, or a Student-t or mixture proposal of a guide with
         a site it cannot widen (a discrete or non-Normal draw), naming the site.
     """

@@ -50,7 +50,7 @@ PROPOSALS = ("auto", "guide", "student_t", "mixture")
 
 
 class Proposal:
-    """A proposal built from a guide: :meth:`wrap` returns the guide with its draws replaced."""
+    """A proposal built from a guide: ``wrap(guide)`` returns the guide with its draws replaced."""
 
     def wrap(self, guide: Callable) -> Callable:
         """``guide`` run under a handler that replaces each latent site's Normal factor (see module)."""
@@ -189,7 +189,7 @@ DEFAULT = StudentTProposal()
 def choose_proposal(proposal: str | Proposal, guide_trace) -> Proposal:
     """The proposal to draw from, given a run of the guide.
 
-    ``"auto"`` is :data:`DEFAULT` (a Student-t with 3 degrees of freedom) where every
+    ``"auto"`` is ``DEFAULT`` (a Student-t with 3 degrees of freedom) where every
     latent site the guide draws is a Normal factor it can widen, and the guide itself
     otherwise (a discrete or non-Normal draw); any other choice is
     :func:`as_proposal`'s, checked against the guide.
