@@ -85,7 +85,7 @@ class AnnealedLogLikelihood:
 
 def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = 100, num_chains: int = 16,
                             leapfrog_steps: int = 5, step_size: float = 0.1, data_plate_name: str = "data",
-                            seed: int | None = None) -> AnnealedLogLikelihood:
+                            seed: int | None = None, _start: dict | None = None) -> AnnealedLogLikelihood:
     r"""The log-likelihood :math:`\sum_i \log p(x_i)` by annealed importance sampling from the guide.
 
     See :mod:`freqvi.infer.annealed` for the estimator. The temperatures follow
@@ -99,6 +99,9 @@ def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = 
         and the effective sample size are across them).
     :param leapfrog_steps: leapfrog steps per HMC transition.
     :param step_size: the leapfrog step on the unconstrained space (unit mass).
+    ``_start`` (private, for :func:`bidirectional_log_likelihood`): exact posterior
+    draws to run the reverse chain from.
+
     :raises FreqviInputError: for a guide that is not a density over the model's
         latents drawn directly (auxiliary draws, point masses), a discrete latent, a
         latent outside the data plate or a model latent the guide lacks (naming the
@@ -118,8 +121,63 @@ def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = 
     _check_annealable(model_trace, guide_trace, frame)
     start = time.process_time()
     chains = _Chains(pair, data, frame, max_plate_nesting(model_trace) + 1, num_chains)
-    log_w, acceptance = chains.anneal(_schedule(num_temperatures), float(step_size), leapfrog_steps)
-    return _estimate(log_w, acceptance, settings, (time.process_time() - start) / frame.size)
+    if _start is None:
+        log_w, acceptance = chains.anneal(_schedule(num_temperatures), float(step_size), leapfrog_steps)
+        return _estimate(log_w, acceptance, settings, (time.process_time() - start) / frame.size)
+    chains.start_at(_start)
+    betas = _schedule(num_temperatures).flip(0)  # from the posterior (1) back to the guide (0)
+    minus_log_w, acceptance = chains.anneal(betas, float(step_size), leapfrog_steps)
+    reverse = _estimate(minus_log_w, acceptance, settings, (time.process_time() - start) / frame.size)
+    reverse.total, reverse.per_observation = -reverse.total, -reverse.per_observation  # -log mean of 1 / w
+    return reverse
+
+
+@dataclass
+class BidirectionalBounds:
+    r"""What :func:`bidirectional_log_likelihood` returns: a stochastic lower and upper bound.
+
+    :ivar lower: forward AIS from the guide, :math:`E[\log \hat p(x)] \le \log p(x)`.
+    :ivar upper: reverse AIS from exact posterior draws, :math:`E[\log \hat p(x)] \ge \log p(x)`.
+    """
+
+    lower: AnnealedLogLikelihood
+    upper: AnnealedLogLikelihood
+
+    @property
+    def gap(self) -> float:
+        """``upper.total - lower.total``: how far apart the two bounds are, in nats."""
+        return self.upper.total - self.lower.total
+
+    def __repr__(self) -> str:
+        """One line: the two totals and the gap."""
+        return (f"log-likelihood between {self.lower.total:.4f} (forward AIS) and {self.upper.total:.4f} "
+                f"(reverse AIS) nats, gap {self.gap:.4f}")
+
+
+def bidirectional_log_likelihood(model, data, guide, latents: dict[str, torch.Tensor], *,
+                                 num_temperatures: int = 100, num_chains: int = 16, leapfrog_steps: int = 5,
+                                 step_size: float = 0.1, data_plate_name: str = "data",
+                                 seed: int | None = None) -> BidirectionalBounds:
+    r"""Bidirectional Monte Carlo (Grosse et al. 2015) for data simulated from the model.
+
+    Where ``data`` were drawn from the fitted model together with ``latents`` (the
+    simulated latent values, ``{site name: value}`` of the model's shapes), each latent is
+    an exact draw of its posterior. Reverse AIS starts there, runs the transitions of
+    :func:`annealed_log_likelihood` from :math:`\beta = 1` down to 0 and accumulates
+    :math:`\log w_{\mathrm{rev}} = \sum_t (\beta_t - \beta_{t-1})[\log q(z_t) - \log p(x, z_t)]`,
+    with :math:`E[w_{\mathrm{rev}}] = 1 / p(x)`; so
+    :math:`-\log \frac1K \sum_k w_{\mathrm{rev},k}` is a stochastic upper bound, and forward
+    AIS (:func:`annealed_log_likelihood`) the lower one. Their gap bounds either's error.
+
+    :param latents: the simulated latent values, one entry per latent site of the model.
+    :raises FreqviInputError: as :func:`annealed_log_likelihood`, and where ``latents`` do
+        not name the model's latent sites.
+    """
+    options = dict(num_temperatures=num_temperatures, num_chains=num_chains, leapfrog_steps=leapfrog_steps,
+                   step_size=step_size, data_plate_name=data_plate_name)
+    # the reverse run first: it checks the latents before any work
+    upper = annealed_log_likelihood(model, data, guide, seed=seed, _start=latents, **options)
+    return BidirectionalBounds(annealed_log_likelihood(model, data, guide, **options), upper)
 
 
 def _check_annealable(model_trace: Trace, guide_trace: Trace, frame) -> None:
@@ -168,6 +226,14 @@ class _Chains:
         self.u = {name: self.transforms[name].inv(site["value"]).detach()
                   for name, site in self.sites.items()}
         self.arrangement = None
+
+    def start_at(self, latents: dict[str, torch.Tensor]) -> None:
+        """Every chain starts at the given latent values (broadcast over the chains)."""
+        if set(latents) != set(self.u):
+            raise FreqviInputError(f"latents must give a value for each of the model's latent sites "
+                                   f"{sorted(self.u)}; got {sorted(latents)}.")
+        self.u = {name: self.transforms[name].inv(torch.as_tensor(latents[name], dtype=value.dtype))
+                  .expand_as(value).clone() for name, value in self.u.items()}
 
     def densities(self, u: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log p(x_i, z), log q(z | x_i), log|det dT/du|)`` at ``z = T(u)``, each ``(K, n)``."""
