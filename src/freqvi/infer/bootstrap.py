@@ -64,14 +64,21 @@ class Bootstrap:
                 for name, d in self.draws.items()}
 
     def summary(self, level: float = 0.95):
-        """A ``pandas.DataFrame``: estimate, bootstrap standard error and percentile interval per entry."""
+        """A ``pandas.DataFrame``: estimate, bootstrap standard error and percentile interval per entry.
+
+        A matrix symmetric in the estimate and in every replicate (a covariance) lists its lower
+        triangle only, as :meth:`freqvi.infer.information.Information.summary` does.
+        """
         import pandas as pd  # ArviZ's dependency; imported when a table is asked for
 
         errors, (lower, upper) = self.standard_errors(), zip(*self.percentile_interval(level).values(),
                                                            strict=True)
         rows = []
         for (name, est), low, high in zip(self.estimate.items(), lower, upper, strict=True):
+            symmetric = _is_symmetric(np.concatenate([est[None], self.draws[name]]))
             for index in np.ndindex(est.shape):
+                if symmetric and index[-2] < index[-1]:
+                    continue
                 label = name + (str(list(index)) if index else "")
                 rows.append({"parameter": label, "estimate": est[index], "std_err": errors[name][index],
                              f"[{(1 - level) / 2:g}": low[index], f"{(1 + level) / 2:g}]": high[index]})
@@ -295,6 +302,12 @@ def _text(node: ast.expr) -> str | None:
 
 def _single_threaded() -> None:
     torch.set_num_threads(1)
+
+
+def _is_symmetric(matrices: np.ndarray) -> bool:
+    """Whether ``matrices`` (``(..., d, d)``) are all symmetric, exactly."""
+    return matrices.ndim >= 3 and matrices.shape[-1] == matrices.shape[-2] and bool(
+        (matrices == np.swapaxes(matrices, -1, -2)).all())
 
 
 def _replicate(job: tuple[bytes, int]) -> tuple[dict[str, np.ndarray], bool]:
