@@ -135,10 +135,10 @@ def intra_op_threads(num_threads: int | None = None, *, entries: int | None = No
     (``None``: unknown, so the caller's count unless one is requested); yields the count and
     restores the caller's afterwards, also when the block raises.
 
-    :raises FreqviInputError: ``num_threads`` or :data:`ENV_VAR` is not a positive integer.
-
     An explicit ``num_threads`` also holds for the drivers called inside the block. Torch's
     setting is the process's: a block in one Python thread sets it for every thread.
+
+    :raises FreqviInputError: ``num_threads`` or :data:`ENV_VAR` is not a positive integer.
     """
     requested = requested_num_threads(num_threads)
     count = requested if requested is not None else _by_size(entries)
