@@ -101,10 +101,10 @@ def glmm():
 
 def _svi(model, x: torch.Tensor, batch_size: int, loss: str) -> Run:
     options = {"loss": loss, "lr": 2e-3, "batch_size": batch_size, "progress": False, "seed": 0}
-    freqvi.fit(model, None, x, num_steps=5, **options)
+    freqvi.fit(model, x, num_steps=5, **options)
 
     def run(steps: int, num_threads: int | None) -> int:
-        return freqvi.fit(model, None, x, num_steps=steps, num_threads=num_threads, **options).num_steps
+        return freqvi.fit(model, x, num_steps=steps, num_threads=num_threads, **options).num_steps
     return run
 
 

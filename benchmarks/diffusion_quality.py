@@ -43,13 +43,13 @@ def train(estimator: str, budget: float, lr: float, seed: int) -> tuple[Gaussian
     if estimator == "importance":
         options.update(loss="time_subsampled", time_sampling="importance")
     torch.manual_seed(seed)
-    trial = freqvi.fit(GaussianDiffusion(2), None, x, num_steps=200, seed=seed, **options)
+    trial = freqvi.fit(GaussianDiffusion(2), x, num_steps=200, seed=seed, **options)
     steps = max(1, int(200 * budget / trial.wall_time))
     pyro.clear_param_store()
     torch.manual_seed(seed)
     model = GaussianDiffusion(2)
     start = time.process_time()
-    result = freqvi.fit(model, None, x, num_steps=steps, seed=seed, **options)
+    result = freqvi.fit(model, x, num_steps=steps, seed=seed, **options)
     return model, steps, result.wall_time, time.process_time() - start
 
 

@@ -101,7 +101,7 @@ def freqvi_fit(model: GaussianDiffusion, x: torch.Tensor, num_steps: int, loss) 
     (T denoiser calls on all rows; untimed, and on digits with T = 1000 about 35 s of CPU).
     """
     options = {"lr": LR, "batch_size": BATCH_SIZE, "progress": False, "loss": loss}
-    return freqvi.fit(model, None, x, num_steps=num_steps, **options).wall_time / num_steps
+    return freqvi.fit(model, x, num_steps=num_steps, **options).wall_time / num_steps
 
 
 def compare(name: str, steps: int, repeats: int) -> dict[str, float]:
@@ -125,8 +125,8 @@ def full_chain_step(num_steps: int, steps: int) -> float:
     x = load_moons()
     model = new_model(2, CONFIGS["moons"][0], num_steps)
     options = {"lr": LR, "batch_size": BATCH_SIZE, "progress": False, "loss": "trace"}
-    freqvi.fit(model, None, x, num_steps=2, **options)
-    return freqvi.fit(model, None, x, num_steps=steps, **options).wall_time / steps
+    freqvi.fit(model, x, num_steps=2, **options)
+    return freqvi.fit(model, x, num_steps=steps, **options).wall_time / steps
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,7 @@ def child(steps: int, out: str, checkpoint: str | None, resume: bool) -> None:
         options["resume"] = checkpoint
     print("fitting", flush=True)
     try:
-        freqvi.fit(vae, None, x, loss="mean_field", batch_size=128, lr=1e-3, num_steps=steps, seed=0,
+        freqvi.fit(vae, x, loss="mean_field", batch_size=128, lr=1e-3, num_steps=steps, seed=0,
                    progress=False, **options)
     except KeyboardInterrupt as stop:
         print(stop, flush=True)

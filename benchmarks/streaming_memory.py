@@ -80,7 +80,7 @@ def child(path: str, driver: str) -> None:
     if driver == "em":
         freqvi.em(gm, batches, max_iter=1, seed=0, progress=False)
     else:
-        freqvi.fit(gm, None, batches, loss="enum", num_steps=300, lr=0.01, seed=0, progress=False)
+        freqvi.fit(gm, batches, loss="enum", num_steps=300, lr=0.01, seed=0, progress=False)
     print(json.dumps({"before_MiB": before, "peak_MiB": peak_mib(), "seconds": time.perf_counter() - start}))
 
 

@@ -59,7 +59,7 @@ def curve(x: torch.Tensor, x_test: torch.Tensor, options: dict, lr: float, budge
     while cpu < budget - 0.1 * chunk:  # the last chunk sized to end at the budget
         chunk_steps = 50 if per_step is None else int(min(chunk, budget - cpu) / per_step)
         start = time.process_time()
-        freqvi.fit(vae, None, x, num_steps=chunk_steps, optim=optimizer, jit=True, progress=False, **options)
+        freqvi.fit(vae, x, num_steps=chunk_steps, optim=optimizer, jit=True, progress=False, **options)
         seconds = time.process_time() - start
         per_step = seconds / chunk_steps
         steps, cpu = steps + chunk_steps, cpu + seconds

@@ -138,7 +138,7 @@ def freqvi_fit(vae: VAE, x: torch.Tensor, num_steps: int, **options) -> float:
     """Trains ``vae`` with :func:`freqvi.fit`; returns the CPU seconds of the whole call."""
     options = {"lr": LR, "batch_size": BATCH_SIZE, **options}
     start = time.process_time()
-    freqvi.fit(vae, None, x, num_steps=num_steps, progress=False, **options)
+    freqvi.fit(vae, x, num_steps=num_steps, progress=False, **options)
     return time.process_time() - start
 
 
@@ -152,7 +152,7 @@ def held_out(vae: VAE, x_test: torch.Tensor) -> tuple[float, float]:
     """Importance-sampled log-likelihood per test observation and its standard error."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImportanceSamplingWarning)
-        ll = freqvi.log_likelihood(vae, None, x_test, num_samples=1000, seed=0)
+        ll = freqvi.log_likelihood(vae, x_test, num_samples=1000, seed=0)
     return ll.total / len(x_test), ll.standard_error / len(x_test)
 
 

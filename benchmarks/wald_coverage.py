@@ -116,7 +116,7 @@ def fit_glmm(data, seed):
     model = RandomInterceptLogistic(2)
     decay = (1e-3 / 0.05) ** (1 / VI_STEPS)  # Adam, lr 0.05 decayed to 1e-3; no clipping (see the tests)
     optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": decay, "clip_norm": math.inf})
-    freqvi.fit(model, None, data, loss="mean_field", optim=optim, num_steps=VI_STEPS, seed=seed,
+    freqvi.fit(model, data, loss="mean_field", optim=optim, num_steps=VI_STEPS, seed=seed,
                progress=False)
     out["-vi"] = estimates_and_errors(model, data)
     return out

@@ -34,7 +34,7 @@ def no_latents(x):
 def fit(data, **options) -> dict[str, torch.Tensor]:
     """A fresh fit of the mixture by Adam on the exact marginal likelihood; its parameters."""
     pyro.clear_param_store()
-    freqvi.fit(mixture, no_latents, data, loss="enum", lr=0.05, num_steps=12, seed=0, progress=False,
+    freqvi.fit(mixture, data, no_latents, loss="enum", lr=0.05, num_steps=12, seed=0, progress=False,
                **options)
     return {name: pyro.param(name).detach().clone() for name in ("weights", "locs")}
 

@@ -43,7 +43,7 @@ def mean_field_optimum(fa, x):
     w, psi = fa.loading.detach(), fa.noise_variance.detach().expand(fa.dim)
     precision = torch.eye(fa.latent_dim, dtype=x.dtype) + w.T @ (w / psi[:, None])
     kl = 0.5 * (precision.diagonal().log().sum() - torch.logdet(precision))
-    return freqvi.log_likelihood(fa, None, x).total - len(x) * float(kl)
+    return freqvi.log_likelihood(fa, x).total - len(x) * float(kl)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def fitted_fa():
     frozen = poutine.block(fa.model, hide_types=["param"])
     free, amortized = fa.mean_field_guide(), AmortizedNormal(fa.model)
     # a decaying learning rate takes both fits below Adam's noise floor, near their optima
-    freqvi.fit(frozen, free, x, loss="mean_field", optim=ClippedAdam({"lr": 0.05, "lrd": 0.99}),
+    freqvi.fit(frozen, x, free, loss="mean_field", optim=ClippedAdam({"lr": 0.05, "lrd": 0.99}),
                num_steps=400, progress=False)
-    amortized_fit = freqvi.fit(frozen, amortized, x, loss="mean_field",
+    amortized_fit = freqvi.fit(frozen, x, amortized, loss="mean_field",
                                optim=ClippedAdam({"lr": 0.03, "lrd": 0.99}), num_steps=400, progress=False)
     return {"fa": fa, "x": x, "held_out": held_out, "frozen": frozen, "free": free, "amortized": amortized,
             "start": amortized_fit.elbo[0]}
@@ -83,8 +83,8 @@ def test_importance_log_likelihood_with_the_amortized_proposal(fitted_fa):
     fa, guide = fitted_fa["fa"], fitted_fa["amortized"]
     # new observations of the same population need no new parameters, only a pass of the encoder
     for x in (fitted_fa["x"], fitted_fa["held_out"]):
-        exact = freqvi.log_likelihood(fa, None, x).total
-        est = freqvi.log_likelihood(fa.model, guide, x, method="importance", num_samples=2000, seed=1)
+        exact = freqvi.log_likelihood(fa, x).total
+        est = freqvi.log_likelihood(fa.model, x, guide, method="importance", num_samples=2000, seed=1)
         assert est.method == "importance" and est.per_observation.shape == (len(x),)
         assert 0 < est.standard_error < 0.5
         assert abs(est.total - exact) < 4 * est.standard_error
@@ -111,7 +111,7 @@ def test_user_encoder_reaches_the_closed_form_optimum():
     frozen = poutine.block(fa.model, hide_types=["param"])
     encoder = LinearGaussian(5, 2)
     guide = AmortizedNormal(fa.model, encoder)
-    result = freqvi.fit(frozen, guide, x, loss="mean_field", optim=ClippedAdam({"lr": 0.05, "lrd": 0.99}),
+    result = freqvi.fit(frozen, x, guide, loss="mean_field", optim=ClippedAdam({"lr": 0.05, "lrd": 0.99}),
                         num_steps=300, progress=False)
     assert in_param_store(encoder.parameters())
     optimum = mean_field_optimum(fa, x)
@@ -138,13 +138,13 @@ def test_user_model_through_minibatched_fit_and_log_likelihood():
     x = 1.0 + 1.5 * torch.randn(400, generator=g, dtype=torch.float64)
     x = x + torch.randn(400, generator=g, dtype=torch.float64)
     guide = AmortizedNormal(random_effects, hidden=(32,))
-    freqvi.fit(random_effects, guide, x, batch_size=50, lr=0.05, num_steps=400, progress=False)
+    freqvi.fit(random_effects, x, guide, batch_size=50, lr=0.05, num_steps=400, progress=False)
     mu, tau = pyro.param("mu").item(), pyro.param("tau").item()
     fitted = random_effects_log_likelihood(x, mu, tau)
     mle = random_effects_log_likelihood(x, float(x.mean()), math.sqrt(float(x.var(correction=0)) - 1))
     # within half a nat of the closed-form MLE: far inside a likelihood-ratio confidence region
     assert mle - 0.5 < fitted <= mle
-    est = freqvi.log_likelihood(random_effects, guide, x, num_samples=500, seed=1)
+    est = freqvi.log_likelihood(random_effects, x, guide, num_samples=500, seed=1)
     assert est.method == "importance"
     assert abs(est.total - fitted) < 4 * est.standard_error
 
@@ -165,10 +165,10 @@ def test_positive_latent_through_biject_to():
     x = 0.5 + (0.8**2 + 1) ** 0.5 * torch.randn(200, dtype=torch.float64)
     frozen = poutine.block(log_normal_effects, hide_types=["param"])
     guide = AmortizedNormal(log_normal_effects, hidden=())
-    freqvi.fit(frozen, guide, x, lr=0.05, num_steps=400, progress=False)
+    freqvi.fit(frozen, x, guide, lr=0.05, num_steps=400, progress=False)
     assert guide.latent_shapes == {"z": torch.Size([])}
     exact = norm(0.5, (0.8**2 + 1) ** 0.5).logpdf(x.numpy()).sum()
-    est = freqvi.log_likelihood(log_normal_effects, guide, x, num_samples=200, seed=1)
+    est = freqvi.log_likelihood(log_normal_effects, x, guide, num_samples=200, seed=1)
     assert abs(est.total - exact) < 4 * est.standard_error
 
 
@@ -189,7 +189,7 @@ def test_simplex_latent_through_stick_breaking(make_guide):
     Dirichlet-multinomial log-likelihood and the fit closes most of the gap."""
     x = dist.Multinomial(20, dist.Dirichlet(ALPHA).sample((60,))).sample()
     guide = make_guide(dirichlet_counts)
-    result = freqvi.fit(dirichlet_counts, guide, x, lr=0.05, num_steps=300, progress=False)
+    result = freqvi.fit(dirichlet_counts, x, guide, lr=0.05, num_steps=300, progress=False)
     p = poutine.trace(guide).get_trace(x).nodes["p"]["value"]
     assert p.shape == (60, 3) and torch.allclose(p.sum(-1), torch.ones(60, dtype=p.dtype))
     exact = dirichlet_multinomial(ALPHA.numpy(), 20).logpmf(x.numpy()).sum()
@@ -215,10 +215,10 @@ def test_data_plate_at_any_dim(data_dim, inner_dim):
     x = 2 ** 0.5 * torch.randn(150, 3, dtype=torch.float64)
     model = grid_model(data_dim, inner_dim)
     guide = AmortizedNormal(model, hidden=())
-    freqvi.fit(model, guide, x, lr=0.05, num_steps=300, progress=False)
+    freqvi.fit(model, x, guide, lr=0.05, num_steps=300, progress=False)
     assert guide.latent_shapes == {"z": torch.Size([3])}
     exact = norm(0.0, 2 ** 0.5).logpdf(x.numpy()).sum()
-    est = freqvi.log_likelihood(model, guide, x, num_samples=500, seed=1)
+    est = freqvi.log_likelihood(model, x, guide, num_samples=500, seed=1)
     assert abs(est.total - exact) < 4 * est.standard_error
 
 
@@ -251,7 +251,7 @@ def test_bad_input_is_refused_before_fitting(model, encoder, message):
     x = factor_data(n=60)
     model = model()
     with pytest.raises(FreqviInputError, match=message):
-        freqvi.fit(model, AmortizedNormal(model, encoder()), x, num_steps=5, progress=False)
+        freqvi.fit(model, x, AmortizedNormal(model, encoder()), num_steps=5, progress=False)
 
 
 def test_minibatched_fit_trains_the_encoder():
@@ -262,13 +262,13 @@ def test_minibatched_fit_trains_the_encoder():
     before = {n: p.detach().clone() for n, p in guide.encoder.named_parameters()}
     rows = []
     guide.encoder.register_forward_pre_hook(lambda module, data: rows.append(len(data[0])))
-    result = freqvi.fit(fa.model, guide, x, batch_size=25, lr=0.01, num_steps=100, progress=False)
+    result = freqvi.fit(fa.model, x, guide, batch_size=25, lr=0.01, num_steps=100, progress=False)
     assert all(math.isfinite(v) for v in result.elbo)
     assert set(rows[1:]) == {25}  # the first call is the full-data check of the pair
     assert in_param_store(guide.encoder.parameters())  # what SVI's optimiser updates
     assert all(not torch.equal(value, before[name]) for name, value in guide.encoder.named_parameters())
     elbo, se = elbo_estimate(fa.model, guide, (x,), batches=4, particles=100)
-    assert elbo < freqvi.log_likelihood(fa, None, x).total + 4 * se  # a lower bound
+    assert elbo < freqvi.log_likelihood(fa, x).total + 4 * se  # a lower bound
 
 
 @pytest.mark.slow
@@ -280,11 +280,11 @@ def test_amortized_guide_fits_the_random_intercept_glmm():
     glmm = RandomInterceptLogistic(2, init={"beta": (-0.5, 1.0), "sigma": 1.0})
     frozen = poutine.block(glmm.model, hide_types=["param"])
     free, amortized = glmm.mean_field_guide(), AmortizedNormal(glmm.model)
-    freqvi.fit(frozen, free, data, loss="mean_field", optim=ClippedAdam({"lr": 0.05, "lrd": 0.99}),
+    freqvi.fit(frozen, data, free, loss="mean_field", optim=ClippedAdam({"lr": 0.05, "lrd": 0.99}),
                num_steps=400, progress=False)
-    result = freqvi.fit(frozen, amortized, data, loss="mean_field",
+    result = freqvi.fit(frozen, data, amortized, loss="mean_field",
                         optim=ClippedAdam({"lr": 0.01, "lrd": 0.99}), num_steps=400, progress=False)
-    exact = freqvi.log_likelihood(glmm, None, data).total
+    exact = freqvi.log_likelihood(glmm, data).total
     free_elbo, free_se = elbo_estimate(frozen, free, data, batches=4, particles=200)
     elbo, se = elbo_estimate(frozen, amortized, data, batches=4, particles=200)
     assert free_elbo < exact + 4 * free_se and elbo < exact + 4 * se

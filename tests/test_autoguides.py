@@ -176,7 +176,7 @@ def test_path_derivative_guide_gradient_vanishes_at_the_exact_posterior(guide_cl
     only if the Jacobian of exp in the autoguide's Delta stays attached to the draw."""
     x = data()
     guide = at_posterior(guide_class, lognormal_model, x, mu=0.7)
-    moments = gradient_variance(lognormal_model, guide, x, estimator, num_draws=5)
+    moments = gradient_variance(lognormal_model, x, guide, estimator, num_draws=5)
     guide_params = [m for m in moments.values() if m.owner == "guide"]
     assert guide_params
     for m in guide_params:
@@ -193,8 +193,8 @@ def test_dreg_guide_gradient_has_the_iwae_expectation_with_a_joint_autoguide():
     as well would weight the path term twice and move the expectation away from IWAE's."""
     x = data(n=8)
     guide = at_posterior(autoguide.AutoDiagonalNormal, lognormal_model, x, mu=0.7, inflate=0.6)
-    iwae = gradient_variance(lognormal_model, guide, x, IWAE_ELBO(num_particles=5), num_draws=200)
-    dreg = gradient_variance(lognormal_model, guide, x, DReG_ELBO(num_particles=5), num_draws=200)
+    iwae = gradient_variance(lognormal_model, x, guide, IWAE_ELBO(num_particles=5), num_draws=200)
+    dreg = gradient_variance(lognormal_model, x, guide, DReG_ELBO(num_particles=5), num_draws=200)
     for name in ("AutoDiagonalNormal.loc", "AutoDiagonalNormal.scale"):
         statistic, count = chi_square_z(dreg[name], iwae[name])
         assert statistic < count + 4 * math.sqrt(2 * count), name

@@ -54,7 +54,7 @@ def test_replicates_export_to_arviz(fitted_iris):
 
 def test_per_observation_log_likelihood_exports_to_arviz(fitted_iris):
     gm, x = fitted_iris
-    loglik = freqvi.log_likelihood(gm, None, x)
+    loglik = freqvi.log_likelihood(gm, x)
     group = loglik.to_inference_data().log_likelihood["obs"]
     assert group.shape == (1, 1, 150)
     assert float(group.sum()) == pytest.approx(loglik.total)
@@ -157,7 +157,7 @@ def test_a_model_without_latent_sites_has_its_exact_log_likelihood():
     mu, sigma = float(x.mean()), float(x.std(correction=0))
     assert pyro.param("mu").item() == pytest.approx(mu, abs=1e-6)
     assert pyro.param("sigma").item() == pytest.approx(sigma, rel=1e-6)
-    loglik = freqvi.log_likelihood(normal_model, None, x)
+    loglik = freqvi.log_likelihood(normal_model, x)
     assert loglik.method == "exact"
     assert loglik.total == pytest.approx(scipy.stats.norm.logpdf(x.numpy(), mu, sigma).sum(), rel=1e-10)
 

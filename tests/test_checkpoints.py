@@ -24,7 +24,7 @@ def run(num_steps, **options):
     """A minibatched fit of a fresh factor model with its free guide, from seed 0."""
     fa = FactorAnalysis(5, 2)
     guide = fa.mean_field_guide()
-    result = freqvi.fit(fa.model, guide, factor_data(n=60), num_steps=num_steps, batch_size=16, lr=0.02,
+    result = freqvi.fit(fa.model, factor_data(n=60), guide, num_steps=num_steps, batch_size=16, lr=0.02,
                         seed=0, progress=False, **options)
     return {k: v.clone() for k, v in fa.estimates().items()}, result
 

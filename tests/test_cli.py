@@ -41,7 +41,7 @@ def test_default_run_prints_the_log_likelihood_of_the_same_fit(capsys):
     x = load_iris()
     model = GaussianMixture(3, 4, "full")
     freqvi.em(model, x, seed=0, progress=False)
-    expected = freqvi.log_likelihood(model, None, x).total
+    expected = freqvi.log_likelihood(model, x).total
     assert _printed_log_likelihood(out) == pytest.approx(expected, abs=1e-4)
 
 

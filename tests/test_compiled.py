@@ -67,7 +67,7 @@ def test_a_jit_fit_takes_the_steps_of_an_eager_fit(loss, options):
     for jit in (False, True):
         torch.manual_seed(0)
         vae = VAE(64, 2, hidden=(16,))
-        result = freqvi.fit(vae, None, x, loss=loss, lr=0.01, num_steps=30, batch_size=60, seed=0,
+        result = freqvi.fit(vae, x, loss=loss, lr=0.01, num_steps=30, batch_size=60, seed=0,
                             progress=False, jit=jit, **options)
         runs.append((result.elbo, vae.state_dict()))
     (eager_elbo, eager_state), (jit_elbo, jit_state) = runs
@@ -78,7 +78,7 @@ def test_a_jit_fit_takes_the_steps_of_an_eager_fit(loss, options):
 
 def test_a_jit_fit_still_refuses_non_finite_steps():
     x = torch.linspace(-1.0, 1.5, 20)
-    result = freqvi.fit(truncated_model, normal_guide, x, loss="mean_field", num_steps=200, lr=0.05, seed=0,
+    result = freqvi.fit(truncated_model, x, normal_guide, loss="mean_field", num_steps=200, lr=0.05, seed=0,
                         progress=False, jit=True)
     assert result.refused_steps > 0  # some draws cross the cut: log-density -inf, the step refused
     assert all(math.isfinite(v) for v in result.elbo)
@@ -91,7 +91,7 @@ def test_a_jit_fit_still_refuses_non_finite_steps():
 def test_what_a_graph_would_get_wrong_is_refused(loss, options, message):
     x = load_digits("train")[:100]
     with pytest.raises(FreqviInputError, match=message):
-        freqvi.fit(VAE(64, 2, hidden=(8,)), None, x, loss=loss, num_steps=2, batch_size=20, progress=False,
+        freqvi.fit(VAE(64, 2, hidden=(8,)), x, loss=loss, num_steps=2, batch_size=20, progress=False,
                    jit=True, **options)
 
 
@@ -104,7 +104,7 @@ def test_a_resumed_jit_fit_equals_the_uninterrupted_one(tmp_path):
     def run(num_steps, **options):
         torch.manual_seed(0)
         vae = VAE(64, 2, hidden=(16,))
-        result = freqvi.fit(vae, None, x, loss="mean_field", num_steps=num_steps, batch_size=60, lr=0.01,
+        result = freqvi.fit(vae, x, loss="mean_field", num_steps=num_steps, batch_size=60, lr=0.01,
                             seed=0, progress=False, jit=True, **options)
         return vae.state_dict(), result.elbo
 

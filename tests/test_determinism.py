@@ -34,7 +34,7 @@ def online_em_mixture():
 
 def variational_fit():
     fa = FactorAnalysis(5, 2)
-    freqvi.fit(fa.model, fa.mean_field_guide(), factor_data(n=80), loss="iwae", num_particles=4,
+    freqvi.fit(fa.model, factor_data(n=80), fa.mean_field_guide(), loss="iwae", num_particles=4,
                batch_size=20, num_steps=30, seed=11, progress=False)
     return fa
 

@@ -205,7 +205,7 @@ def test_time_subsampled_gradient_is_less_noisy_than_the_full_chain_at_equal_cos
     for model, data in ((linear_model(scale=1.0), x), (mlp, load_moons("train")[:30].double())):
         pyro.set_rng_seed(0)
         variances = [sum(float(m.variance.sum()) for m in gradient_variance(
-            model.model, model.guide, data, loss, num_draws=draws).values())
+            model.model, data, model.guide, loss, num_draws=draws).values())
             for loss in (Trace_ELBO(), TimeSubsampledELBO(num_particles=SHORT.num_steps))]
         assert variances[1] * margin < variances[0]
 
@@ -217,7 +217,7 @@ def test_measuring_gradient_variance_leaves_the_learned_law_of_t_alone():
     for _ in range(50):
         importance.loss_and_grads(model.model, model.guide, x)
     law = importance.proposal(model.num_steps)
-    gradient_variance(model.model, model.guide, x, importance, num_draws=20)
+    gradient_variance(model.model, x, model.guide, importance, num_draws=20)
     assert torch.equal(importance.proposal(model.num_steps), law)
     importance.loss_and_grads(model.model, model.guide, x)  # training draws still teach it
     assert not torch.equal(importance.proposal(model.num_steps), law)
@@ -262,7 +262,7 @@ def test_every_estimator_fits_the_pair(loss, options):
     torch.manual_seed(0)
     model = GaussianDiffusion(2, 10, schedule=SHORT, hidden=(32, 32))
     before = [p.detach().clone() for p in model.denoiser.parameters()]
-    result = freqvi.fit(model, None, x, loss=loss, lr=1e-2, num_steps=40, batch_size=64, progress=False,
+    result = freqvi.fit(model, x, loss=loss, lr=1e-2, num_steps=40, batch_size=64, progress=False,
                         seed=0, **options)
     assert len(result.elbo) == 40 and all(math.isfinite(v) for v in result.elbo)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.denoiser.parameters(), strict=True))
@@ -370,7 +370,7 @@ def test_bad_data_is_refused_before_training(loss):
     before = model.denoiser.net[0].weight.detach().clone()
     for x, message in ((torch.full((5, 2), float("nan")), "non-finite"), (torch.ones(5, 3), "shape")):
         with pytest.raises(FreqviInputError, match=message):
-            freqvi.fit(model, None, x, loss=loss, num_steps=2, progress=False)
+            freqvi.fit(model, x, loss=loss, num_steps=2, progress=False)
     assert torch.equal(before, model.denoiser.net[0].weight)
     with pytest.raises(FreqviInputError, match="non-finite"):  # also the estimators themselves
         TimeSubsampledELBO().loss(model.model, model.guide, torch.full((4, 2), float("nan")))
@@ -379,7 +379,7 @@ def test_bad_data_is_refused_before_training(loss):
 def test_diffusion_estimators_refuse_other_pairs():
     vae = VAE(4, 2, hidden=(8,))
     with pytest.raises(FreqviInputError, match="need a diffusion model"):
-        freqvi.fit(vae, None, torch.rand(10, 4), loss="time_subsampled", num_steps=1, progress=False)
+        freqvi.fit(vae, torch.rand(10, 4), loss="time_subsampled", num_steps=1, progress=False)
     model = GaussianDiffusion(2, 10, schedule=SHORT, hidden=(8,))
     with pytest.raises(FreqviInputError, match="forward noising chain as the guide"):
         TimeSubsampledELBO().loss(model.model, vae.guide, torch.randn(4, 2))

@@ -56,7 +56,7 @@ OPTIONS = {
 @pytest.mark.parametrize(("pair", "name"), APPLICABLE)
 def test_every_estimator_runs_on_every_model(pair, name):
     owner, guide, x = PAIRS[pair]()
-    result = freqvi.fit(owner.model, guide, x, loss=name, num_steps=3, lr=0.01, progress=False,
+    result = freqvi.fit(owner.model, x, guide, loss=name, num_steps=3, lr=0.01, progress=False,
                         **OPTIONS.get(name, {}))
     assert len(result.elbo) == 3 and all(math.isfinite(v) for v in result.elbo)
     before = {k: v.clone() for k, v in owner.estimates().items()}

@@ -27,7 +27,7 @@ TESTS = Path(__file__).parent
 def run(num_steps, **options):
     """A minibatched fit of a fresh factor model with its free guide, from seed 0."""
     fa = FactorAnalysis(5, 2)
-    freqvi.fit(fa.model, fa.mean_field_guide(), factor_data(n=60), num_steps=num_steps, batch_size=16,
+    freqvi.fit(fa.model, factor_data(n=60), fa.mean_field_guide(), num_steps=num_steps, batch_size=16,
                lr=0.02, seed=0, progress=False, **options)
     return {k: v.clone() for k, v in fa.estimates().items()}
 
@@ -205,13 +205,13 @@ def test_a_nan_at_step_k_stops_with_the_parameters_of_step_k_minus_1(tmp_path):
     with pytest.raises(FreqviError, match=rf"^step {k}: the Trace_ELBO loss was nan in 4 draws in a row "
                                           rf"\(steps {k} to {k + 3}\); "
                                           r"the model's site 'poison' has a non-finite log-density"):
-        freqvi.fit(model, guide, x, num_steps=50, lr=0.05, seed=3, progress=False, checkpoint=path,
+        freqvi.fit(model, x, guide, num_steps=50, lr=0.05, seed=3, progress=False, checkpoint=path,
                    checkpoint_every=1)
     stopped = {n: pyro.param(n).detach().clone() for n in ("loc", "scale")}
     saved = load_checkpoint(path)[0]
     pyro.clear_param_store()
     model, guide = poisoned(10**9)
-    freqvi.fit(model, guide, x, num_steps=k, lr=0.05, seed=3, progress=False)  # steps 0 .. k-1
+    freqvi.fit(model, x, guide, num_steps=k, lr=0.05, seed=3, progress=False)  # steps 0 .. k-1
     for name, value in stopped.items():
         assert torch.equal(value, pyro.param(name).detach()), name
     assert saved["step"] == k + 3  # steps k..k+2 were refused (nothing updated) and checkpointed

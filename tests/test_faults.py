@@ -29,13 +29,13 @@ def no_latents(x):
 
 def test_persistent_non_finite_loss_stops_with_the_last_good_parameters():
     x = torch.tensor([0.5, -0.2, 0.3])
-    result = freqvi.fit(out_of_support_model, no_latents, x, num_steps=20, lr=0.5, progress=False)
+    result = freqvi.fit(out_of_support_model, x, no_latents, num_steps=20, lr=0.5, progress=False)
     assert result.refused_steps == 0
     good = float(pyro.param("loc").detach())
     with pytest.raises(FreqviError, match=r"step \d+: the Trace_ELBO loss was inf in 4 draws in a row "
                                           r"\(steps \d+ to \d+\); "
                                           r"the model's site 'obs' has a non-finite log-density"):
-        freqvi.fit(out_of_support_model, no_latents, torch.tensor([0.5, 5.0]), num_steps=20, progress=False)
+        freqvi.fit(out_of_support_model, torch.tensor([0.5, 5.0]), no_latents, num_steps=20, progress=False)
     assert float(pyro.param("loc").detach()) == good
 
 
@@ -55,7 +55,7 @@ def normal_guide(x):
 
 def test_occasional_non_finite_draws_are_refused_and_the_fit_goes_on():
     x = torch.linspace(-1.0, 1.5, 20)
-    result = freqvi.fit(truncated_model, normal_guide, x, num_steps=200, lr=0.05, seed=0, progress=False)
+    result = freqvi.fit(truncated_model, x, normal_guide, num_steps=200, lr=0.05, seed=0, progress=False)
     assert result.refused_steps > 0  # some of the 200 draws cross the cut for some observation
     assert len(result.elbo) == 200 - result.refused_steps
     assert all(math.isfinite(v) for v in result.elbo)
@@ -70,7 +70,7 @@ def test_gradient_clipping_bounds_each_update():
         with pyro.plate("data", len(x)):
             pyro.sample("obs", dist.Normal(loc, 1.0), obs=x)
 
-    freqvi.fit(model, no_latents, x, num_steps=1, optim="sgd", lr=1.0, clip_norm=0.5, progress=False)
+    freqvi.fit(model, x, no_latents, num_steps=1, optim="sgd", lr=1.0, clip_norm=0.5, progress=False)
     assert float(pyro.param("loc").detach()) == pytest.approx(0.5)
 
 

@@ -77,7 +77,7 @@ def test_em_ascent_property(covariance, m_step):
     assert len(path) == iters + 1 or result.converged
     assert np.all(np.diff(path) >= -1e-9 * np.abs(path[1:])), np.diff(path).min()
     assert path[-1] > path[0] + 1.0  # it actually moved
-    final = freqvi.log_likelihood(gm, None, x).total
+    final = freqvi.log_likelihood(gm, x).total
     assert path[-1] == pytest.approx(final, rel=1e-8)
 
 
@@ -111,7 +111,7 @@ def test_em_matches_scikit_learn_from_same_start(covariance):
                            tol=1e-12, max_iter=3000).fit(x.numpy())
     est = gm.estimates()
     n = x.shape[0]
-    ours = freqvi.log_likelihood(gm, None, x).total / n
+    ours = freqvi.log_likelihood(gm, x).total / n
     assert ours == pytest.approx(sk.score(x.numpy()), abs=1e-4)
     np.testing.assert_allclose(est["weights"], sk.weights_, atol=1e-3)
     np.testing.assert_allclose(est["locs"], sk.means_, atol=1e-3)
@@ -121,12 +121,12 @@ def test_em_matches_scikit_learn_from_same_start(covariance):
 def test_mean_field_guide_is_a_bound_that_tightens():
     x = mixture_data(n=200)
     gm = GaussianMixture(3, 2, init=INIT)
-    exact = freqvi.log_likelihood(gm, None, x).total
+    exact = freqvi.log_likelihood(gm, x).total
     guide = gm.mean_field_guide()
     frozen_model = poutine.block(gm.model, hide_types=["param"])  # theta fixed: a pure E-step
     elbo = TraceEnum_ELBO(max_plate_nesting=1)
     before = -elbo.loss(frozen_model, guide, x)
-    result = freqvi.fit(frozen_model, guide, x, loss=elbo, lr=0.5, num_steps=400, progress=False)
+    result = freqvi.fit(frozen_model, x, guide, loss=elbo, lr=0.5, num_steps=400, progress=False)
     after = -elbo.loss(frozen_model, guide, x)
     assert before <= exact and max(result.elbo) <= exact + 1e-9 * abs(exact)
     assert after > before
@@ -140,7 +140,7 @@ def test_variational_em_with_mean_field_guide():
     gm = GaussianMixture(3, 2, init=INIT)
     result = freqvi.em(gm, x, guide=gm.mean_field_guide(), max_iter=10, tol=0.0, progress=False)
     assert result.m_step == "closed_form"
-    exact = freqvi.log_likelihood(gm, None, x).total
+    exact = freqvi.log_likelihood(gm, x).total
     assert result.log_likelihood[-1] <= exact + 1e-6 * abs(exact)
     assert result.log_likelihood[-1] > result.log_likelihood[0]
 
@@ -164,8 +164,8 @@ def test_online_em_reaches_the_batch_optimum():
     online = GaussianMixture(3, 2, init=INIT)
     result = freqvi.em(online, x, batch_size=200, max_iter=30, tol=0.0, progress=False, seed=0)
     n = x.shape[0]
-    best = freqvi.log_likelihood(batch, None, x).total / n
-    reached = freqvi.log_likelihood(online, None, x).total / n
+    best = freqvi.log_likelihood(batch, x).total / n
+    reached = freqvi.log_likelihood(online, x).total / n
     assert result.num_iter == 30
     assert best - 2e-3 < reached <= best + 1e-9
 

@@ -185,3 +185,15 @@ def test_an_interior_maximum_is_stationary():
     info = freqvi.observed_information(fit_mixture_1d(x), torch.as_tensor(x))
     assert info.score_statistic() < 1e-8
     info.summary()
+
+
+def test_summary_lists_each_covariance_entry_once():
+    """A covariance is symmetric: [k, i, j] and [k, j, i] are one parameter, listed once (lower triangle)."""
+    x = freqvi.datasets.load_iris().double()
+    gm = GaussianMixture(2, 4)
+    freqvi.em(gm, x, seed=0, progress=False)
+    table = freqvi.observed_information(gm, x).summary()
+    assert len(table) == 2 + 2 * 4 + 2 * 4 * 5 // 2
+    assert "covariances[0, 1, 0]" in table.index and "covariances[0, 0, 1]" not in table.index
+    full = freqvi.observed_information(gm, x).standard_errors()["covariances"]
+    assert table.loc["covariances[1, 3, 2]", "std_err"] == pytest.approx(float(full[1, 2, 3]))

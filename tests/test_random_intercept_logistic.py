@@ -133,7 +133,7 @@ def mle(data):
 @pytest.fixture(scope="module")
 def full_batch_fit(data):
     model = RandomInterceptLogistic(2)
-    freqvi.fit(model, None, data, loss="mean_field", optim=decaying_adam(600), num_steps=600, seed=0,
+    freqvi.fit(model, data, loss="mean_field", optim=decaying_adam(600), num_steps=600, seed=0,
                progress=False)
     return model
 
@@ -183,7 +183,7 @@ def test_derivatives_hold_with_the_quadrature_centre_held_fixed():
 def test_log_likelihood_takes_the_exact_route():
     data = padded(m=20, ragged=True)
     model = RandomInterceptLogistic(2, init=TRUTH)
-    result = freqvi.log_likelihood(model, None, data)
+    result = freqvi.log_likelihood(model, data)
     assert result.method == "exact"
     assert result.per_observation.shape == (20,)
     assert result.total == pytest.approx(reference_log_likelihood(data, BETA, SIGMA).sum(), rel=1e-10)
@@ -243,7 +243,7 @@ def test_variational_em_reaches_the_quadrature_mle(data, mle):
 @pytest.mark.slow
 def test_minibatch_fit_reaches_the_full_batch_optimum(data, mle, full_batch_fit):
     model = RandomInterceptLogistic(2)
-    freqvi.fit(model, None, data, optim=decaying_adam(3000), num_steps=3000, batch_size=len(data[0]) // 10,
+    freqvi.fit(model, data, optim=decaying_adam(3000), num_steps=3000, batch_size=len(data[0]) // 10,
                seed=0, progress=False)
     full = full_batch_fit.estimates()
     assert_near(model.estimates(), SimpleNamespace(beta=full["beta"].numpy(), sigma=float(full["sigma"])))
@@ -311,7 +311,7 @@ def test_bad_data_is_refused_before_any_work(key, fix, message):
     with pytest.raises(FreqviInputError, match=re.escape(message)):
         RandomInterceptLogistic(2, init=TRUTH).log_marginal(*data)
     with pytest.raises(FreqviInputError):
-        freqvi.fit(RandomInterceptLogistic(2), None, data, num_steps=1, progress=False)
+        freqvi.fit(RandomInterceptLogistic(2), data, num_steps=1, progress=False)
 
 
 @pytest.mark.parametrize(("build", "message"), [

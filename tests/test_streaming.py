@@ -29,7 +29,7 @@ def no_latents(x):
 def test_a_streamed_step_is_the_gradient_of_the_batch_scaled_to_n():
     x = torch.linspace(-1.0, 3.0, 40, dtype=torch.float64)
     batches = DataLoader(TensorDataset(x), batch_size=8)  # n = len(dataset) = 40
-    freqvi.fit(normal_mean, no_latents, batches, num_steps=1, optim="sgd", lr=1e-3, progress=False)
+    freqvi.fit(normal_mean, batches, no_latents, num_steps=1, optim="sgd", lr=1e-3, progress=False)
     # d/d loc of (n / b) sum_{i <= b} log N(x_i; loc, 1) at loc = 0
     expected = 1e-3 * (40 / 8) * float(x[:8].sum())
     assert float(pyro.param("loc").detach()) == pytest.approx(expected, rel=1e-12)
@@ -42,7 +42,7 @@ def test_a_streamed_batch_scores_as_the_same_rows_subsampled_in_memory(loss):
     guide = fa.guide  # exact posterior: no local parameters
     rows = torch.arange(10, 22)
     elbo = get_estimator(loss, num_particles=3)
-    freqvi.fit(fa.model, guide, x, num_steps=1, progress=False)  # initialises the parameters
+    freqvi.fit(fa.model, x, guide, num_steps=1, progress=False)  # initialises the parameters
     pyro.set_rng_seed(5)
     with SubsamplePlate("data", rows):
         in_memory = elbo.loss(fa.model, guide, x)
@@ -58,7 +58,7 @@ def test_a_streamed_batch_scores_as_the_same_rows_subsampled_in_memory(loss):
 def fit_from_npy(path, num_steps, **options):
     fa = FactorAnalysis(5, 2)
     source = NpyBatches(path, batch_size=16, seed=4)
-    freqvi.fit(fa.model, fa.guide, source, num_steps=num_steps, lr=0.02, seed=0, progress=False, **options)
+    freqvi.fit(fa.model, source, fa.guide, num_steps=num_steps, lr=0.02, seed=0, progress=False, **options)
     return {k: v.clone() for k, v in fa.estimates().items()}
 
 
@@ -80,18 +80,18 @@ def test_online_em_over_npy_batches_records_the_full_data_log_likelihood(tmp_pat
     np.save(path, x.numpy())
     gm = GaussianMixture(3, 2)
     result = freqvi.em(gm, NpyBatches(path, batch_size=100), max_iter=6, tol=0.0, seed=0, progress=False)
-    at_the_end = float(freqvi.log_likelihood(gm, None, x).total)
+    at_the_end = float(freqvi.log_likelihood(gm, x).total)
     assert result.log_likelihood[-1] == pytest.approx(at_the_end, rel=1e-5)
     batch = GaussianMixture(3, 2)
     freqvi.em(batch, x, max_iter=200, seed=0, progress=False)
-    exact = float(freqvi.log_likelihood(batch, None, x).total)
+    exact = float(freqvi.log_likelihood(batch, x).total)
     assert result.log_likelihood[-1] == pytest.approx(exact, abs=0.01 * 600)  # within 0.01 nats per row
 
 
 def test_checkpoints_of_a_plain_dataloader_are_refused(tmp_path):
     x = torch.randn(40)
     with pytest.raises(FreqviInputError, match="position in a DataLoader cannot be saved"):
-        freqvi.fit(normal_mean, no_latents, DataLoader(x, batch_size=8), checkpoint=tmp_path / "c",
+        freqvi.fit(normal_mean, DataLoader(x, batch_size=8), no_latents, checkpoint=tmp_path / "c",
                    progress=False)
 
 
@@ -115,14 +115,14 @@ BAD_STREAMS = {
 def test_malformed_streams_are_clear_errors(case):
     make, options, message = BAD_STREAMS[case]
     with pytest.raises(FreqviInputError, match=message):
-        freqvi.fit(normal_mean, no_latents, make(), num_steps=10, progress=False, **options)
+        freqvi.fit(normal_mean, make(), no_latents, num_steps=10, progress=False, **options)
 
 
 def test_a_guide_with_parameters_per_observation_is_refused_for_batches():
     fa = FactorAnalysis(5, 2)
     batches = DataLoader(factor_data(n=40), batch_size=8)
     with pytest.raises(FreqviInputError, match="parameters per observation"):
-        freqvi.fit(fa.model, fa.mean_field_guide(), batches, num_steps=2, progress=False)
+        freqvi.fit(fa.model, batches, fa.mean_field_guide(), num_steps=2, progress=False)
 
 
 def test_npy_batches_refuse_files_they_cannot_stream(tmp_path):
@@ -151,11 +151,11 @@ def test_device_cpu_and_cuda_when_present():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         pyro.clear_param_store()
-        freqvi.fit(normal_mean, no_latents, x, num_steps=300, lr=0.05, device=device, progress=False)
+        freqvi.fit(normal_mean, x, no_latents, num_steps=300, lr=0.05, device=device, progress=False)
         assert pyro.param("loc").device.type == device
         assert float(pyro.param("loc").detach()) == pytest.approx(float(x.mean()), abs=1e-3)
     with pytest.raises(FreqviInputError, match="device must be"):
-        freqvi.fit(normal_mean, no_latents, x, device="abacus", progress=False)
+        freqvi.fit(normal_mean, x, no_latents, device="abacus", progress=False)
 
 
 @pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")

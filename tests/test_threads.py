@@ -130,7 +130,7 @@ def test_the_callers_count_comes_back_after_an_error(caller_threads):
         raise RuntimeError("the model fails")
 
     with pytest.raises(RuntimeError, match="the model fails"):
-        freqvi.log_likelihood(model, None, torch.randn(20))
+        freqvi.log_likelihood(model, torch.randn(20))
     assert torch.get_num_threads() == caller_threads
     with pytest.raises(KeyError), intra_op_threads(2):
         raise KeyError("inside the block")
@@ -144,7 +144,7 @@ def test_a_bad_count_is_refused_before_any_work(caller_threads, value):
         raise AssertionError("the model ran")
 
     with pytest.raises(FreqviInputError, match=r"num_threads must be a positive integer; got"):
-        freqvi.log_likelihood(model, None, torch.randn(20), num_threads=value)
+        freqvi.log_likelihood(model, torch.randn(20), num_threads=value)
     assert torch.get_num_threads() == caller_threads
 
 

@@ -63,12 +63,12 @@ def test_user_pair_through_em_fit_and_log_likelihood():
     assert result.m_step == "gradient"
     assert result.log_likelihood[-1] > result.log_likelihood[0]
     assert result.log_likelihood[-1] == pytest.approx(exact_log_likelihood(x), rel=1e-10)
-    fit = freqvi.fit(model, exact_guide, x, num_steps=300, lr=0.05, progress=False)
+    fit = freqvi.fit(model, x, exact_guide, num_steps=300, lr=0.05, progress=False)
     assert fit.num_steps == 300 and fit.elbo[-1] > result.log_likelihood[0]
     # MLE in closed form: mu = mean(x), tau^2 + 1 = var(x)
     assert float(pyro.param("mu").detach()) == pytest.approx(float(x.mean()), abs=0.05)
     assert float(pyro.param("tau").detach()) ** 2 + 1 == pytest.approx(float(x.var(correction=0)), rel=0.05)
-    ll = freqvi.log_likelihood(model, exact_guide, x, num_samples=50)
+    ll = freqvi.log_likelihood(model, x, exact_guide, num_samples=50)
     assert ll.method == "importance"
     assert ll.total == pytest.approx(exact_log_likelihood(x), rel=1e-10)  # exact proposal: zero variance
 
@@ -78,8 +78,8 @@ def test_importance_sampling_agrees_with_the_closed_form():
     pyro.param("mu", torch.tensor(0.8, dtype=torch.float64))
     pyro.param("tau", torch.tensor(1.3, dtype=torch.float64), constraint=constraints.positive)
     reference = exact_log_likelihood(x)
-    small = freqvi.log_likelihood(model, wide_guide, x, num_samples=100, seed=1)
-    large = freqvi.log_likelihood(model, wide_guide, x, num_samples=1600, seed=2)
+    small = freqvi.log_likelihood(model, x, wide_guide, num_samples=100, seed=1)
+    large = freqvi.log_likelihood(model, x, wide_guide, num_samples=1600, seed=2)
     for est in (small, large):
         assert est.standard_error > 0
         assert abs(est.total - reference) < 4 * est.standard_error
@@ -97,7 +97,7 @@ def test_heavy_tailed_weights_warn():
         exact_guide(x, inflate=0.3)
 
     with pytest.warns(freqvi.errors.ImportanceSamplingWarning, match="k-hat"):
-        freqvi.log_likelihood(model, narrow_guide, x, num_samples=500)
+        freqvi.log_likelihood(model, x, narrow_guide, num_samples=500)
 
 
 def discrete_model(x):
@@ -111,7 +111,7 @@ def discrete_model(x):
 
 def test_enumeration_route_is_exact():
     x = simulate(n=50)
-    ll = freqvi.log_likelihood(discrete_model, None, x)
+    ll = freqvi.log_likelihood(discrete_model, x)
     w, locs = pyro.param("w").detach(), pyro.param("locs").detach()
     reference = torch.logsumexp(w.log() + torch.distributions.Normal(locs, 1.0).log_prob(x[:, None]), -1)
     assert ll.method == "exact"
@@ -129,7 +129,7 @@ def test_fit_checks_the_pair_on_one_minibatch_not_on_every_row():
             visited.append(len(i))
             pyro.sample("obs", dist.Normal(loc, 1.0), obs=x[i])
 
-    freqvi.fit(counting_model, lambda x: None, torch.randn(1000), batch_size=10, num_steps=3, progress=False)
+    freqvi.fit(counting_model, torch.randn(1000), lambda x: None, batch_size=10, num_steps=3, progress=False)
     assert visited == [10, 10, 10, 10]  # the check, then three steps
 
 

@@ -74,11 +74,11 @@ def test_mlp_widths_and_the_vae_architecture():
 
 def test_linear_gaussian_vae_has_the_ppca_log_likelihood(ppca):
     vae, x, fa = ppca
-    ll = freqvi.log_likelihood(vae, None, x, num_samples=2000, seed=0)
+    ll = freqvi.log_likelihood(vae, x, num_samples=2000, seed=0)
     exact = float(fa.log_marginal(x).detach().sum())
     assert ll.method == "importance" and ll.pareto_k.max() < 0.7
     assert abs(ll.total - exact) < 4 * ll.standard_error + 1e-6
-    terms = elbo_terms(vae, None, x, num_samples=2000, seed=0)
+    terms = elbo_terms(vae, x, num_samples=2000, seed=0)
     assert terms.elbo < exact - 4 * terms.standard_error  # the proposal is not the posterior
 
 
@@ -91,7 +91,7 @@ def test_local_optimum_reaches_the_best_diagonal_gaussian_elbo(ppca):
     precision = torch.eye(Q, dtype=torch.float64) + est["loading"].T @ est["loading"] / est["noise_variance"]
     kl = 0.5 * (precision.diagonal().log().sum() - torch.logdet(precision))
     best = float(fa.log_marginal(x).detach().sum() - len(x) * kl)
-    gap = amortization_gap(vae, vae.guide, x, num_steps=400, lr=0.05, num_samples=4000, seed=0)
+    gap = amortization_gap(vae, x, vae.guide, num_steps=400, lr=0.05, num_samples=4000, seed=0)
     optimized = float(gap.optimized_elbo.sum())
     assert optimized == pytest.approx(best, abs=4 * gap.standard_error + 0.01)
     assert gap.gap > 0  # the encoder's scales are 1.2 times too wide
@@ -99,7 +99,7 @@ def test_local_optimum_reaches_the_best_diagonal_gaussian_elbo(ppca):
 
 def test_analytic_and_monte_carlo_kl_agree(ppca):
     vae, x, _ = ppca
-    terms = elbo_terms(vae, None, x, num_samples=500, seed=0)
+    terms = elbo_terms(vae, x, num_samples=500, seed=0)
     loc, scale = vae.encode(x)
     kl = 0.5 * (loc.square() + scale.square() - 1).sum() - scale.log().sum()  # closed form, by hand
     assert terms.analytic_kl and terms.kl == pytest.approx(float(kl), rel=1e-10)
@@ -128,7 +128,7 @@ def digits():
 def trained_vae(x, steps=300, **options):
     torch.manual_seed(0)
     vae = VAE(64, 8)
-    freqvi.fit(vae, None, x, loss="mean_field", lr=2e-3, num_steps=steps, batch_size=128, progress=False,
+    freqvi.fit(vae, x, loss="mean_field", lr=2e-3, num_steps=steps, batch_size=128, progress=False,
                seed=0, **options)
     return vae
 
@@ -144,13 +144,13 @@ def independent_bernoulli(x, x_test):
 def test_training_beats_the_untrained_network_and_independent_pixels(digits):
     x, x_test = digits
     torch.manual_seed(0)
-    before = elbo_terms(VAE(64, 8), None, x_test, num_samples=20, seed=0).elbo / len(x_test)
+    before = elbo_terms(VAE(64, 8), x_test, num_samples=20, seed=0).elbo / len(x_test)
     vae = trained_vae(x)
-    after = elbo_terms(vae, None, x_test, num_samples=20, seed=0)
+    after = elbo_terms(vae, x_test, num_samples=20, seed=0)
     assert after.elbo / len(x_test) > before + 10  # stated margin: 10 nats per test image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImportanceSamplingWarning)  # counted below
-        ll = freqvi.log_likelihood(vae, None, x_test, num_samples=1000, seed=0)
+        ll = freqvi.log_likelihood(vae, x_test, num_samples=1000, seed=0)
     assert (ll.pareto_k > 0.7).mean() < 0.05
     assert ll.total > after.elbo  # log p(x) >= ELBO
     assert ll.total / len(x_test) > independent_bernoulli(x, x_test) + 1.0
@@ -162,10 +162,10 @@ def test_importance_sampled_log_likelihood_is_stable_in_k(digits):
     vae = trained_vae(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImportanceSamplingWarning)  # a few k-hat near 0.7 at K = 1000
-        small = freqvi.log_likelihood(vae, None, x_test, num_samples=1000, seed=1)
-        large = freqvi.log_likelihood(vae, None, x_test, num_samples=5000, seed=2)
+        small = freqvi.log_likelihood(vae, x_test, num_samples=1000, seed=1)
+        large = freqvi.log_likelihood(vae, x_test, num_samples=5000, seed=2)
     assert abs(small.total - large.total) < 2 * math.hypot(small.standard_error, large.standard_error)
-    assert large.total > elbo_terms(vae, None, x_test, num_samples=100, seed=0).elbo
+    assert large.total > elbo_terms(vae, x_test, num_samples=100, seed=0).elbo
 
 
 def test_early_stopping_keeps_the_parameters_of_the_best_held_out_step(digits):
@@ -174,13 +174,13 @@ def test_early_stopping_keeps_the_parameters_of_the_best_held_out_step(digits):
     options = {"lr": 0.02, "batch_size": 30, "seed": 0, "progress": False, "loss": "mean_field"}
     torch.manual_seed(0)
     vae = VAE(64, 8)
-    result = freqvi.fit(vae, None, small, num_steps=2000, validation_data=x_test[:100], eval_every=25,
+    result = freqvi.fit(vae, small, num_steps=2000, validation_data=x_test[:100], eval_every=25,
                         patience=3, **options)
     assert result.stopped_early and result.best_step < result.num_steps
     assert result.validation_steps[-1] == result.num_steps
     torch.manual_seed(0)
     rerun = VAE(64, 8)
-    freqvi.fit(rerun, None, small, num_steps=result.best_step, **options)
+    freqvi.fit(rerun, small, num_steps=result.best_step, **options)
     for (name, kept), (_, again) in zip(vae.state_dict().items(), rerun.state_dict().items(), strict=True):
         torch.testing.assert_close(kept, again, msg=name)
 
@@ -193,9 +193,9 @@ def test_saving_and_loading_gives_identical_outputs(tmp_path, digits):
     loaded.load_state_dict(torch.load(tmp_path / "vae.pt"))
     assert torch.equal(vae.reconstruct(x_test), loaded.reconstruct(x_test))
     assert torch.equal(vae.encode(x_test)[1], loaded.encode(x_test)[1])
-    freqvi.log_likelihood(loaded, None, x_test[:1], num_samples=1)  # the guide's first call draws
-    first = freqvi.log_likelihood(vae, None, x_test[:20], num_samples=50, seed=0).total
-    assert freqvi.log_likelihood(loaded, None, x_test[:20], num_samples=50, seed=0).total == first
+    freqvi.log_likelihood(loaded, x_test[:1], num_samples=1)  # the guide's first call draws
+    first = freqvi.log_likelihood(vae, x_test[:20], num_samples=50, seed=0).total
+    assert freqvi.log_likelihood(loaded, x_test[:20], num_samples=50, seed=0).total == first
 
 
 @pytest.mark.parametrize("loss, options", [("trace", {}), ("mean_field", {}), ("iwae", {"num_particles": 5}),
@@ -204,7 +204,7 @@ def test_every_estimator_fits_every_likelihood(loss, options, digits):
     x = digits[0][:200]
     for likelihood in ("bernoulli", "continuous_bernoulli", "gaussian"):
         vae = VAE(64, 2, hidden=(16,), likelihood=likelihood)
-        result = freqvi.fit(vae, None, x, loss=loss, lr=1e-2, num_steps=40, batch_size=50, progress=False,
+        result = freqvi.fit(vae, x, loss=loss, lr=1e-2, num_steps=40, batch_size=50, progress=False,
                             seed=0, **options)
         assert np.mean(result.elbo[-10:]) > np.mean(result.elbo[:10])
 
@@ -218,7 +218,7 @@ def test_every_estimator_fits_every_likelihood(loss, options, digits):
 def test_bad_data_is_refused_before_training(make_data, message):
     for likelihood in ("bernoulli", "continuous_bernoulli"):
         with pytest.raises(FreqviInputError, match=re.escape(message)):
-            freqvi.fit(VAE(64, 2, likelihood=likelihood), None, make_data(), num_steps=1, progress=False)
+            freqvi.fit(VAE(64, 2, likelihood=likelihood), make_data(), num_steps=1, progress=False)
 
 
 def test_a_bad_row_beyond_the_first_minibatch_is_refused_before_training():
@@ -226,12 +226,12 @@ def test_a_bad_row_beyond_the_first_minibatch_is_refused_before_training():
     x = torch.rand(40, 64)
     x[-1, 0] = 1.5
     with pytest.raises(FreqviInputError, match=re.escape("values in [0, 1]")):
-        freqvi.fit(VAE(64, 2), None, x, batch_size=8, num_steps=1, progress=False)
+        freqvi.fit(VAE(64, 2), x, batch_size=8, num_steps=1, progress=False)
 
 
 def test_gaussian_likelihood_takes_any_real_values():
     x = torch.randn(20, 64) * 3
-    result = freqvi.fit(VAE(64, 2, (8,), "gaussian"), None, x, num_steps=2, progress=False)
+    result = freqvi.fit(VAE(64, 2, (8,), "gaussian"), x, num_steps=2, progress=False)
     assert all(math.isfinite(v) for v in result.elbo)
 
 

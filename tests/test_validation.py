@@ -19,8 +19,8 @@ def with_value(x, value):
 
 DRIVERS = {
     "em": lambda m, x: freqvi.em(m, x, progress=False),
-    "fit": lambda m, x: freqvi.fit(m.model, m.guide, x, num_steps=2, progress=False),
-    "log_likelihood": lambda m, x: freqvi.log_likelihood(m, None, x),
+    "fit": lambda m, x: freqvi.fit(m.model, x, m.guide, num_steps=2, progress=False),
+    "log_likelihood": lambda m, x: freqvi.log_likelihood(m, x),
 }
 
 BAD_DATA = {
@@ -67,12 +67,12 @@ def test_bad_model_options(make, message):
     (lambda m, x: freqvi.em(m, x, m_step="newton"), "m_step must be one of"),
     (lambda m, x: freqvi.em(m, x, batch_size=0), "batch_size must be an integer >= 1"),
     (lambda m, x: freqvi.em(m, x, batch_size=51), "batch_size must be between 1 and n = 50"),
-    (lambda m, x: freqvi.fit(m.model, m.guide, x, batch_size=100), "between 1 and n = 50"),
-    (lambda m, x: freqvi.fit(m.model, m.guide, x, num_steps=-5), "num_steps must be"),
-    (lambda m, x: freqvi.fit(m.model, m.guide, x, lr=0.0), "lr must be a finite number > 0"),
-    (lambda m, x: freqvi.fit(m.model, m.guide, x, optim="lbfgs"), "unknown optimiser"),
-    (lambda m, x: freqvi.log_likelihood(m, None, x, num_samples=0), "num_samples must be"),
-    (lambda m, x: freqvi.log_likelihood(m.model, m.guide, x, method="laplace"), "method must be"),
+    (lambda m, x: freqvi.fit(m.model, x, m.guide, batch_size=100), "between 1 and n = 50"),
+    (lambda m, x: freqvi.fit(m.model, x, m.guide, num_steps=-5), "num_steps must be"),
+    (lambda m, x: freqvi.fit(m.model, x, m.guide, lr=0.0), "lr must be a finite number > 0"),
+    (lambda m, x: freqvi.fit(m.model, x, m.guide, optim="lbfgs"), "unknown optimiser"),
+    (lambda m, x: freqvi.log_likelihood(m, x, num_samples=0), "num_samples must be"),
+    (lambda m, x: freqvi.log_likelihood(m.model, x, m.guide, method="laplace"), "method must be"),
 ])
 def test_bad_driver_options(call, message):
     model = GaussianMixture(3, 2)
@@ -94,7 +94,7 @@ def test_guide_whose_sites_do_not_match_the_model():
 def test_guide_missing_a_latent_site():
     fa = FactorAnalysis(2, 1)
     with pytest.raises(FreqviInputError, match=r"latent sites \['factors'\] have no site in the guide"):
-        freqvi.fit(fa.model, lambda x: None, mixture_data(n=50), num_steps=2, progress=False)
+        freqvi.fit(fa.model, mixture_data(n=50), lambda x: None, num_steps=2, progress=False)
 
 
 def test_model_without_a_data_plate_cannot_be_minibatched():
@@ -103,7 +103,7 @@ def test_model_without_a_data_plate_cannot_be_minibatched():
         pyro.sample("x", dist.Normal(loc.expand(x.shape), 1.0).to_event(2), obs=x)
 
     with pytest.raises(FreqviInputError, match="no vectorised plate called 'data'"):
-        freqvi.fit(model, lambda x: None, mixture_data(n=50), batch_size=10, progress=False)
+        freqvi.fit(model, mixture_data(n=50), lambda x: None, batch_size=10, progress=False)
 
 
 def test_closed_form_m_step_needs_a_model_that_offers_it():
@@ -128,3 +128,33 @@ def test_unconstrained_params_keep_the_order_of_the_names_they_are_given():
     names = ["Net_0.scale", "NetGuide_0.loc"]  # the order of stable names; raw sorting swaps them
     assert [t.shape for t in unconstrained_params(names)] == [(3,), (10, 3)]
     assert [t.shape for t in unconstrained_params(set(names))] == [(10, 3), (3,)]
+
+
+def test_every_driver_refuses_the_old_model_guide_data_order_with_a_message_that_says_so():
+    import pyro
+    import pyro.distributions as dist
+
+    import freqvi
+    from freqvi.errors import FreqviInputError
+
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("data", len(x)) as i:
+            z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x[i])
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(x, 0.5**0.5))
+
+    x = torch.randn(20)
+    calls = [lambda: freqvi.fit(model, guide, x, num_steps=2, progress=False),
+             lambda: freqvi.log_likelihood(model, guide, x),
+             lambda: freqvi.em(model, guide, x, progress=False),
+             lambda: freqvi.observed_information(model, guide, x),
+             lambda: freqvi.elbo_terms(model, guide, x),
+             lambda: freqvi.estimators.gradient_variance(model, guide, x)]
+    for call in calls:
+        with pytest.raises(FreqviInputError, match=r"\(model, data, guide=None\)"):
+            call()
+    assert "loc" not in pyro.get_param_store()  # refused before any work

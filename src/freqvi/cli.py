@@ -83,7 +83,7 @@ def run_em(args: argparse.Namespace) -> int:
     with intra_op_threads(entries=step_entries(x)):
         result = freqvi.em(model, x, m_step=args.m_step, max_iter=args.max_iter, tol=args.tol,
                            seed=args.seed, progress=not args.quiet)
-        loglik = freqvi.log_likelihood(model, None, x)
+        loglik = freqvi.log_likelihood(model, x)
         report = em_report(data_name, x, model, result, loglik, args)
         print(format_em_report(report, full=args.full))
         if args.json is not None:
@@ -257,7 +257,7 @@ def run_vae(args: argparse.Namespace) -> int:
     model.check_data(test)
     with intra_op_threads(entries=step_entries(train, args.batch_size)):
         options = {"num_particles": args.particles} if args.estimator in ("iwae", "dreg") else {}
-        result = freqvi.fit(model, None, train, loss=args.estimator, lr=args.lr, num_steps=args.steps,
+        result = freqvi.fit(model, train, loss=args.estimator, lr=args.lr, num_steps=args.steps,
                             batch_size=min(args.batch_size, len(train)), seed=args.seed,
                             progress=not args.quiet, validation_data=test, eval_every=VAE_EVAL_EVERY,
                             patience=args.patience, **options)
@@ -300,9 +300,9 @@ def vae_report(data_name: str, train: torch.Tensor, test: torch.Tensor, model: V
                args: argparse.Namespace) -> dict:
     """The fit and its held-out evaluation as a JSON-ready dict; totals and means per test observation."""
     n_test = len(test)
-    loglik = freqvi.log_likelihood(model, None, test, num_samples=args.num_samples, seed=args.seed)
-    terms = elbo_terms(model, None, test, num_samples=100, seed=args.seed)
-    gap = amortization_gap(model, model.guide, test[:AMORTIZATION_GAP_POINTS], num_steps=args.gap_steps,
+    loglik = freqvi.log_likelihood(model, test, num_samples=args.num_samples, seed=args.seed)
+    terms = elbo_terms(model, test, num_samples=100, seed=args.seed)
+    gap = amortization_gap(model, test[:AMORTIZATION_GAP_POINTS], model.guide, num_steps=args.gap_steps,
                            seed=args.seed)
     return {
         "command": "vae",
@@ -465,7 +465,7 @@ def run_diffusion(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     with intra_op_threads(entries=step_entries(train, args.batch_size)):
         model = GaussianDiffusion(train.shape[1], args.diffusion_steps, args.schedule, hidden=args.hidden)
-        result = freqvi.fit(model, None, train, lr=args.lr, num_steps=args.steps,
+        result = freqvi.fit(model, train, lr=args.lr, num_steps=args.steps,
                             batch_size=min(args.batch_size, len(train)), seed=args.seed,
                             progress=not args.quiet, **DIFFUSION_ESTIMATORS[args.estimator])
         ddim = {"method": "ddim", "num_steps": args.ddim_steps} if args.sampler == "ddim" else {}

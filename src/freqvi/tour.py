@@ -83,7 +83,7 @@ def mixture_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Secti
     x = load_iris(torch.float64)
     model = GaussianMixture(3, 4)
     result = freqvi.em(model, x, tol=1e-8, seed=seed, progress=progress)
-    loglik = freqvi.log_likelihood(model, None, x).total
+    loglik = freqvi.log_likelihood(model, x).total
     sk = SkGaussianMixture(3, covariance_type="full", n_init=10, tol=1e-8, random_state=seed).fit(x.numpy())
     sk_loglik = float(sk.score(x.numpy())) * len(x)
     table = freqvi.compare({k: GaussianMixture(k, 4) for k in range(1, 6)}, x, seed=seed, tol=1e-8)
@@ -128,11 +128,11 @@ def glmm_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Section:
     vi = RandomInterceptLogistic(2)
     decay = (1e-3 / 0.05) ** (1 / budget.glmm_steps)  # Adam's step decays from 0.05 to 1e-3
     optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": decay, "clip_norm": math.inf})
-    fit = freqvi.fit(vi, None, data, loss="mean_field", optim=optim, num_steps=budget.glmm_steps, seed=seed,
+    fit = freqvi.fit(vi, data, loss="mean_field", optim=optim, num_steps=budget.glmm_steps, seed=seed,
                      progress=progress)
-    elbo = freqvi.elbo_terms(vi, None, data, num_samples=200, seed=seed)
+    elbo = freqvi.elbo_terms(vi, data, num_samples=200, seed=seed)
     fits = {"quadrature MLE": mle, "variational EM": vi}
-    loglik = {name: freqvi.log_likelihood(model, None, data).total for name, model in fits.items()}
+    loglik = {name: freqvi.log_likelihood(model, data).total for name, model in fits.items()}
     tables = {name: freqvi.observed_information(model, data).summary() for name, model in fits.items()}
     window = min(50, len(fit.elbo))
     smooth = np.convolve(fit.elbo, np.ones(window) / window, mode="valid")
@@ -177,11 +177,11 @@ def vae_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Section:
     train, test = ((load_digits(split) > 0.5).float() for split in ("train", "test"))
     train, validation = train[:-VAE_VALIDATION], train[-VAE_VALIDATION:]
     model = VAE(64, latent_dim=8)
-    fit = freqvi.fit(model, None, train, loss="mean_field", lr=2e-3, num_steps=budget.vae_steps,
+    fit = freqvi.fit(model, train, loss="mean_field", lr=2e-3, num_steps=budget.vae_steps,
                      batch_size=128, seed=seed, progress=progress, validation_data=validation,
                      eval_every=max(budget.vae_steps // 10, 1))
-    loglik = freqvi.log_likelihood(model, None, test, num_samples=budget.vae_importance_samples, seed=seed)
-    terms = freqvi.elbo_terms(model, None, test, num_samples=100, seed=seed)
+    loglik = freqvi.log_likelihood(model, test, num_samples=budget.vae_importance_samples, seed=seed)
+    terms = freqvi.elbo_terms(model, test, num_samples=100, seed=seed)
     n, n_train = len(test), len(train)
     curve = _plot(out / "vae_elbo.png", "VAE training", "step", "ELBO per observation",
                   [(range(1, len(fit.elbo) + 1), np.asarray(fit.elbo) / n_train, "training (one draw)", "-"),
@@ -230,7 +230,7 @@ def diffusion_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Sec
     train, test = load_moons("train"), load_moons("test")
     torch.manual_seed(seed)  # the denoiser's initial weights
     model = GaussianDiffusion(2, num_steps=1000)
-    fit = freqvi.fit(model, None, train, loss="time_subsampled", lr=2e-3, num_steps=budget.diffusion_steps,
+    fit = freqvi.fit(model, train, loss="time_subsampled", lr=2e-3, num_steps=budget.diffusion_steps,
                      batch_size=256, seed=seed, progress=progress)
     bound = diffusion_bound(model, test, seed=seed)
     gaussian = gaussian_nll_per_dim(train, test)

@@ -108,9 +108,10 @@ def as_data(data, name: str = "data") -> CheckedData:
     observations. Floating arrays must be finite, except for NaN cells of an array
     marked :func:`with_missing` (or of a :class:`CheckedData` that allowed them).
 
-    :raises FreqviInputError: for an empty tuple, a scalar, unequal row counts, no
-        rows, or non-finite values.
+    :raises FreqviInputError: for a callable (a model or guide in the data's place), an
+        empty tuple, a scalar, unequal row counts, no rows, or non-finite values.
     """
+    check_not_callable(data, name)
     missing = isinstance(data, WithMissing) or getattr(data, "allow_nan", False)
     data = data.data if isinstance(data, WithMissing) else data
     items = data if isinstance(data, tuple) else (data,)
@@ -139,6 +140,17 @@ def as_data(data, name: str = "data") -> CheckedData:
     checked = CheckedData(tensors)
     checked.allow_nan = any(marks)
     return checked
+
+
+def check_not_callable(data, name: str = "data") -> None:
+    """Refuses a model or guide where the data go: every driver takes ``(model, data, guide=None)``."""
+    if callable(data):
+        found = getattr(data, "__name__", type(data).__name__)
+        raise FreqviInputError(
+            f"{name} must be arrays (or an iterable of batches); got a callable, {found}. Every driver "
+            "takes (model, data, guide=None): pass the data second and the guide third, or by keyword "
+            "(data=..., guide=...)."
+        )
 
 
 def check_finite(t: torch.Tensor, name: str, allow_nan: bool = False, advice: str | None = None) -> None:

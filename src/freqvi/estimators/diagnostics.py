@@ -41,7 +41,7 @@ class GradientMoments:
         return (self.variance / self.num_draws).sqrt()
 
 
-def gradient_variance(model, guide, data, loss: str | ELBO = "trace", num_draws: int = 100,
+def gradient_variance(model, data, guide, loss: str | ELBO = "trace", num_draws: int = 100,
                       **loss_options) -> dict[str, GradientMoments]:
     r"""Draws ``num_draws`` independent gradient estimates of ``loss`` at the current parameters.
 
@@ -55,8 +55,8 @@ def gradient_variance(model, guide, data, loss: str | ELBO = "trace", num_draws:
     float64.
 
     :param model: the model callable.
-    :param guide: the guide callable (its parameters are created on the first draw if new).
     :param data: one array or a tuple of arrays passed to model and guide.
+    :param guide: the guide callable (its parameters are created on the first draw if new).
     :param loss: an :class:`~pyro.infer.ELBO` or a name from :data:`~freqvi.estimators.ESTIMATORS`.
     :param num_draws: independent draws, at least 2.
     :returns: parameter name -> :class:`GradientMoments`.

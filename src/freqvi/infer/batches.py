@@ -23,7 +23,7 @@ from freqvi.errors import FreqviInputError
 from freqvi.guides import LocalMeanField
 from freqvi.handlers import SubsamplePlate
 from freqvi.traces import data_plate
-from freqvi.validation import WithMissing, as_data, check_positive_int, with_missing
+from freqvi.validation import WithMissing, as_data, check_not_callable, check_positive_int, with_missing
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ def make_batches(data, batch_size: int | None, plate_name: str, num_observations
     """An :class:`InMemoryBatches` for arrays, a :class:`StreamedBatches` for an iterable of batches."""
     if num_observations is not None:
         num_observations = check_positive_int(num_observations, "num_observations")
+    check_not_callable(data)
     missing = isinstance(data, WithMissing)
     if not is_stream(data.data if missing else data):
         return InMemoryBatches(as_data(data), batch_size, plate_name, num_observations, device)

@@ -44,6 +44,15 @@ class Bootstrap:
     converged: np.ndarray
     kind: str
 
+    def __repr__(self) -> str:
+        """One line a parameter: its estimate's size and the bootstrap standard error's range."""
+        replicates = len(self.converged)
+        lines = [f"Bootstrap ({self.kind}): {replicates} replicates, {int(self.converged.sum())} converged"]
+        for name, se in self.standard_errors().items():
+            lines.append(f"  {name}: shape {tuple(self.estimate[name].shape)}, standard errors "
+                         f"{np.min(se):.3g} to {np.max(se):.3g}")
+        return "\n".join(lines)
+
     def standard_errors(self) -> dict[str, np.ndarray]:
         """The replicates' standard deviations."""
         return {name: draws.std(0, ddof=1) for name, draws in self.draws.items()}

@@ -38,6 +38,11 @@ class DiffusionBound:
     standard_error: float
     per_observation: torch.Tensor
 
+    def __repr__(self) -> str:
+        return (f"DiffusionBound: {self.nats_per_dim:.4f} nats per dimension "
+                f"(s.e. {self.standard_error:.4f}), {self.bits_per_dim:.4f} bits per dimension: an upper "
+                f"bound on the NLL of {len(self.per_observation)} observations")
+
 
 @thread_policy
 def diffusion_bound(model, data, *, guide=None, num_particles: int = 1, seed: int | None = None,

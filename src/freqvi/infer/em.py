@@ -78,6 +78,16 @@ class EMResult:
     wall_time: float = 0.0
     m_step: str = ""
 
+    def __repr__(self) -> str:
+        """Two lines: iterations, M-step, time, convergence; the first and last objective."""
+        state = "converged" if self.converged else "not converged"
+        lines = [f"EMResult: {self.num_iter} iterations ({self.m_step} M-step) in {self.wall_time:.2f} s, "
+                 f"{state} ({self.stop_reason or 'not run'})"]
+        if self.log_likelihood:
+            lines.append(f"  objective {self.log_likelihood[-1]:.6g} nats (from {self.log_likelihood[0]:.6g})"
+                         + (f"; largest score entry {self.score:.2g}" if self.score is not None else ""))
+        return "\n".join(lines)
+
 
 @thread_policy
 def em(

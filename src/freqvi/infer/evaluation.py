@@ -50,9 +50,16 @@ class ELBOTerms:
     analytic_kl: bool
     num_samples: int
 
+    def __repr__(self) -> str:
+        n = len(self.per_observation)
+        kl = "analytic" if self.analytic_kl else "Monte-Carlo"
+        return (f"ELBOTerms: ELBO {self.elbo:.6g} nats (s.e. {self.standard_error:.3g}) over {n} "
+                f"observations = reconstruction {self.reconstruction:.6g} - KL {self.kl:.6g} ({kl} KL, "
+                f"{self.num_samples} draws each)")
+
 
 @thread_policy
-def elbo_terms(model, guide=None, data=None, *, num_samples: int = 100, data_plate_name: str = "data",
+def elbo_terms(model, data, guide=None, *, num_samples: int = 100, data_plate_name: str = "data",
                seed: int | None = None) -> ELBOTerms:
     r"""Estimates the reconstruction term and the KL term of the ELBO per observation.
 
@@ -137,9 +144,13 @@ class AmortizationGap:
     gap: float
     standard_error: float
 
+    def __repr__(self) -> str:
+        return (f"AmortizationGap: {self.gap:.4g} nats over {len(self.encoder_elbo)} observations "
+                f"(s.e. {self.standard_error:.3g}), {self.gap / len(self.encoder_elbo):.4g} per observation")
+
 
 @thread_policy
-def amortization_gap(model, guide: AmortizedNormal, data, *, num_steps: int = 500, lr: float = 0.02,
+def amortization_gap(model, data, guide: AmortizedNormal, *, num_steps: int = 500, lr: float = 0.02,
                      num_samples: int = 1000, seed: int | None = None) -> AmortizationGap:
     r"""The amortisation gap on ``data`` (a few observations): how much ELBO the shared encoder gives up.
 
@@ -152,6 +163,7 @@ def amortization_gap(model, guide: AmortizedNormal, data, *, num_steps: int = 50
     in the data plate at dim -1 (one latent vector per observation).
 
     :param model: the model callable (or a freqvi model, whose ``model`` is used).
+    :param data: a few observations (one array or a tuple of arrays).
     :param guide: the trained amortised guide.
     """
     pair = resolve_pair(model, guide)
@@ -166,8 +178,8 @@ def amortization_gap(model, guide: AmortizedNormal, data, *, num_steps: int = 50
     local(*data)  # creates the local parameters
     _start_from_encoder(local, guide, data)
     _maximize_local(pair.model, local, data, num_steps, lr)
-    encoder = elbo_terms(pair.model, guide, data, num_samples=num_samples)
-    optimized = elbo_terms(pair.model, local, data, num_samples=num_samples)
+    encoder = elbo_terms(pair.model, data, guide, num_samples=num_samples)
+    optimized = elbo_terms(pair.model, data, local, num_samples=num_samples)
     gap = float((optimized.per_observation - encoder.per_observation).double().sum())
     return AmortizationGap(encoder.per_observation, optimized.per_observation, gap,
                            math.hypot(encoder.standard_error, optimized.standard_error))

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyro
 import torch
 from pyro.infer import ELBO
@@ -70,12 +71,30 @@ class FitResult:
     stop_reason: str = ""
     interrupted: bool = False
 
+    def __repr__(self) -> str:
+        """A few lines: estimator, steps, time, the final ELBO and its per-step spread, why it stopped."""
+        loss = type(self.loss).__name__ if self.loss is not None else "no estimator"
+        lines = [f"FitResult: {self.num_steps} steps of {loss} in {self.wall_time:.2f} s "
+                 f"({self.cpu_time:.2f} CPU s); stopped by {self.stop_reason or 'num_steps'}"]
+        if self.elbo:
+            # Per-step values are one-draw estimates: the mean of the last ones is what to read.
+            tail = np.asarray(self.elbo[-100:], dtype=float)
+            spread = f", s.d. {tail.std(ddof=1):.3g} per step" if len(tail) > 1 else ""
+            lines.append(f"  ELBO {tail.mean():.6g} nats (mean of the last {len(tail)} steps{spread})")
+        if self.validation_elbo:
+            best = max(self.validation_elbo)
+            lines.append(f"  held-out ELBO: best {best:.6g} nats at step {self.best_step}"
+                         + (", stopped early" if self.stopped_early else ""))
+        if self.refused_steps:
+            lines.append(f"  refused steps (loss, gradient or update not finite): {self.refused_steps}")
+        return "\n".join(lines)
+
 
 @thread_policy
 def fit(
     model,
-    guide,
     data,
+    guide=None,
     *,
     loss: str | ELBO = "trace",
     optim: str | PyroOptim | torch.optim.Optimizer = "adam",
@@ -117,7 +136,6 @@ def fit(
 
     :param model: a model callable, a freqvi model (then ``guide=None`` uses its
         exact-posterior guide) or a ``(model, guide)`` tuple.
-    :param guide: the guide callable, or ``None`` as above.
     :param data: one array or a tuple of arrays, passed to model and guide as
         positional arguments; float64 data fits in float64, integer and boolean arrays pass
         unchanged, NaN cells only marked by :func:`freqvi.with_missing`. Or data larger than
@@ -125,6 +143,7 @@ def fit(
         :class:`freqvi.datasets.NpyBatches`, a generator; each batch an array or a
         tuple of arrays), the model called with each batch in turn and its data plate
         scaled by ``num_observations / len(batch)``.
+    :param guide: the guide callable, or ``None`` as above.
     :param loss: an :class:`~pyro.infer.ELBO` or a name from
         :data:`freqvi.estimators.ESTIMATORS`; ``loss_options`` go to its constructor, with
         ``data_plate_name`` and the pair's plate nesting where it takes them. An estimator that

@@ -258,19 +258,24 @@ class Information:
     def summary(self, level: float = 0.95, kind: str = "observed"):
         """A parameter table like statsmodels': estimate, standard error, z, p-value, Wald interval.
 
-        One row per scalar entry, indexed by ``name[i, j]``; a ``pandas.DataFrame``.
+        One row per free scalar entry, indexed by ``name[i, j]``; a ``pandas.DataFrame``.
+        A symmetric matrix (a covariance) lists its lower triangle only: ``[k, j, i]``
+        is ``[k, i, j]``, the same number with the same standard error.
         The z statistic and p-value test the entry being 0, two-sided.
         """
         import pandas as pd  # ArviZ's dependency; imported when a table is asked for
 
         if not 0 < level < 1:
             raise FreqviInputError(f"level must be between 0 and 1; got {level!r}.")
-        estimates, _ = self._delta()
+        estimates, jacobians = self._delta()
         errors = self.standard_errors(kind)
         quantile = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)).item()
         rows = []
         for name, value in estimates.items():
+            symmetric = _is_symmetric(value, jacobians[name])
             for index in _indices(value.shape):
+                if symmetric and index[-2] < index[-1]:
+                    continue
                 est, se = float(value[index]), float(errors[name][index])
                 z = est / se if se > 0 else math.nan
                 rows.append({"parameter": name + (str(list(index)) if index else ""), "estimate": est,
@@ -389,6 +394,15 @@ def _statistics(pair: Pair, parameters: Parameters) -> dict[str, torch.Tensor]:
     if pair.owner is not None:
         return pair.owner.statistics()
     return {name: pyro.param(name) for name in parameters.names}
+
+
+def _is_symmetric(value: torch.Tensor, jacobian: torch.Tensor) -> bool:
+    """Whether ``value`` is a stack of symmetric matrices whose mirrored entries are one function
+    of the parameters (equal Jacobian rows), as a covariance is."""
+    if value.dim() < 2 or value.shape[-1] != value.shape[-2]:
+        return False
+    rows = jacobian.reshape(*value.shape, -1)
+    return torch.equal(value, value.transpose(-1, -2)) and torch.equal(rows, rows.transpose(-2, -3))
 
 
 def _indices(shape):

@@ -58,7 +58,7 @@ class LogLikelihood:
     joint: bool = False
     pareto_k_note: str | None = None
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
         """One line: the total, its standard error and method, and what k-hat says."""
         text = f"log-likelihood {self.total:.4f} nats ({self.method}"
         if self.method == "importance":
@@ -110,8 +110,8 @@ _NO_PER_OBSERVATION = (
 @thread_policy
 def log_likelihood(
     model,
+    data,
     guide=None,
-    data=None,
     *,
     num_samples: int = 1000,
     method: str = "auto",

@@ -34,6 +34,11 @@ class MLEResult:
     gradient: float
     wall_time: float
 
+    def __repr__(self) -> str:
+        state = "converged" if self.converged else "not converged"
+        return (f"MLEResult: log-likelihood {self.log_likelihood:.6g} nats after {self.num_iter} L-BFGS "
+                f"iterations in {self.wall_time:.2f} s, {state} (largest |gradient| / n {self.gradient:.2g})")
+
 
 @thread_policy
 def maximize_likelihood(model, data, *, max_iter: int = 500, tol: float = 1e-7,

@@ -82,7 +82,7 @@ def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_s
     data = as_data(data)
     rows = {}
     for name, model in candidates.items():
-        fit(model, guide=None, data=data, seed=seed, progress=False, **fit_options)  # em's order or fit's
+        fit(model, data, **{"seed": seed, "progress": False, **fit_options})  # a user's options win
         criteria = information_criteria(model, data, num_samples=num_samples, seed=seed)
         rows[name] = {"log_likelihood": criteria.log_likelihood, "num_parameters": criteria.num_parameters,
                       "aic": criteria.aic, "bic": criteria.bic}
