@@ -66,8 +66,8 @@ class Bootstrap:
     def summary(self, level: float = 0.95):
         """A ``pandas.DataFrame``: estimate, bootstrap standard error and percentile interval per entry.
 
-        A matrix symmetric in the estimate and in every replicate (a covariance) lists its lower
-        triangle only, as :meth:`freqvi.infer.information.Information.summary` does.
+        A symmetric matrix (a covariance: symmetric in the estimate and in every replicate) lists
+        its lower triangle only, as :meth:`freqvi.Information.summary` does.
         """
         import pandas as pd  # ArviZ's dependency; imported when a table is asked for
 
@@ -75,7 +75,7 @@ class Bootstrap:
                                                            strict=True)
         rows = []
         for (name, est), low, high in zip(self.estimate.items(), lower, upper, strict=True):
-            symmetric = _is_symmetric(np.concatenate([est[None], self.draws[name]]))
+            symmetric = _is_symmetric(est, self.draws[name])
             for index in np.ndindex(est.shape):
                 if symmetric and index[-2] < index[-1]:
                     continue
@@ -93,6 +93,13 @@ class Bootstrap:
         import arviz as az  # deferred: importing ArviZ is slow
 
         return az.from_dict(posterior={name: d[None] for name, d in self.draws.items()})
+
+
+def _is_symmetric(estimate: np.ndarray, draws: np.ndarray) -> bool:
+    """Whether the estimate and every replicate are stacks of symmetric matrices."""
+    return (estimate.ndim >= 2 and estimate.shape[-1] == estimate.shape[-2]
+            and np.array_equal(estimate, np.swapaxes(estimate, -1, -2))
+            and np.array_equal(draws, np.swapaxes(draws, -1, -2)))
 
 
 @thread_policy
@@ -302,12 +309,6 @@ def _text(node: ast.expr) -> str | None:
 
 def _single_threaded() -> None:
     torch.set_num_threads(1)
-
-
-def _is_symmetric(matrices: np.ndarray) -> bool:
-    """Whether ``matrices`` (``(..., d, d)``) are all symmetric, exactly."""
-    return matrices.ndim >= 3 and matrices.shape[-1] == matrices.shape[-2] and bool(
-        (matrices == np.swapaxes(matrices, -1, -2)).all())
 
 
 def _replicate(job: tuple[bytes, int]) -> tuple[dict[str, np.ndarray], bool]:
