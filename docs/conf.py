@@ -56,7 +56,9 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_member_order = "bysource"
 # Signatures read like the source (``str | ELBO``), descriptions carry the types.
 autodoc_typehints = "signature"
-autodoc_preserve_defaults = True
+# False: a driver wrapped by freqvi.infer.threads.thread_policy has one more default (num_threads) than
+# its source, which the source-reading default preserver cannot match ("pop from empty list").
+autodoc_preserve_defaults = False
 # A method without a docstring stays without one (not torch.nn.Module.forward's text).
 autodoc_inherit_docstrings = False
 

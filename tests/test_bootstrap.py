@@ -60,6 +60,19 @@ def test_per_observation_log_likelihood_exports_to_arviz(fitted_iris):
     assert float(group.sum()) == pytest.approx(loglik.total)
 
 
+def test_the_summary_lists_a_symmetric_matrix_once():
+    a = np.array([[2.0, 0.5], [0.5, 1.0]])
+    draws = np.stack([a + d * np.array([[1.0, 0.3], [0.3, 2.0]]) for d in (-0.1, 0.0, 0.2)])
+    square = np.array([[1.0, 2.0], [3.0, 4.0]])
+    boot = freqvi.Bootstrap({"cov": a, "square": square},
+                            {"cov": draws, "square": np.stack([square, square + 1, square - 1])},
+                            np.ones(3, dtype=bool), "nonparametric")
+    table = boot.summary()
+    assert list(table.index) == ["cov[0, 0]", "cov[1, 0]", "cov[1, 1]",
+                                 "square[0, 0]", "square[0, 1]", "square[1, 0]", "square[1, 1]"]
+    assert table.loc["cov[1, 0]", "std_err"] == pytest.approx(np.std(draws[:, 1, 0], ddof=1))
+
+
 @pytest.mark.slow
 def test_two_hundred_replicates_on_iris_bracket_the_estimate(fitted_iris, capsys):
     gm, x = fitted_iris

@@ -184,6 +184,9 @@ def shifted_information(x, mu, h=1e-4) -> float:
     return -(loglik(mu + h) - 2 * loglik(mu) + loglik(mu - h)) / h**2
 
 
+# One row of 40 has k-hat 1.3 (the prior proposal draws its s = 1 only 30% of the time) and Louis warns,
+# rightly, for that row; the total information still agrees, which is what this test measures.
+@pytest.mark.filterwarnings("ignore:Louis's identity. PSIS k-hat:freqvi.errors.ImportanceSamplingWarning")
 def test_louis_holds_a_prior_drawn_latent_fixed_and_out_of_the_weight():
     """The draw of s comes from its prior, whose density cancels from the weight, and stays put while
     theta moves: six runs of K = 1000 draws are within 4 standard errors of the exact information

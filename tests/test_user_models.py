@@ -98,6 +98,9 @@ def test_heavy_tailed_weights_warn():
 
     with pytest.warns(freqvi.errors.ImportanceSamplingWarning, match="k-hat"):
         freqvi.log_likelihood(model, x, narrow_guide, num_samples=500, proposal="guide")
+    # Louis's identity uses the same weights: its information cannot be trusted either, and says so
+    with pytest.warns(freqvi.errors.ImportanceSamplingWarning, match="Louis's identity: PSIS k-hat"):
+        freqvi.observed_information(model, x, narrow_guide, method="louis", num_samples=800)
 
 
 def discrete_model(x):

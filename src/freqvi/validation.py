@@ -25,7 +25,7 @@ _KEPT_FLOATS = (torch.float32, torch.float64)
 class WithMissing:
     """An array (or an iterable of batches) whose NaN cells are missing values the model itself handles.
 
-    Made by :func:`with_missing`; every driver unwraps it where it checks its data.
+    Made by :func:`freqvi.with_missing`; every driver unwraps it where it checks its data.
     """
 
     data: object

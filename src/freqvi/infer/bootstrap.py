@@ -64,14 +64,21 @@ class Bootstrap:
                 for name, d in self.draws.items()}
 
     def summary(self, level: float = 0.95):
-        """A ``pandas.DataFrame``: estimate, bootstrap standard error and percentile interval per entry."""
+        """A ``pandas.DataFrame``: estimate, bootstrap standard error and percentile interval per entry.
+
+        A symmetric matrix (a covariance: symmetric in the estimate and in every replicate) lists
+        its lower triangle only, as :meth:`freqvi.Information.summary` does.
+        """
         import pandas as pd  # ArviZ's dependency; imported when a table is asked for
 
         errors, (lower, upper) = self.standard_errors(), zip(*self.percentile_interval(level).values(),
                                                            strict=True)
         rows = []
         for (name, est), low, high in zip(self.estimate.items(), lower, upper, strict=True):
+            symmetric = _is_symmetric(est, self.draws[name])
             for index in np.ndindex(est.shape):
+                if symmetric and index[-2] < index[-1]:
+                    continue
                 label = name + (str(list(index)) if index else "")
                 rows.append({"parameter": label, "estimate": est[index], "std_err": errors[name][index],
                              f"[{(1 - level) / 2:g}": low[index], f"{(1 + level) / 2:g}]": high[index]})
@@ -86,6 +93,13 @@ class Bootstrap:
         import arviz as az  # deferred: importing ArviZ is slow
 
         return az.from_dict(posterior={name: d[None] for name, d in self.draws.items()})
+
+
+def _is_symmetric(estimate: np.ndarray, draws: np.ndarray) -> bool:
+    """Whether the estimate and every replicate are stacks of symmetric matrices."""
+    return (estimate.ndim >= 2 and estimate.shape[-1] == estimate.shape[-2]
+            and np.array_equal(estimate, np.swapaxes(estimate, -1, -2))
+            and np.array_equal(draws, np.swapaxes(draws, -1, -2)))
 
 
 @thread_policy

@@ -7,14 +7,21 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
 from torch.autograd.functional import hessian, jacobian
 from torch.distributions import constraints, transform_to
 
-from freqvi.errors import ConvergenceWarning, FreqviInputError, FreqviWarning
-from freqvi.infer.log_likelihood import ImportanceWeights, exact_route, outside_data_plate
+from freqvi.errors import ConvergenceWarning, FreqviInputError, FreqviWarning, ImportanceSamplingWarning
+from freqvi.infer.log_likelihood import (
+    PARETO_K_THRESHOLD,
+    ImportanceWeights,
+    exact_route,
+    outside_data_plate,
+    pareto_k_hat,
+)
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
@@ -503,16 +510,35 @@ def _louis_replicated(pair: Pair, data, model_trace, frame, parameters: Paramete
     """
     count = min(_REPLICATES, num_samples // _MIN_DRAWS)
     if count < 2:
-        matrix, scores, joint = _louis(pair, data, model_trace, frame, parameters, num_samples)
+        matrix, scores, joint, log_w = _louis(pair, data, model_trace, frame, parameters, num_samples)
+        _warn_on_heavy_tails(log_w)
         return matrix, None if joint else scores, None
     runs = [_louis(pair, data, model_trace, frame, parameters, num_samples // count) for _ in range(count)]
-    matrices = torch.stack([m for m, _, _ in runs])  # (R, P, P)
-    scores = torch.stack([s for _, s, _ in runs])  # (R, n, P), or (R, 1, P) for the joint total
+    _warn_on_heavy_tails(torch.cat([w for *_, w in runs]))  # all draws: independent, one proposal
+    matrices = torch.stack([m for m, *_ in runs])  # (R, P, P)
+    scores = torch.stack([s for _, s, *_ in runs])  # (R, n, P), or (R, 1, P) for the joint total
     centred = scores - scores.mean(0)
     bias = torch.einsum("rnp,rnq->pq", centred, centred) / (count - 1)
     if runs[0][2]:
         return matrices.mean(0) - bias, None, None
     return matrices.mean(0) - bias, scores.mean(0), scores
+
+
+def _warn_on_heavy_tails(log_w: torch.Tensor) -> None:
+    """Louis's expectations are self-normalised importance sampling: PSIS k-hat above 0.7 means
+    they, and the information built on them, cannot be trusted (a poor guide gave information
+    8.3 where the exact value was -3.07, with no word): say so, as log_likelihood does."""
+    pareto_k, _ = pareto_k_hat(log_w, torch.finfo(log_w.dtype).eps, "columns")
+    heavy = int((pareto_k > PARETO_K_THRESHOLD).sum())
+    if heavy:
+        warnings.warn(
+            f"Louis's identity: PSIS k-hat > {PARETO_K_THRESHOLD} for {heavy} of {len(pareto_k)} importance "
+            f"weight columns (max {np.nanmax(pareto_k):.2f}) with the guide as proposal: the posterior "
+            "expectations, the information and the standard errors cannot be trusted. Fit the guide "
+            "closer to the posterior (e.g. loss='stl' or more steps) or pass a better guide.",
+            ImportanceSamplingWarning,
+            stacklevel=5,
+        )
 
 
 def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_samples: int):
@@ -527,8 +553,9 @@ def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_sam
     of all latents: the information is then the total's, and per-observation
     scores do not exist (returned as ``None``).
 
-    :returns: ``(I, scores, joint)``: ``(P, P)`` and ``(n, P)`` per-observation scores, or on the
-        joint weight ``(1, P)``, the total's score, with ``joint`` true; float64.
+    :returns: ``(I, scores, joint, log_w)``: ``(P, P)`` and ``(n, P)`` per-observation scores, or
+        on the joint weight ``(1, P)``, the total's score, with ``joint`` true; float64; and the
+        log weights ``(K, n)`` (or ``(K, 1)``) for the tail check.
     :raises FreqviInputError: for a point-mass guide (:func:`~freqvi.traces.check_proposal`).
     """
     dims = max_plate_nesting(model_trace) + 1
@@ -537,7 +564,8 @@ def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_sam
     coupled = bool(outside_data_plate(latent_sites(model_trace), frame))
     with torch.no_grad():
         draws = ImportanceWeights.draw(pair, data, frame, dims, [num_samples], coupled)
-        weights = torch.softmax(draws.columns().double(), 0)  # (K, n), or (K, 1) joint
+        log_w = draws.columns().double()  # (K, n), or (K, 1) joint
+        weights = torch.softmax(log_w, 0)
 
     def complete(v: torch.Tensor) -> torch.Tensor:  # log p(x, z_k) at theta = v, as weights' columns
         return draws.log_joint(poutine.substitute(pair.model, data=parameters.values(v)), data)
@@ -549,4 +577,4 @@ def _louis(pair: Pair, data, model_trace, frame, parameters: Parameters, num_sam
     mean_score = (weights.unsqueeze(-1) * scores).sum(0)  # (n, P): Fisher's identity
     centred = scores - mean_score
     covariance = torch.einsum("kn,knp,knq->pq", weights, centred, centred)
-    return -expected_hessian - covariance, mean_score, draws.joint
+    return -expected_hessian - covariance, mean_score, draws.joint, log_w

@@ -421,7 +421,7 @@ def per_observation(site, particle_dim: int, frame) -> torch.Tensor:
     return lp.sum(summed) if summed else lp
 
 
-def _pareto_k(log_w: torch.Tensor, eps: float, what: str) -> tuple[np.ndarray, str | None]:
+def pareto_k_hat(log_w: torch.Tensor, eps: float, what: str) -> tuple[np.ndarray, str | None]:
     """PSIS k-hat per column (ArviZ) and, where it cannot be estimated (NaN), why (``what``: the columns).
 
     ``-inf`` where the weights are constant: the proposal is the exact posterior,
@@ -468,7 +468,7 @@ def _importance_estimate(log_w: torch.Tensor, offset: float, joint: bool, propos
     se_obs = w.std(0, correction=1) / (math.sqrt(k) * w.mean(0)) if k > 1 \
         else torch.full_like(per_obs, float("inf"))
     what = "joint weight(s)" if joint else "observations"
-    pareto_k, note = _pareto_k(log_w64, torch.finfo(log_w.dtype).eps, what)
+    pareto_k, note = pareto_k_hat(log_w64, torch.finfo(log_w.dtype).eps, what)
     result = LogLikelihood(
         total=float(per_obs.sum()) + offset,
         per_observation=None if joint else per_obs.to(log_w.dtype),

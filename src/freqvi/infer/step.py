@@ -36,13 +36,13 @@ class GuardedStep:
     value of 1e6 under a ``positive`` constraint, :math:`e^{10^6} = \infty`, counts) or
     some optimiser state is not finite. The next call draws afresh (for a Monte-Carlo
     estimator another draw may well be finite). After ``max_retries`` refusals in a row
-    the run stops with a :class:`FreqviError` naming the step, the estimator and the
+    the run stops with a :class:`~freqvi.errors.FreqviError` naming the step, the estimator and the
     cause, with the last good parameters in place: if the loss stays non-finite at the
     parameters the last accepted update produced but is finite at those before it,
     that update is what diverged, and it is undone too. An update after which the loss,
     though finite, rises above the last accepted loss :math:`L` by more than
     :math:`10^6 \max(|L|, 1)` diverged as well: it is undone and the run stops at once.
-    :meth:`require_progress` makes a run whose every step was refused an error.
+    :meth:`GuardedStep.require_progress` makes a run whose every step was refused an error.
 
     :param params: the unconstrained parameters to update, by their param-store names.
     :param optimizer: a torch optimiser over them, or a :class:`~pyro.optim.PyroOptim`.
@@ -99,7 +99,7 @@ class GuardedStep:
         return None
 
     def require_progress(self) -> None:
-        """Raises :class:`FreqviError` if steps were taken and every one was refused.
+        """Raises :class:`~freqvi.errors.FreqviError` if steps were taken and every one was refused.
 
         Such a run changed nothing, so returning its result as a fit would be a silent failure.
         """

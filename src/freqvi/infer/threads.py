@@ -24,6 +24,7 @@ The caller's setting is restored on the way out, also when the work raises.
 from __future__ import annotations
 
 import functools
+import glob
 import inspect
 import math
 import operator
@@ -99,19 +100,33 @@ def _usable_cores() -> int:
 
 
 def _busy_cores(reads: int = 3, pause: float = 5e-4) -> int:
-    """Runnable tasks other than this one, the least of ``reads`` looks at ``/proc/loadavg`` (its
-    fourth field counts the tasks runnable now, this one included): a process that keeps a core
-    busy is runnable at every look, a short-lived one is not. 0 where the file does not exist."""
+    """Runnable tasks of other processes, the least of ``reads`` looks: ``/proc/loadavg``'s fourth
+    field counts every task runnable now, less this process's runnable threads (its own OpenMP or
+    BLAS threads spin for a while after parallel work). A process that keeps a core busy is
+    runnable at every look, a short-lived one is not. 0 where Linux's ``/proc`` is missing."""
     counts = []
     for i in range(reads):
         try:
             with open("/proc/loadavg", encoding="ascii") as loadavg:
-                counts.append(int(loadavg.read().split()[3].split("/")[0]) - 1)
+                runnable = int(loadavg.read().split()[3].split("/")[0])
         except (OSError, IndexError, ValueError):
             return 0
+        counts.append(runnable - _own_runnable_threads())
         if i + 1 < reads:
             time.sleep(pause)
     return max(0, min(counts))
+
+
+def _own_runnable_threads() -> int:
+    """This process's threads in state R (running or waiting for a core), this one included."""
+    count = 0
+    for stat in glob.glob("/proc/self/task/*/stat"):
+        try:
+            with open(stat, encoding="ascii", errors="replace") as status:
+                count += status.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue  # a thread that ended between the listing and the read
+    return max(count, 1)
 
 
 @contextmanager
@@ -120,10 +135,10 @@ def intra_op_threads(num_threads: int | None = None, *, entries: int | None = No
     (``None``: unknown, so the caller's count unless one is requested); yields the count and
     restores the caller's afterwards, also when the block raises.
 
-    :raises FreqviInputError: ``num_threads`` or :data:`ENV_VAR` is not a positive integer.
-
     An explicit ``num_threads`` also holds for the drivers called inside the block. Torch's
     setting is the process's: a block in one Python thread sets it for every thread.
+
+    :raises FreqviInputError: ``num_threads`` or :data:`ENV_VAR` is not a positive integer.
     """
     requested = requested_num_threads(num_threads)
     count = requested if requested is not None else _by_size(entries)
