@@ -99,9 +99,8 @@ def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = 
         and the effective sample size are across them).
     :param leapfrog_steps: leapfrog steps per HMC transition.
     :param step_size: the leapfrog step on the unconstrained space (unit mass).
-    ``_start`` (private, for :func:`bidirectional_log_likelihood`): exact posterior
-    draws to run the reverse chain from.
-
+    :param _start: private, for :func:`bidirectional_log_likelihood`: exact posterior
+        draws to run the reverse chain from.
     :raises FreqviInputError: for a guide that is not a density over the model's
         latents drawn directly (auxiliary draws, point masses), a discrete latent, a
         latent outside the data plate or a model latent the guide lacks (naming the
