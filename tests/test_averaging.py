@@ -6,6 +6,7 @@ log-likelihood sum_i log N(x_i; mu, 1 + s^2) for any draw of z, a closed form to
 against, and the MLE of mu is mean(x).
 """
 
+import json
 import math
 
 import numpy as np
@@ -18,10 +19,11 @@ from scipy.stats import chi2
 from simulate import factor_data
 
 import freqvi
+from freqvi.cli import main
 from freqvi.errors import FreqviInputError
 from freqvi.infer.averaging import EMA, Polyak
 from freqvi.infer.checkpoint import load_checkpoint, stable_name
-from freqvi.infer.fit import _VALIDATION_SEED
+from freqvi.infer.fit import _VALIDATION_SEED, fit
 from freqvi.models import FactorAnalysis
 
 
@@ -82,6 +84,7 @@ def test_ema_is_the_warmed_up_recursion_on_the_unconstrained_iterates():
     np.testing.assert_allclose(unconstrained(), average, rtol=1e-12)
     assert float(pyro.param("s").detach()) == pytest.approx(math.exp(average[1]), rel=1e-12)  # as log s
     assert result.average == EMA(decay=0.8)
+    assert "averaged by EMA(decay=0.8, warmup=True, leave_raw=False); the average left" in repr(result)
 
 
 def test_ema_without_warmup_and_polyak_from_a_step():
@@ -227,3 +230,25 @@ def test_polyak_average_is_closer_to_the_mle_than_the_last_iterate():
     assert low < sum(last) < high
     assert low < sum(averaged) < high
     assert np.mean(averaged) * np.sum(average_weights**2) < np.mean(last) * np.sum(last_weights**2)
+
+
+DIFFUSION_QUICK = ["diffusion", "--quiet", "--steps", "20", "--diffusion-steps", "20", "--hidden", "16",
+                   "--samples", "200"]
+
+
+def test_freqvi_diffusion_samples_and_evaluates_the_ema(tmp_path, monkeypatch):
+    """The subcommand's model holds the average of the EMA its --ema-decay names, recorded in metrics.json."""
+    fits = []
+    monkeypatch.setattr(freqvi, "fit", lambda *args, **options: fits.append(options) or fit(*args, **options))
+    assert main([*DIFFUSION_QUICK, "--ema-decay", "0.99", "--out", str(tmp_path / "ema")]) == 0
+    assert main([*DIFFUSION_QUICK, "--ema-decay", "0", "--out", str(tmp_path / "raw")]) == 0
+    assert [options["average"] for options in fits] == [EMA(decay=0.99), None]
+    for name, decay in (("ema", 0.99), ("raw", 0.0)):
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["fit"]["ema_decay"] == decay
+
+
+def test_freqvi_diffusion_refuses_a_decay_outside_0_1(tmp_path, capsys):
+    assert main([*DIFFUSION_QUICK, "--ema-decay", "1.5", "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "strictly between 0 and 1; got 1.5" in err
+    assert not (tmp_path / "out").exists()  # refused before any work

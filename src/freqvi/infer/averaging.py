@@ -4,13 +4,13 @@ A stochastic-gradient fit with a constant step size ends wherever its last noisy
 the iterate :math:`\theta_t` fluctuates around the optimum with a spread of the order of the step
 size. An average of the iterates removes most of that noise:
 
-- :class:`EMA`, an exponential moving average, the device of every diffusion trainer (Ho et al.
+- :class:`~freqvi.EMA`, an exponential moving average, the device of every diffusion trainer (Ho et al.
   2020, decay 0.9999):
   :math:`\bar\theta_k = d_k \bar\theta_{k-1} + (1 - d_k) \theta_k`, with :math:`\bar\theta_0` the
   parameters at the start and, with ``warmup``, :math:`d_k = \min(d, k / (9 + k))` at the
   :math:`k`-th update, the warm-up of TensorFlow's ``tf.train.ExponentialMovingAverage``
   (``num_updates``), so that the first iterates are not swamped by the starting values.
-- :class:`Polyak`, the Polyak-Ruppert average
+- :class:`~freqvi.Polyak`, the Polyak-Ruppert average
   :math:`\bar\theta_t = \frac{1}{t - s + 1} \sum_{u=s}^{t} \theta_u` of the iterates from step
   :math:`s` on, which makes a stochastic-approximation estimate asymptotically efficient (Polyak
   and Juditsky 1992, "Acceleration of stochastic approximation by averaging", SIAM J. Control

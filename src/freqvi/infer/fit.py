@@ -215,8 +215,8 @@ def fit(
     :param on_evaluation: the same, called after every held-out evaluation
         (``validation_elbo[-1]`` the newest); true ends the run (``"on_evaluation"``).
     :param average: keep an average of the iterates beside the raw parameters
-        (:mod:`freqvi.infer.averaging`): ``"ema"`` (:class:`~freqvi.infer.averaging.EMA`, decay 0.999
-        with warm-up), ``"polyak"`` (:class:`~freqvi.infer.averaging.Polyak`, every iterate), or either
+        (:mod:`freqvi.infer.averaging`): ``"ema"`` (:class:`~freqvi.EMA`, decay 0.999
+        with warm-up), ``"polyak"`` (:class:`~freqvi.Polyak`, every iterate), or either
         object with its options. The average, of the unconstrained parameters and over accepted
         steps, is what held-out evaluations (and so early stopping and the parameters kept) use,
         what checkpoints save beside the raw parameters and ``resume`` restores, and what the run
