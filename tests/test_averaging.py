@@ -21,10 +21,11 @@ from simulate import factor_data
 import freqvi
 from freqvi.cli import main
 from freqvi.errors import FreqviInputError
-from freqvi.infer.averaging import EMA, Polyak
+from freqvi.infer.averaging import EMA, Polyak, as_average
 from freqvi.infer.checkpoint import load_checkpoint, stable_name
 from freqvi.infer.fit import _VALIDATION_SEED, fit
 from freqvi.models import FactorAnalysis
+from freqvi.tour import BUDGETS, diffusion_stage
 
 
 def params(x):
@@ -103,8 +104,8 @@ def test_the_raw_iterate_is_left_on_request_or_before_averaging_starts(average):
 
 
 def test_the_names_and_bad_options():
-    assert freqvi.infer.averaging.as_average("ema") == EMA(decay=0.999, warmup=True)
-    assert freqvi.infer.averaging.as_average("polyak") == Polyak(start=1)
+    assert as_average("ema") == EMA(decay=0.999, warmup=True)
+    assert as_average("polyak") == Polyak(start=1)
     with pytest.raises(FreqviInputError, match=r"average must be None, one of \['ema', 'polyak'\].*'swa'"):
         freqvi.fit(model, data(), guide, num_steps=2, average="swa", progress=False)
     with pytest.raises(FreqviInputError, match=r"strictly between 0 and 1; got 1\.0"):
@@ -252,3 +253,20 @@ def test_freqvi_diffusion_refuses_a_decay_outside_0_1(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "strictly between 0 and 1; got 1.5" in err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+class _Stop(Exception):
+    """Ends a recipe at its fit call, once the call's options are recorded."""
+
+
+def test_the_tours_diffusion_fits_an_ema(tmp_path, monkeypatch):
+    options = {}
+
+    def record(*args, **given):
+        options.update(given)
+        raise _Stop
+
+    monkeypatch.setattr(freqvi, "fit", record)
+    with pytest.raises(_Stop):
+        diffusion_stage(tmp_path, BUDGETS["quick"], seed=0, progress=False)
+    assert as_average(options["average"]) == EMA(decay=0.999)
