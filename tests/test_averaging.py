@@ -27,11 +27,15 @@ from freqvi.infer.fit import _VALIDATION_SEED, fit
 from freqvi.models import FactorAnalysis
 from freqvi.tour import BUDGETS, diffusion_stage
 
+# Named as a module's and a guide's parameters are: sorted with and without instance numbers, the two
+# come in opposite orders, so a mix-up of the orders swaps them.
+MU, S = "Net_0.mu", "NetGuide_0.s"
+
 
 def params(x):
     """(mu, s), created by whichever of model and guide runs first."""
-    mu = pyro.param("mu", torch.tensor(0.0, dtype=x.dtype))
-    return mu, pyro.param("s", torch.tensor(2.0, dtype=x.dtype), constraint=constraints.positive)
+    mu = pyro.param(MU, torch.tensor(0.0, dtype=x.dtype))
+    return mu, pyro.param(S, torch.tensor(2.0, dtype=x.dtype), constraint=constraints.positive)
 
 
 def model(x):
@@ -61,7 +65,7 @@ def data(n=40, seed=0):
 def unconstrained():
     """(mu, log s): the coordinates the optimiser steps in, as floats."""
     store = pyro.get_param_store()
-    return tuple(float(store.get_param(n).unconstrained().detach()) for n in ("mu", "s"))
+    return tuple(float(store.get_param(n).unconstrained().detach()) for n in (MU, S))
 
 
 def fit_recording(x, num_steps=12, **options):
@@ -83,7 +87,7 @@ def test_ema_is_the_warmed_up_recursion_on_the_unconstrained_iterates():
         average = decay * average + (1 - decay) * theta
     assert not np.allclose(raw[-1], average, rtol=1e-3)  # the average is not the last iterate
     np.testing.assert_allclose(unconstrained(), average, rtol=1e-12)
-    assert float(pyro.param("s").detach()) == pytest.approx(math.exp(average[1]), rel=1e-12)  # as log s
+    assert float(pyro.param(S).detach()) == pytest.approx(math.exp(average[1]), rel=1e-12)  # as log s
     assert result.average == EMA(decay=0.8)
     assert "averaged by EMA(decay=0.8, warmup=True, leave_raw=False); the average left" in repr(result)
 
@@ -120,7 +124,7 @@ def test_held_out_evaluation_and_the_parameters_kept_are_the_averaged_ones():
     x, held_out = data(), data(n=30, seed=5)
     result = freqvi.fit(model, x, guide, num_steps=30, batch_size=8, lr=0.05, seed=1, progress=False,
                         validation_data=held_out, eval_every=5, average=EMA(decay=0.9))
-    mu, s = float(pyro.param("mu").detach()), float(pyro.param("s").detach())
+    mu, s = float(pyro.param(MU).detach()), float(pyro.param(S).detach())
     best = result.validation_elbo[result.validation_steps.index(result.best_step)]
     # the exact guide makes the held-out ELBO the closed-form log-likelihood at the parameters evaluated
     assert best == pytest.approx(log_likelihood(held_out.numpy(), mu, s), rel=1e-10)

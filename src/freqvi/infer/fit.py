@@ -287,7 +287,7 @@ def fit(
         checked = InMemoryBatches(held_out, rows, data_plate_name)
         with torch.random.fork_rng():  # adding validation data leaves the training draws as they were
             _check_pair(pair, checked)
-        keeper = _BestParameters(set(names))
+        keeper = _BestParameters(names)
 
     result = FitResult(loss=elbo, average=average)
     settings = {**_settings(elbo, batch_size, batches.n), **averager.settings()}
@@ -440,10 +440,11 @@ def _patience_spent(result: FitResult, patience: int | None) -> bool:
 class _BestParameters:
     """A copy of the unconstrained parameters at their best held-out ELBO, to restore in place.
 
-    In place, so optimisers and modules keep referring to the same tensors.
+    In place, so optimisers and modules keep referring to the same tensors. ``names`` in fit's order
+    (that of its ``params`` and of the averaged values saved here).
     """
 
-    def __init__(self, names: set[str]):
+    def __init__(self, names: list[str]):
         self.tensors = unconstrained_params(names)
         self.best: list[torch.Tensor] = []
 
