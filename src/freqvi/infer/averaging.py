@@ -17,7 +17,7 @@ size. An average of the iterates removes most of that noise:
   Optim. 30(4)); :math:`s > 1` skips the transient from the starting values.
 
 Both are running linear interpolations ``average.lerp_(iterate, w_k)`` (:math:`w_k = 1 - d_k`, or
-:math:`w_k = 1/(k)` for the :math:`k`-th iterate averaged) computed by torch's own
+:math:`w_k = 1/k` for the :math:`k`-th iterate averaged) computed by torch's own
 :func:`torch.optim.swa_utils.get_ema_multi_avg_fn` and
 :func:`~torch.optim.swa_utils.get_swa_multi_avg_fn`, the update functions of
 :class:`torch.optim.swa_utils.AveragedModel`. That class itself does not fit: it deep-copies an
@@ -29,8 +29,8 @@ average Polyak and Juditsky analyse, and any average of unconstrained values map
 constraint's support (an average of constrained values need not: the rows of a correlation
 matrix's Cholesky factor have unit norm, and their average does not).
 
-Only accepted steps are averaged: a step :class:`~freqvi.infer.step.GuardedStep` refuses updates
-nothing and is not an iterate of the recursion.
+Only accepted steps are averaged: a step that ``fit`` refuses (its loss, gradients or update not
+finite) updates nothing and is not an iterate of the recursion.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ class EMA:
     :param decay: :math:`d \in (0, 1)`; the average forgets an iterate's weight by a factor
         :math:`d` a step, so it spans about :math:`1/(1-d)` steps.
     :param warmup: use :math:`d_k = \min(d, k/(9 + k))` at the :math:`k`-th update (TensorFlow's
-        ``ExponentialMovingAverage`` warm-up) instead of :math:`d` throughout.
+        ``ExponentialMovingAverage`` warm-up) instead of :math:`d` throughout. Then :math:`d_k < d`
+        until :math:`k = 9d/(1-d)` (8,991 updates for 0.999): until then the average spans about the
+        last tenth of the run, whatever ``d``.
     :param leave_raw: leave the last iterate (or, with ``validation_data``, the iterate of the
         best evaluation) in the model at the end instead of the average; evaluations still use the
         average.
