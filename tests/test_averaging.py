@@ -133,6 +133,16 @@ def test_held_out_evaluation_and_the_parameters_kept_are_the_averaged_ones():
         assert -pyro.infer.Trace_ELBO().loss(model, guide, held_out) == pytest.approx(best, rel=1e-12)
 
 
+def test_leave_raw_keeps_the_iterate_of_the_best_averaged_evaluation():
+    held_out = data(n=30, seed=5)
+    result, _, raw = fit_recording(data(), num_steps=30, validation_data=held_out, eval_every=5,
+                                   average=EMA(decay=0.9, leave_raw=True))
+    assert unconstrained() == tuple(raw[result.best_step - 1])
+    mu, s = (float(pyro.param(n).detach()) for n in (MU, S))
+    best = result.validation_elbo[result.validation_steps.index(result.best_step)]
+    assert best != pytest.approx(log_likelihood(held_out.numpy(), mu, s), rel=1e-6)  # evaluated: the average
+
+
 def run(num_steps, **options):
     """A minibatched fit of a fresh factor model with its free guide, from seed 0 (as in test_checkpoints)."""
     fa = FactorAnalysis(5, 2)
