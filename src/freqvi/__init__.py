@@ -25,6 +25,7 @@ from freqvi.infer import (
     maximize_likelihood,
     observed_information,
 )
+from freqvi.infer.averaging import EMA, Polyak
 from freqvi.infer.evaluation import AmortizationGap, ELBOTerms, amortization_gap, elbo_terms
 from freqvi.validation import with_missing
 
@@ -44,6 +45,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
 __all__ = [
+    "EMA",
     "AmortizationGap",
     "Bootstrap",
     "ELBOTerms",
@@ -53,6 +55,7 @@ __all__ = [
     "InformationCriteria",
     "LogLikelihood",
     "MLEResult",
+    "Polyak",
     "amortization_gap",
     "bootstrap",
     "compare",

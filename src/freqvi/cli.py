@@ -444,6 +444,9 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
                            help="observations per step (default: %(default)s)")
     diffusion.add_argument("--lr", type=float, default=2e-3,
                            help="Adam's learning rate (default: %(default)s)")
+    diffusion.add_argument("--ema-decay", metavar="D", type=float, default=0.999,
+                           help="keep an exponential moving average of the weights (freqvi.EMA, with "
+                           "warm-up), evaluate and sample it; 0: the last iterate (default: %(default)s)")
     diffusion.add_argument("--samples", metavar="M", type=int, default=1000,
                            help="model draws for the energy distance and the pictures (default: %(default)s)")
     diffusion.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
@@ -456,6 +459,7 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
 
 def run_diffusion(args: argparse.Namespace) -> int:
     """Fits the diffusion model that ``args`` describes, evaluates it, prints a summary, writes ``--out``."""
+    average = freqvi.EMA(decay=args.ema_decay) if args.ema_decay else None  # checked before any work
     if args.data is None:
         load = DIFFUSION_DATA[args.dataset]
         (train, test), data_name = (load("train"), load("test")), args.dataset
@@ -467,7 +471,7 @@ def run_diffusion(args: argparse.Namespace) -> int:
         model = GaussianDiffusion(train.shape[1], args.diffusion_steps, args.schedule, hidden=args.hidden)
         result = freqvi.fit(model, train, lr=args.lr, num_steps=args.steps,
                             batch_size=min(args.batch_size, len(train)), seed=args.seed,
-                            progress=not args.quiet, **DIFFUSION_ESTIMATORS[args.estimator])
+                            progress=not args.quiet, average=average, **DIFFUSION_ESTIMATORS[args.estimator])
         ddim = {"method": "ddim", "num_steps": args.ddim_steps} if args.sampler == "ddim" else {}
         samples = model.sample(args.samples, seed=args.seed, **ddim)
         report = diffusion_report(data_name, train, test, model, result, samples, args)
@@ -491,7 +495,7 @@ def diffusion_report(data_name: str, train: torch.Tensor, test: torch.Tensor, mo
                            "gaussian_nats_per_dim": _gaussian_baseline(train, test)},
         "fit": {"estimator": args.estimator, "num_steps": result.num_steps, "wall_time": result.wall_time,
                 "seconds_per_step": result.wall_time / result.num_steps, "seed": args.seed, "lr": args.lr,
-                "batch_size": args.batch_size},
+                "batch_size": args.batch_size, "ema_decay": args.ema_decay},
     }
     if train.shape[1] == 2:
         half = min(len(samples), len(test) // 2)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from freqvi.errors import FitInterruptedWarning, FreqviError, FreqviInputError
 from freqvi.estimators import get_estimator
+from freqvi.infer.averaging import EMA, Averager, Polyak, as_average
 from freqvi.infer.batches import BatchSource, InMemoryBatches, make_batches
 from freqvi.infer.checkpoint import check_checkpoint_path, checkpoint_lock, stable_name
 from freqvi.infer.devices import move_to, on_device, resolve_device
@@ -55,6 +56,7 @@ class FitResult:
         ``"max_time"``, ``"max_cpu_time"``, ``"on_step"`` or ``"on_evaluation"`` (a callback asked),
         ``"interrupted"`` (Ctrl-C), or, in a data-parallel group, ``"stopped by another process"``.
     :ivar interrupted: whether Ctrl-C ended the run (``stop_reason == "interrupted"``).
+    :ivar average: the parameter average kept (``fit``'s ``average``), or ``None``.
     """
 
     elbo: list[float] = field(default_factory=list)
@@ -70,6 +72,7 @@ class FitResult:
     cpu_time: float = 0.0
     stop_reason: str = ""
     interrupted: bool = False
+    average: EMA | Polyak | None = None
 
     def __repr__(self) -> str:
         """A few lines: estimator, steps, time, the final ELBO and its per-step spread, why it stopped."""
@@ -85,6 +88,9 @@ class FitResult:
             best = max(self.validation_elbo)
             lines.append(f"  held-out ELBO: best {best:.6g} nats at step {self.best_step}"
                          + (", stopped early" if self.stopped_early else ""))
+        if self.average is not None:
+            left = "the last iterate" if self.average.leave_raw else "the average"
+            lines.append(f"  parameters averaged by {self.average!r}; {left} left in the model")
         if self.refused_steps:
             lines.append(f"  refused steps (loss, gradient or update not finite): {self.refused_steps}")
         return "\n".join(lines)
@@ -123,6 +129,7 @@ def fit(
     max_cpu_time: float | None = None,
     on_step: Callable[[FitResult], bool | None] | Sequence[Callable] | None = None,
     on_evaluation: Callable[[FitResult], bool | None] | Sequence[Callable] | None = None,
+    average: str | EMA | Polyak | None = None,
     **loss_options,
 ) -> FitResult:
     r"""Maximises an ELBO over the model's and the guide's parameters by SVI.
@@ -207,13 +214,21 @@ def fit(
         date); one returning true ends the run after that step (``stop_reason="on_step"``).
     :param on_evaluation: the same, called after every held-out evaluation
         (``validation_elbo[-1]`` the newest); true ends the run (``"on_evaluation"``).
+    :param average: keep an average of the iterates beside the raw parameters
+        (:mod:`freqvi.infer.averaging`): ``"ema"`` (:class:`~freqvi.EMA`, decay 0.999
+        with warm-up), ``"polyak"`` (:class:`~freqvi.Polyak`, every iterate), or either
+        object with its options. The average, of the unconstrained parameters and over accepted
+        steps, is what held-out evaluations (and so early stopping and the parameters kept) use,
+        what checkpoints save beside the raw parameters and ``resume`` restores, and what the run
+        leaves in the model at the end (the raw last iterate with ``leave_raw=True``). The
+        optimiser always steps from the raw parameters.
     :returns: the :class:`FitResult`, also after Ctrl-C: the current step finishes, the
         checkpoint (if any) is written, and the result comes back with ``interrupted=True``
         and a :class:`~freqvi.errors.FitInterruptedWarning`; a second Ctrl-C stops at once.
         SIGTERM (a scheduler ending the job) instead raises ``KeyboardInterrupt`` after the
         checkpoint, so that the process ends.
     :raises FreqviInputError: a bad option (``max_time``, ``max_cpu_time``, a callback that is
-        not callable, ...), before any step.
+        not callable, an unknown ``average``, ...), before any step.
     """
     num_steps = check_positive_int(num_steps, "num_steps")
     window = check_positive_int(window, "window")
@@ -230,6 +245,7 @@ def fit(
     max_time = None if max_time is None else check_positive_float(max_time, "max_time")
     max_cpu_time = None if max_cpu_time is None else check_positive_float(max_cpu_time, "max_cpu_time")
     on_step, on_evaluation = _callbacks(on_step, "on_step"), _callbacks(on_evaluation, "on_evaluation")
+    average = as_average(average)
     device = resolve_device(device)
     group = DataParallel(device) if distributed else None
     if group is not None and validation_data is not None:
@@ -264,16 +280,18 @@ def fit(
         group.broadcast(list(params.values()))  # every process starts from process 0's values
         if seed is not None:
             pyro.set_rng_seed(seed + group.rank)  # independent draws in each process
+    averager = Averager(average, params)
     keeper = None
     if held_out is not None:
         rows = batch_size and min(batch_size, held_out[0].shape[0])
         checked = InMemoryBatches(held_out, rows, data_plate_name)
         with torch.random.fork_rng():  # adding validation data leaves the training draws as they were
             _check_pair(pair, checked)
-        keeper = _BestParameters(set(names))
+        keeper = _BestParameters(names)
 
-    result = FitResult(loss=elbo)
-    run = RunState(params, optimizer, batches, result, _settings(elbo, batch_size, batches.n), group)
+    result = FitResult(loss=elbo, average=average)
+    settings = {**_settings(elbo, batch_size, batches.n), **averager.settings()}
+    run = RunState(params, optimizer, batches, result, settings, group, averager)
     if checkpoint is not None or resume is not None:
         run.check_checkpointable(checkpoint, validation_data)
     first = run.restore(resume) if resume is not None else 0
@@ -291,6 +309,8 @@ def fit(
             batch = batches.next()
             with batch.handler:
                 value = take_step(step, *batch.data)
+            if value is not None:
+                averager.update(step + 1)
             _record(result, bar, step, value, clock)
             if tol is not None and _window_converged(result.elbo, window, tol):
                 result.converged = True
@@ -301,7 +321,7 @@ def fit(
             elif result.converged or step + 1 == num_steps:
                 result.stop_reason = "converged" if result.converged else "num_steps"
             if keeper is not None and ((step + 1) % eval_every == 0 or result.stop_reason):
-                _validate(result, keeper, pair, elbo, held_out, step + 1)
+                _validate(result, keeper, averager, pair, elbo, held_out, step + 1)
                 if not result.stop_reason and _patience_spent(result, patience):
                     result.stop_reason, result.stopped_early = "patience", True
                 if not result.stop_reason and agreed(_asks_to_stop(on_evaluation, result)):
@@ -321,6 +341,8 @@ def fit(
     take_step.require_progress()
     if keeper is not None:
         keeper.restore()
+    else:
+        averager.leave()
     result.wall_time, result.cpu_time = clock.elapsed()
     if result.stop_reason == "interrupted":
         result.interrupted = True
@@ -418,15 +440,17 @@ def _patience_spent(result: FitResult, patience: int | None) -> bool:
 class _BestParameters:
     """A copy of the unconstrained parameters at their best held-out ELBO, to restore in place.
 
-    In place, so optimisers and modules keep referring to the same tensors.
+    In place, so optimisers and modules keep referring to the same tensors. ``names`` in fit's order
+    (that of its ``params`` and of the averaged values saved here).
     """
 
-    def __init__(self, names: set[str]):
+    def __init__(self, names: list[str]):
         self.tensors = unconstrained_params(names)
         self.best: list[torch.Tensor] = []
 
-    def save(self) -> None:
-        self.best = [t.detach().clone() for t in self.tensors]
+    def save(self, values: list[torch.Tensor]) -> None:
+        """Keeps a copy of ``values``, one per tensor (the averaged or the raw parameters)."""
+        self.best = [v.detach().clone() for v in values]
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -434,16 +458,18 @@ class _BestParameters:
                 tensor.copy_(best)
 
 
-def _validate(result: FitResult, keeper: _BestParameters, pair, elbo: ELBO, held_out, step: int) -> None:
-    """Appends the held-out ELBO after ``step`` steps; saves the parameters if it is the best yet."""
-    with torch.no_grad(), torch.random.fork_rng():
+def _validate(result: FitResult, keeper: _BestParameters, averager: Averager, pair, elbo: ELBO, held_out,
+              step: int) -> None:
+    """Appends the held-out ELBO after ``step`` steps, of the averaged parameters if averaging; keeps the
+    parameters to leave (:meth:`~freqvi.infer.averaging.Averager.kept`) if it is the best yet."""
+    with torch.no_grad(), torch.random.fork_rng(), averager.applied():
         torch.manual_seed(_VALIDATION_SEED)  # common random numbers across evaluations
         value = -elbo.loss(pair.model, pair.guide, *held_out)
     if not math.isfinite(value):
         raise FreqviError(f"step {step}: the held-out ELBO is {value}.")
     if result.best_step is None or value > max(result.validation_elbo):
         result.best_step = step
-        keeper.save()
+        keeper.save(averager.kept())
     result.validation_steps.append(step)
     result.validation_elbo.append(value)
 

@@ -23,12 +23,14 @@ class RunState:
     :param settings: what the resumed run must share with the first (estimator, batch size, ...).
     :param group: the :class:`~freqvi.infer.distributed.DataParallel` group of a data-parallel run:
         every process's generators and position in its data are saved, by process 0 only.
+    :param averager: the run's :class:`~freqvi.infer.averaging.Averager`; a run that averages saves the
+        average beside the raw parameters and restores both.
     """
 
     def __init__(self, params: dict[str, torch.Tensor], optimizer, batches, result, settings: dict,
-                 group=None):
+                 group=None, averager=None):
         self.params, self.optimizer, self.batches, self.result = params, optimizer, batches, result
-        self.settings, self.group = settings, group
+        self.settings, self.group, self.averager = settings, group, averager
 
     def check_checkpointable(self, checkpoint, validation_data) -> None:
         if not isinstance(self.optimizer, torch.optim.Optimizer):
@@ -56,6 +58,8 @@ class RunState:
             "history": {"elbo": list(self.result.elbo), "refused_steps": self.result.refused_steps,
                         "num_steps": self.result.num_steps},
         }
+        if self.averager is not None and self.averager.average is not None:
+            state["average"] = self.averager.state()
         shapes = {stable_name(n): list(p.shape) for n, p in self.params.items()}
         save_checkpoint(path, state, {"kind": "fit", "settings": self.settings, "shapes": shapes})
 
@@ -63,6 +67,8 @@ class RunState:
         """Loads a checkpoint into the run; returns the step to continue from."""
         state, metadata = load_checkpoint(path, "fit", self.params, {"optimizer": self.optimizer})
         self._check(metadata, path)
+        if self.averager is not None and self.averager.average is not None:  # checked before any copy
+            self.averager.load(state.get("average"), f"checkpoint {str(path)!r}")
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(state["params"][stable_name(name)])

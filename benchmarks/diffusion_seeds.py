@@ -1,0 +1,142 @@
+"""Diffusion quality over seeds at one CPU budget: freqvi with and without averaging, and a plain DDPM loop.
+
+The benchmark of issue 21. On two 2-D data sets, :func:`freqvi.datasets.load_moons` and a
+mixture of eight well-separated Gaussians (:func:`gaussian_ring`, centres on a circle of radius
+2, standard deviation 0.15), each seed trains a :class:`~freqvi.models.GaussianDiffusion`
+(T = 1000, linear schedule, default :class:`~freqvi.models.TimeMLP`, batch 256, Adam ``lr=2e-3``,
+one thread) for ``--budget`` CPU seconds in two ways, from the same initial weights:
+
+* ``freqvi``: ``freqvi diffusion``'s recipe, :func:`freqvi.fit` with the importance-sampled
+  time-subsampled ELBO and ``average=EMA(0.999)`` (warm-up included), stopped by ``max_cpu_time``.
+  Rows ``freqvi-ema`` (the average fit leaves) and ``freqvi-raw`` (the last iterate of the same
+  run, copied by a callback): a paired comparison of the two at one trajectory;
+* ``torch-ema``: a DDPM loop written here (Ho et al. 2020, algorithm 1: ``t ~ U{1..T}``, loss
+  ``mean ||eps - eps_theta(x_t, t)||^2``) with the usual EMA of the weights
+  (:class:`torch.optim.swa_utils.AveragedModel` with ``get_ema_multi_avg_fn(0.999)``), run until
+  its process CPU time reaches the budget.
+
+Each model is measured on the 2,000 test points: the energy distance
+(:func:`freqvi.infer.diffusion.energy_distance`) between 1,000 ancestral samples and 1,000 test
+points over the same distance between the test set's two halves (the noise floor), and the
+held-out NLL bound (:func:`freqvi.infer.diffusion.diffusion_bound`, every t) in nats per dimension.
+It prints a row per seed and the median and worst of each measure.
+
+Run ``python benchmarks/diffusion_seeds.py`` (about 5 x 2 x 2 budgets plus evaluations: an hour
+at the default 90 s), or ``--budget 5 --seeds 1`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import pyro
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import freqvi
+from freqvi.datasets import load_moons
+from freqvi.infer.diffusion import diffusion_bound, energy_distance
+from freqvi.models import GaussianDiffusion
+
+BATCH_SIZE, LR, DECAY, NUM_SAMPLES = 256, 2e-3, 0.999, 1000
+
+
+def gaussian_ring(split: str, n: int = 2000) -> torch.Tensor:
+    """``n`` points of an equal mixture of 8 Gaussians (s.d. 0.15) centred on a circle of radius 2."""
+    gen = torch.Generator().manual_seed({"train": 0, "test": 1}[split])
+    angle = 2 * math.pi * torch.randint(8, (n,), generator=gen) / 8
+    centres = 2 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return centres + 0.15 * torch.randn(n, 2, generator=gen)
+
+
+DATA = {"moons": load_moons, "gaussians": gaussian_ring}
+
+
+def new_model(seed: int) -> GaussianDiffusion:
+    torch.manual_seed(seed)
+    return GaussianDiffusion(2, 1000)
+
+
+def freqvi_rows(x: torch.Tensor, seed: int, budget: float) -> dict[str, GaussianDiffusion]:
+    """The EMA left by fit and the last iterate of the same run, as two models."""
+    pyro.clear_param_store()
+    model = new_model(seed)
+    raw: dict[str, torch.Tensor] = {}
+
+    def keep_iterate(result) -> None:  # the raw parameters after each step, before fit leaves the average
+        for name, p in model.named_parameters():
+            raw.setdefault(name, torch.empty_like(p)).copy_(p.detach())
+
+    freqvi.fit(model, x, loss="time_subsampled", time_sampling="importance", lr=LR, batch_size=BATCH_SIZE,
+               num_steps=10**9, max_cpu_time=budget, seed=seed, progress=False, average=freqvi.EMA(DECAY),
+               on_step=keep_iterate)
+    last = new_model(seed)
+    last.load_state_dict(raw, strict=False)
+    return {"freqvi-ema": model, "freqvi-raw": last}
+
+
+def torch_row(x: torch.Tensor, seed: int, budget: float) -> GaussianDiffusion:
+    """The EMA of a plain DDPM loop trained for ``budget`` CPU seconds, in a GaussianDiffusion."""
+    pyro.clear_param_store()
+    model = new_model(seed)
+    net, abar = model.denoiser, model.schedule.table(x.dtype).alphas_cumprod
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+    optimizer = torch.optim.Adam(net.parameters(), lr=LR)
+    torch.manual_seed(seed)
+    start = time.process_time()
+    batches = (rows for _ in iter(int, 1) for rows in torch.randperm(len(x)).split(BATCH_SIZE))  # epochs
+    while time.process_time() - start < budget:
+        rows = next(batches)
+        x0, eps = x[rows], torch.randn(len(rows), 2)
+        t = torch.randint(1, model.num_steps + 1, (len(rows),))
+        a = abar[t].unsqueeze(-1)
+        loss = (eps - net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update_parameters(net)
+    with torch.no_grad():
+        for p, q in zip(net.parameters(), ema.module.parameters(), strict=True):
+            p.copy_(q)
+    return model
+
+
+def measure(model: GaussianDiffusion, test: torch.Tensor, floor: float, seed: int) -> tuple[float, float]:
+    """(energy distance over its floor, held-out NLL bound in nats per dimension)."""
+    samples = model.sample(NUM_SAMPLES, seed=seed)
+    return (energy_distance(samples, test[:NUM_SAMPLES]) / floor,
+            diffusion_bound(model, test, seed=seed).nats_per_dim)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=90.0, help="CPU seconds of training per model")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--data", choices=tuple(DATA), nargs="+", default=list(DATA))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    for name in args.data:
+        train, test = DATA[name]("train"), DATA[name]("test")
+        floor = energy_distance(test[NUM_SAMPLES:2 * NUM_SAMPLES], test[:NUM_SAMPLES])
+        results: dict[str, list[tuple[float, float]]] = {}
+        print(f"{name}: {args.budget:.0f} CPU s per model; energy distance over floor ({floor:.4f}), "
+              "NLL bound in nats/dim")
+        for seed in range(args.seeds):
+            models = freqvi_rows(train, seed, args.budget)
+            models["torch-ema"] = torch_row(train, seed, args.budget)
+            for row, model in models.items():
+                results.setdefault(row, []).append(measure(model, test, floor, seed))
+                ratio, nll = results[row][-1]
+                print(f"  seed {seed}  {row:<11} ED/floor {ratio:6.2f}  NLL {nll:.4f}", flush=True)
+        for row, values in results.items():
+            ratios, nlls = zip(*values, strict=True)
+            print(f"  {row:<11} ED/floor median {statistics.median(ratios):.2f} worst {max(ratios):.2f}; "
+                  f"NLL median {statistics.median(nlls):.4f} worst {max(nlls):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
