@@ -158,6 +158,7 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise FreqviInputError(
             f"running the model/guide pair on the data failed: {type(exc).__name__}: {exc}{dtype_note(data)}"
+            + _SHAPE_NOTE * any(word in str(exc) for word in ("broadcast", "size of tensor", "shape"))
         ) from exc
     _check_plate_sizes(model_trace, guide_trace)
     model_latent = latent_sites(model_trace)
@@ -181,17 +182,25 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
     return model_trace, guide_trace
 
 
+_SHAPE_NOTE = (" (a site's value must broadcast with its distribution's batch_shape + event_shape: "
+               "a multivariate observation needs .to_event(1); under batch_size the data plate selects rows, "
+               "so observe those: `with pyro.plate('data', len(x)) as i: ... obs=x[i]`)")
+
+
 def _compute_densities(tr: Trace) -> None:
     """Computes a trace's log-densities, so that a density that cannot take its values (a dtype it
     refuses, a shape that does not broadcast: RuntimeError) fails before any step.
 
     Values outside a support (a ValueError under validation, as Pyro wraps it) are left to the
-    drivers' step guard, which names the site whose log-density is not finite.
+    drivers' step guard, which names the site whose log-density is not finite; a shape that Pyro's
+    validation refuses (also a ValueError: an event shape that does not match, ``obs=x`` under a
+    subsampled plate) fails here.
     """
     try:
         tr.compute_log_prob(lambda name, site: not isinstance(site["fn"], _Subsample))
-    except ValueError:
-        pass
+    except ValueError as exc:
+        if "support" not in str(exc):  # a shape Pyro's validation refuses is the pair's error, not the data's
+            raise
 
 
 def _plate_sizes(tr: Trace) -> dict[str, int]:

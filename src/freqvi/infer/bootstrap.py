@@ -24,7 +24,7 @@ from freqvi.infer.em import em
 from freqvi.infer.pair import resolve_pair
 from freqvi.infer.threads import intra_op_threads, thread_policy
 from freqvi.traces import check_pair, param_names, trace
-from freqvi.validation import as_data, check_choice, check_positive_int
+from freqvi.validation import as_data, check_choice, check_positive_int, check_probability, check_seed
 
 KINDS = ("nonparametric", "parametric")
 
@@ -58,13 +58,17 @@ class Bootstrap:
         return {name: draws.std(0, ddof=1) for name, draws in self.draws.items()}
 
     def percentile_interval(self, level: float = 0.95) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Efron's percentile interval: the replicates' ``(1 -+ level) / 2`` quantiles."""
-        tail = (1 - level) / 2
+        """Efron's percentile interval: the replicates' ``(1 -+ level) / 2`` quantiles.
+
+        :raises FreqviInputError: unless ``0 < level < 1``.
+        """
+        tail = (1 - check_probability(level, "level")) / 2
         return {name: (np.quantile(d, tail, axis=0), np.quantile(d, 1 - tail, axis=0))
                 for name, d in self.draws.items()}
 
     def summary(self, level: float = 0.95):
         """A ``pandas.DataFrame``: estimate, bootstrap standard error and percentile interval per entry."""
+        level = check_probability(level, "level")
         import pandas as pd  # ArviZ's dependency; imported when a table is asked for
 
         errors, (lower, upper) = self.standard_errors(), zip(*self.percentile_interval(level).values(),
@@ -128,7 +132,10 @@ def bootstrap(model, data, guide=None, *, num_replicates: int = 200, kind: str =
     """
     check_choice(kind, "kind", KINDS)
     num_replicates = check_positive_int(num_replicates, "num_replicates", minimum=2)
-    num_workers = check_positive_int(num_workers or os.cpu_count() or 1, "num_workers")
+    if num_workers is not None:  # None: one per CPU; 0 is refused, not read as the default
+        num_workers = check_positive_int(num_workers, "num_workers")
+    num_workers = num_workers or os.cpu_count() or 1
+    seed = check_seed(seed)
     data = as_data(data)
     pair = resolve_pair(model, guide, require_guide=False)
     user_guide = guide if pair.owner is not None else pair.guide

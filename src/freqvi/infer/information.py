@@ -27,7 +27,7 @@ from freqvi.traces import (
     param_names,
     trace,
 )
-from freqvi.validation import as_data, check_choice, check_positive_int
+from freqvi.validation import as_data, check_choice, check_positive_int, check_seed
 
 METHODS = ("auto", "exact", "louis")
 KINDS = ("observed", "sandwich")
@@ -451,6 +451,7 @@ def observed_information(model, data, guide=None, *, method: str = "auto", num_s
     check_choice(method, "method", METHODS)
     num_samples = check_positive_int(num_samples, "num_samples", minimum=2)
     data = as_data(data)
+    seed = check_seed(seed)
     pair = resolve_pair(model, guide, require_guide=False)
     if seed is not None:
         pyro.set_rng_seed(seed)

@@ -25,7 +25,7 @@ from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, check_proposal, data_plate, latent_sites, max_plate_nesting, trace
-from freqvi.validation import as_data, check_choice, check_positive_int
+from freqvi.validation import as_data, check_choice, check_positive_int, check_seed
 
 METHODS = ("auto", "exact", "importance")
 PARETO_K_THRESHOLD = 0.7
@@ -161,6 +161,8 @@ def log_likelihood(
     check_choice(method, "method", METHODS)
     num_samples = check_positive_int(num_samples, "num_samples")
     data = as_data(data)
+    seed = check_seed(seed)
+    chunk_size = None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
     pair = resolve_pair(model, guide, require_guide=False)
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -185,7 +187,7 @@ def log_likelihood(
     if pair.guide is None:
         raise FreqviInputError("importance sampling needs a guide as proposal: pass guide=...")
     check_proposal(pair.guide, guide_trace, *data)
-    chunk = check_positive_int(chunk_size or max(1, min(num_samples, 4_000_000 // max(n, 1))), "chunk_size")
+    chunk = max(1, min(num_samples, 4_000_000 // max(n, 1))) if chunk_size is None else chunk_size
     dims = max_plate_nesting(model_trace) + 1
     check_particles(pair.model, pair.guide, data, num_samples, dims - 1,
                     "log_likelihood's importance sampling")

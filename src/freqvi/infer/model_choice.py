@@ -6,13 +6,14 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from freqvi.errors import FreqviInputError
 from freqvi.infer.em import em
 from freqvi.infer.information import Parameters
 from freqvi.infer.log_likelihood import log_likelihood
 from freqvi.infer.pair import resolve_pair
 from freqvi.infer.threads import thread_policy
 from freqvi.traces import param_names, trace
-from freqvi.validation import as_data
+from freqvi.validation import as_data, check_positive_int, check_seed
 
 
 @dataclass
@@ -55,6 +56,7 @@ def information_criteria(model, data, guide=None, *, num_samples: int = 1000,
     estimate would drop nearly redundant components and favour overfitting.
     """
     data = as_data(data)
+    num_samples, seed = check_positive_int(num_samples, "num_samples"), check_seed(seed)
     loglik = log_likelihood(model, guide=guide, data=data, num_samples=num_samples, seed=seed)
     return InformationCriteria(loglik.total, _num_parameters(model, guide, data), data[0].shape[0])
 
@@ -76,9 +78,14 @@ def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_s
     :param fit: the driver, :func:`~freqvi.em` by default; ``fit_options`` go to it.
     :returns: a ``pandas.DataFrame`` indexed by name, with the log-likelihood,
         parameter count, AIC, BIC and each BIC's difference to the smallest.
+    :raises FreqviInputError: before any fit, for ``candidates`` that are not a non-empty mapping of
+        names to models, a ``fit`` that is not callable, a bad ``num_samples`` or ``seed``; a refused
+        fit leaves the candidates fitted before it as fitted and the failing one as its driver left it.
     """
     import pandas as pd  # ArviZ's dependency; imported when a table is asked for
 
+    _check_candidates(candidates, fit)
+    num_samples, seed = check_positive_int(num_samples, "num_samples"), check_seed(seed)
     data = as_data(data)
     rows = {}
     for name, model in candidates.items():
@@ -89,3 +96,16 @@ def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_s
     table = pd.DataFrame.from_dict(rows, orient="index").sort_values("bic")
     table["delta_bic"] = table["bic"] - table["bic"].min()
     return table
+
+
+def _check_candidates(candidates, fit) -> None:
+    """Raises unless ``candidates`` maps string names to models (at least one) and ``fit`` is callable."""
+    if not isinstance(candidates, Mapping) or not candidates:
+        found = "an empty mapping" if isinstance(candidates, Mapping) else type(candidates).__name__
+        raise FreqviInputError("compare: candidates must be a non-empty dict of name -> model (or "
+                               f"(model, guide) pair), e.g. {{'K=2': GaussianMixture(2, d)}}; got {found}.")
+    bad = [name for name in candidates if not isinstance(name, str)]
+    if bad:
+        raise FreqviInputError(f"compare: candidate names must be strings; got {bad}.")
+    if not callable(fit):
+        raise FreqviInputError(f"compare: fit must be a driver such as freqvi.em; got {fit!r}.")

@@ -25,7 +25,7 @@ from freqvi.errors import FreqviInputError
 from freqvi.models.base import LatentVariableModel
 from freqvi.models.noise_schedule import NoiseSchedule
 from freqvi.models.vae import mlp
-from freqvi.validation import check_choice, check_finite, check_matrix, check_positive_int
+from freqvi.validation import check_choice, check_finite, check_matrix, check_positive_int, check_widths
 
 #: The reverse step's variance sigma_t^2: beta_t, or the forward posterior's betatilde_t.
 REVERSE_VARIANCES = ("beta", "posterior")
@@ -56,7 +56,7 @@ class TimeMLP(nn.Module):
             raise FreqviInputError(f"embedding_dim must be even; got {embedding_dim}.")
         half = embedding_dim // 2
         self.register_buffer("frequencies", torch.exp(-math.log(10000.0) * torch.arange(half) / half))
-        self.net = mlp((data_dim + embedding_dim, *hidden, data_dim), nn.SiLU)
+        self.net = mlp((data_dim + embedding_dim, *check_widths(hidden), data_dim), nn.SiLU)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         angles = t.unsqueeze(-1).to(x_t.dtype) * self.frequencies
