@@ -257,8 +257,7 @@ def em(
         pyro.set_rng_seed(seed)
     with on_device(device):
         model_trace, guide_trace = check_pair(pair.model, pair.guide, batches.first())
-    if online:
-        batches.check_plate(model_trace, pair.guide)
+    batches.check_plate(model_trace, pair.guide)
     step = _EMStep(pair, batches, m_step, model_trace, guide_trace, settings)
     if not step.exact or m_step == "gradient":  # Q and the objective draw particles at once
         with on_device(device):

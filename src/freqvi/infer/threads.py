@@ -159,7 +159,11 @@ def thread_policy(driver: Callable) -> Callable:
 
     @functools.wraps(driver)
     def wrapper(*args, num_threads: int | None = None, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError as exc:  # a misspelt or unknown option, refused in freqvi's terms
+            raise FreqviInputError(f"{driver.__name__}: {exc}; its arguments are "
+                                   f"{list(signature.parameters)}.") from None
         entries = step_entries(bound.get("data"), bound.get("batch_size"))
         caller = sys._getframe(1)
         with intra_op_threads(num_threads, entries=entries), _shown_at(caller.f_code.co_filename,
