@@ -6,7 +6,8 @@ that says what was expected and what was found.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -284,3 +285,42 @@ def check_init(init, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.T
         check_finite(value, label, advice="starting values must be finite numbers")
         checked[key] = value
     return checked
+
+
+@contextmanager
+def kept_on_refusal(model) -> Iterator[None]:
+    """Puts the parameters and buffers of ``model``'s modules back as they were, values and dtypes, if the
+    block raises a :class:`FreqviInputError`: a refused call leaves the model as it found it, also when
+    the refusal comes after the model has run on the data (which moves it to the data's dtype).
+
+    ``model`` is what a driver was given: a ``torch.nn.Module`` (a freqvi model), a ``(model, guide)``
+    pair, or a bound method of a module; anything else (a plain function, whose parameters live in
+    Pyro's store and are not converted) is left alone. Tensors created during the block stay.
+    """
+    parts = model if isinstance(model, tuple) else (model,)
+    modules = {id(m): m for m in (getattr(p, "__self__", p) for p in parts) if isinstance(m, torch.nn.Module)}
+    parameters = [(p, p.detach().clone()) for m in modules.values() for p in m.parameters()]
+    buffers = [(m, name, b.clone()) for m in modules.values() for name, b in m.named_buffers()]
+    try:
+        yield
+    except FreqviInputError:
+        with torch.no_grad():  # a dtype conversion keeps parameter objects but replaces buffers
+            for parameter, value in parameters:
+                parameter.data = value
+            for module, name, value in buffers:
+                module.get_buffer(name).data = value
+        raise
+
+
+@contextmanager
+def allocation(what: str) -> Iterator[None]:
+    """Turns torch's refusal to allocate tensors of the sizes asked for (beyond int64, beyond memory)
+    into a :class:`FreqviInputError` naming ``what`` was being built; other errors pass unchanged."""
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        size_error = isinstance(exc, MemoryError | OverflowError) or "verflow" in first or "allocate" in first
+        if not size_error:
+            raise
+        raise FreqviInputError(f"{what} is too large to allocate: {first}") from None

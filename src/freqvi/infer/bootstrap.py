@@ -23,7 +23,7 @@ from freqvi.errors import ConvergenceWarning, FreqviError, FreqviInputError
 from freqvi.infer.em import em
 from freqvi.infer.pair import resolve_pair
 from freqvi.infer.threads import intra_op_threads, thread_policy
-from freqvi.traces import check_pair, param_names, trace
+from freqvi.traces import check_model, check_pair, param_names
 from freqvi.validation import as_data, check_choice, check_positive_int, check_probability, check_seed
 
 KINDS = ("nonparametric", "parametric")
@@ -218,7 +218,8 @@ def _estimates(pair, data: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
     if pair.owner is not None:
         return pair.owner.estimates()
     with torch.no_grad():
-        model_trace = check_pair(pair.model, pair.guide, data)[0] if pair.guide else trace(pair.model, *data)
+        model_trace = check_pair(pair.model, pair.guide, data)[0] if pair.guide \
+            else check_model(pair.model, data)
     names = sorted(param_names(model_trace))
     return {name: model_trace.nodes[name]["value"].detach().clone() for name in names}
 

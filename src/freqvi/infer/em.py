@@ -607,10 +607,15 @@ class _EMStep:
 @contextmanager
 def _restoring(step: _EMStep, good: list[torch.Tensor], what: str):
     """Puts the parameters back to ``good`` if the block fails, whatever the failure; one that is not
-    freqvi's own (a singular matrix, a shape error in a user's model) becomes a :class:`FreqviError`."""
+    freqvi's own (a singular matrix, a shape error in a user's model), or an input error met mid-run (a
+    refusal, :class:`FreqviInputError`, would have the driver's boundary undo the whole run), becomes a
+    :class:`FreqviError`."""
     kept = "the parameters are back at their values before it"
     try:
         yield
+    except FreqviInputError as exc:  # mid-run, not a refusal at the boundary, which would undo the run
+        step.load_snapshot(good)
+        raise FreqviError(f"{what} failed: {exc} ({kept}).") from exc
     except FreqviError as exc:
         step.load_snapshot(good)
         exc.args = (f"{exc.args[0]} ({kept})" if exc.args else kept, *exc.args[1:])

@@ -24,7 +24,15 @@ from freqvi.handlers import SubsamplePlate
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
-from freqvi.traces import check_pair, check_proposal, data_plate, latent_sites, max_plate_nesting, trace
+from freqvi.traces import (
+    check_model,
+    check_pair,
+    check_proposal,
+    data_plate,
+    latent_sites,
+    max_plate_nesting,
+    trace,
+)
 from freqvi.validation import as_data, check_choice, check_positive_int, check_seed
 
 METHODS = ("auto", "exact", "importance")
@@ -169,7 +177,7 @@ def log_likelihood(
     if pair.guide is not None:
         model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
     else:
-        model_trace = trace(pair.model, *data)
+        model_trace = check_model(pair.model, data)
     n = data[0].shape[0]
     frame = data_plate(model_trace, data_plate_name, n)
     exact = exact_route(pair, model_trace)

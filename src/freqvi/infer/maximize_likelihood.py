@@ -14,7 +14,7 @@ from freqvi.errors import ConvergenceWarning, FreqviError, FreqviInputError
 from freqvi.infer.log_likelihood import exact_route
 from freqvi.infer.pair import resolve_pair
 from freqvi.infer.threads import thread_policy
-from freqvi.traces import data_plate, param_names, trace, unconstrained_params
+from freqvi.traces import check_model, data_plate, param_names, unconstrained_params
 from freqvi.validation import as_data, check_positive_float, check_positive_int
 
 
@@ -62,15 +62,15 @@ def maximize_likelihood(model, data, *, max_iter: int = 500, tol: float = 1e-7,
     :param tol: stop when every entry of :math:`\nabla_\theta \ell / n` (unconstrained
         scale) is at most this in absolute value.
     :raises FreqviInputError: for a bad option, data or a model without an exact log-likelihood.
-    :raises FreqviError: when the log-likelihood or its gradient stops being finite (or a matrix
+        Also when the log-likelihood or its gradient stops being finite (or a matrix
         factorisation fails) along the way, the likelihood unbounded on degenerate data; the
-        parameters are then put back at their starting values.
+        parameters are then put back at their starting values (and dtype).
     """
     max_iter = check_positive_int(max_iter, "max_iter")
     tol = check_positive_float(tol, "tol")
     data = as_data(data)
     pair = resolve_pair(model, None, require_guide=False)
-    model_trace = trace(pair.model, *data)
+    model_trace = check_model(pair.model, data)
     n = data[0].shape[0]
     frame = data_plate(model_trace, data_plate_name, n)
     exact = exact_route(pair, model_trace)
@@ -106,7 +106,7 @@ def maximize_likelihood(model, data, *, max_iter: int = 500, tol: float = 1e-7,
         raise
     except (_Diverged, RuntimeError, ValueError) as exc:  # a singular matrix is a RuntimeError
         _restore(params, initial)
-        raise FreqviError(
+        raise FreqviInputError(  # the data are unusable for this: the boundary restores dtypes too
             f"maximize_likelihood failed: {exc}. The log-likelihood has no maximum where L-BFGS went: "
             "degenerate data (a constant column, identical or collinear rows) let a variance fall to 0 "
             "and the likelihood grow without bound. The parameters are back at their starting values; "

@@ -12,7 +12,7 @@ from freqvi.infer.information import Parameters
 from freqvi.infer.log_likelihood import log_likelihood
 from freqvi.infer.pair import resolve_pair
 from freqvi.infer.threads import thread_policy
-from freqvi.traces import param_names, trace
+from freqvi.traces import check_model, param_names
 from freqvi.validation import as_data, check_positive_int, check_seed
 
 
@@ -65,7 +65,7 @@ def _num_parameters(model, guide, data) -> int:
     pair = resolve_pair(model, guide, require_guide=False)
     if pair.owner is not None and hasattr(pair.owner, "num_parameters"):
         return pair.owner.num_parameters
-    return Parameters.of(param_names(trace(pair.model, *data))).basis().shape[1]
+    return Parameters.of(param_names(check_model(pair.model, data))).basis().shape[1]
 
 
 @thread_policy

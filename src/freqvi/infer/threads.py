@@ -38,6 +38,7 @@ from contextvars import ContextVar
 import torch
 
 from freqvi.errors import FreqviInputError
+from freqvi.validation import kept_on_refusal
 
 ENV_VAR = "FREQVI_NUM_THREADS"
 
@@ -166,8 +167,8 @@ def thread_policy(driver: Callable) -> Callable:
                                    f"{list(signature.parameters)}.") from None
         entries = step_entries(bound.get("data"), bound.get("batch_size"))
         caller = sys._getframe(1)
-        with intra_op_threads(num_threads, entries=entries), _shown_at(caller.f_code.co_filename,
-                                                                       caller.f_lineno):
+        with kept_on_refusal(bound.get("model")), intra_op_threads(num_threads, entries=entries), \
+                _shown_at(caller.f_code.co_filename, caller.f_lineno):
             return driver(*args, **kwargs)
 
     parameters = [*signature.parameters.values()]

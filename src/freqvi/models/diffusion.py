@@ -25,7 +25,14 @@ from freqvi.errors import FreqviInputError
 from freqvi.models.base import LatentVariableModel
 from freqvi.models.noise_schedule import NoiseSchedule
 from freqvi.models.vae import mlp
-from freqvi.validation import check_choice, check_finite, check_matrix, check_positive_int, check_widths
+from freqvi.validation import (
+    allocation,
+    check_choice,
+    check_finite,
+    check_matrix,
+    check_positive_int,
+    check_widths,
+)
 
 #: The reverse step's variance sigma_t^2: beta_t, or the forward posterior's betatilde_t.
 REVERSE_VARIANCES = ("beta", "posterior")
@@ -310,7 +317,8 @@ def _schedule(schedule: str | NoiseSchedule, num_steps: int | None) -> NoiseSche
             raise FreqviInputError(f"num_steps = {num_steps} disagrees with the schedule's T = "
                                    f"{schedule.num_steps}; leave num_steps out.")
         return schedule
-    return NoiseSchedule.named(schedule, 1000 if num_steps is None else num_steps)
+    with allocation(f"a noise schedule of {num_steps} steps"):
+        return NoiseSchedule.named(schedule, 1000 if num_steps is None else num_steps)
 
 
 def _check_denoiser(denoiser: nn.Module, data_dim: int, num_steps: int) -> None:

@@ -18,6 +18,7 @@ from freqvi.errors import FreqviInputError
 from freqvi.guides.amortized import SCALE_FLOOR, AmortizedNormal
 from freqvi.models.base import LatentVariableModel
 from freqvi.validation import (
+    allocation,
     check_choice,
     check_finite,
     check_matrix,
@@ -42,8 +43,9 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Seque
     if len(sizes) < 2:
         raise FreqviInputError(f"an MLP needs an input and an output width; got sizes {sizes}.")
     layers: list[nn.Module] = []
-    for fan_in, fan_out in itertools.pairwise(sizes):
-        layers += [nn.Linear(fan_in, fan_out), activation()]
+    with allocation(f"an MLP with layer widths {sizes}"):
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            layers += [nn.Linear(fan_in, fan_out), activation()]
     return nn.Sequential(*layers[:-1])
 
 
