@@ -44,7 +44,7 @@ def _profile(examples: int) -> settings:
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-FAST, LONG = _profile(25), _profile(250)
+FAST, LONG = _profile(50), _profile(500)
 
 # ----- strategies -------------------------------------------------------------------------------------
 ODD = [0, -1, 1, 2, 0.5, 1e-300, -0.0, math.nan, math.inf, -math.inf, 2**40, True, False, None, "", "1",
@@ -458,3 +458,214 @@ def test_bootstrap_checks_long(x, opts):
 @LONG
 def test_constructors_long(case):
     check_constructor(case)
+
+
+@pytest.mark.slow
+@given(candidates, data(), options({"seed": values, "num_samples": counts, "tol": values}))
+@LONG
+def test_compare_long(which, x, opts):
+    chosen = {"K=1": GaussianMixture(1, DIM, "diag"), "K=2": GaussianMixture(2, DIM, "diag")} \
+        if which == "mixtures" else which
+    check_compare(chosen, x, opts)
+
+
+@pytest.mark.slow
+@given(files(), st.one_of(st.none(), st.sampled_from([torch.float32, torch.float64, torch.int32, "float"])),
+       st.booleans())
+@LONG
+def test_load_array_files_long(tmp_path_factory, case, dtype, allow_nan):
+    check_load_array(tmp_path_factory.mktemp("load"), case, dtype, allow_nan)
+
+
+# ----- each fault the issue names, with its reference -----------------------------------------------------
+def _refused(call, module=None, match: str | None = None) -> None:
+    """``call()`` raises a FreqviInputError (matching ``match``) and leaves ``module``'s parameters and
+    Pyro's store exactly as they were (the reference: a copy taken before the call)."""
+    before = _state(module)
+    with pytest.raises(freqvi.errors.FreqviInputError, match=match):
+        call()
+    assert _unchanged(before, _state(module))
+
+
+NAN = math.nan
+REFUSED_OPTIONS = [
+    ("em", {"tol": NAN}, "tol"), ("em", {"tol": -1.0}, "tol"), ("fit", {"tol": NAN}, "tol"),
+    ("fit", {"tol": -1.0}, "tol"), ("em", {"seed": -1}, "seed"), ("fit", {"seed": 2**40}, "seed"),
+    ("fit", {"seed": 1.5}, "seed"), ("log_likelihood", {"seed": -1}, "seed"),
+    ("observed_information", {"seed": -1}, "seed"), ("fit", {"bogus": 3}, "no option"),
+    ("em", {"bogus": 3}, "bogus"), ("fit", {"num_particles": 0}, "num_particles"),
+    ("fit", {"loss": pyro.infer.Trace_ELBO(num_particles=0)}, "num_particles"),
+    ("fit", {"loss": "renyi", "alpha": "x"}, "real number"),
+    ("fit", {"loss": "iwae", "num_particles": "8"}, "8"),
+    ("em", {"m_step_iters": 0}, "m_step_iters"),
+    ("em", {"num_particles": 0}, "num_particles"), ("em", {"e_step_iters": -1}, "e_step_iters"),
+    ("em", {"batch_size": 2, "step_size": -1}, "step_size"),
+    ("em", {"batch_size": 2, "step_size": 0.5}, "kappa"),
+    ("em", {"batch_size": 2, "step_size": 1.5}, "kappa"),
+    ("log_likelihood", {"chunk_size": 0}, "chunk_size"),
+    ("fit", {"data_plate_name": "rows"}, "rows"), ("em", {"data_plate_name": "rows"}, "rows"),
+]
+
+
+@pytest.mark.parametrize(("driver", "opts", "match"), REFUSED_OPTIONS)
+def test_a_bad_option_is_refused_before_any_work(driver, opts, match):
+    model = _mixture()
+    call = getattr(freqvi, driver)
+    _refused(lambda: call(model, GOOD, **{"progress": False} if driver in ("em", "fit") else {}, **opts),
+             model, match)
+
+
+def test_bootstrap_and_compare_options_are_refused():
+    model = _mixture()
+    _refused(lambda: freqvi.bootstrap(model, GOOD, num_workers=0), model, "num_workers")
+    _refused(lambda: freqvi.bootstrap(model, GOOD, seed=-1), model, "seed")
+    _refused(lambda: freqvi.compare({}, GOOD), None, "non-empty")
+    _refused(lambda: freqvi.compare([model], GOOD), None, "non-empty dict")
+    replicates = bootstrap_module.Bootstrap({"a": np.zeros(1)}, {"a": np.arange(6.0).reshape(3, 2)},
+                                            np.ones(3, bool), "nonparametric")
+    for level in (2, 0, 1, NAN, "0.9"):
+        with pytest.raises(freqvi.errors.FreqviInputError, match="level"):
+            replicates.percentile_interval(level)
+    # the reference: NumPy's quantiles of the replicates, the interval's definition
+    np.testing.assert_array_equal(replicates.percentile_interval(0.5)["a"][0],
+                                  np.quantile(np.arange(6.0).reshape(3, 2), 0.25, axis=0))
+
+
+@pytest.mark.parametrize("init", [
+    {"weights": [0.5, 0.5], "locs": [[0.0, 0.0], [1.0]], "covariances": [[1.0, 1.0], [1.0, 1.0]]},
+    {"weights": "ab", "locs": [[0.0, 0.0], [1.0, 1.0]], "covariances": [[1.0, 1.0], [1.0, 1.0]]},
+    [("weights", [0.5, 0.5])], "init", {"weights": [True, False], "locs": [[0, 0], [1, 1]],
+                                        "covariances": [[1, 1], [1, 1]]},
+])
+def test_a_malformed_init_is_refused(init):
+    for build in (lambda: GaussianMixture(2, DIM, "diag", init=init),
+                  lambda: FactorAnalysis(DIM, 1, init=init), lambda: RandomInterceptLogistic(DIM, init=init)):
+        with pytest.raises(freqvi.errors.FreqviInputError, match="init"):
+            build()
+
+
+def test_a_ragged_init_of_each_model_names_its_key():
+    with pytest.raises(freqvi.errors.FreqviInputError, match=r"init\['mean'\]"):
+        FactorAnalysis(DIM, 1, init={"mean": [0, [0]], "loading": [[1], [1]], "noise_variance": [1, 1]})
+    with pytest.raises(freqvi.errors.FreqviInputError, match=r"init\['beta'\]"):
+        RandomInterceptLogistic(DIM, init={"beta": "x", "sigma": 1})
+
+
+@pytest.mark.parametrize("build", [lambda: VAE(DIM, 1, likelihood="gaussian", init_noise_scale=-1),
+                                   lambda: VAE(DIM, 1, likelihood="gaussian", init_noise_scale="a"),
+                                   lambda: VAE(DIM, 1, hidden=5), lambda: VAE(2**64, 1),
+                                   lambda: GaussianDiffusion(DIM, 2**64),
+                                   lambda: GaussianDiffusion(DIM, 3, hidden="8")])
+def test_bad_constructor_arguments_are_refused(build):
+    with pytest.raises(freqvi.errors.FreqviInputError):
+        build()
+
+
+def _user_model_with(observe):
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(3, dtype=x.dtype))
+        with pyro.plate("data", x.shape[0]) as i:
+            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=x.dtype), 1.0))
+            observe(loc, z, x, i)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros((), dtype=x.dtype), 1.0))
+
+    return model, guide
+
+
+@pytest.mark.parametrize(("observe", "options"), [
+    # the event shape (3,) does not match the data's 2 columns
+    (lambda loc, z, x, i: pyro.sample("obs", dist.Normal(loc + z[:, None], 1.0).to_event(1), obs=x), {}),
+    # obs=x (all rows) under a minibatch of 2 rows: the plate selects rows that x is not indexed by
+    (lambda loc, z, x, i: pyro.sample("obs", dist.Normal(loc[:2] + z[:, None], 1.0).to_event(1), obs=x),
+     {"batch_size": 2}),
+])
+def test_a_user_model_that_cannot_take_its_data_fails_in_the_check(observe, options):
+    model, guide = _user_model_with(observe)
+    steps = []
+    with pytest.raises(freqvi.errors.FreqviInputError, match="broadcast"):
+        freqvi.fit(model, GOOD, guide, num_steps=2, progress=False, on_step=steps.append, **options)
+    assert steps == []  # refused before step 0
+
+
+@pytest.mark.parametrize("pattern", ["constant column", "identical rows", "zeros"])
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_maximize_likelihood_refuses_degenerate_data_and_keeps_the_start(pattern, covariance, dtype):
+    """The likelihood is unbounded (a variance can fall to 0): an error, the float64 start intact."""
+    x = GOOD.clone()
+    if pattern == "constant column":
+        x[:, 1] = 3.0
+    else:
+        x[:] = 0.0 if pattern == "zeros" else x[0]
+    model = _mixture(covariance)
+    _refused(lambda: freqvi.maximize_likelihood(model, x.to(dtype)), model, "no maximum")
+
+
+def test_maximize_likelihood_refuses_data_its_model_cannot_take():
+    model = _mixture()
+    _refused(lambda: freqvi.maximize_likelihood(model, (GOOD, GOOD)), model, "running the model")
+
+
+class _FailingMixture(GaussianMixture):
+    """A mixture whose closed-form M-step raises ``error`` on its third call."""
+
+    def __init__(self, error: type[Exception], *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error, self.calls = error, 0
+
+    def maximize(self, statistics):
+        self.calls += 1
+        if self.calls == 3:
+            raise self.error("a fault in the third M-step")
+        super().maximize(statistics)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, freqvi.errors.FreqviInputError])
+def test_em_failing_mid_run_keeps_the_last_good_iteration(error):
+    """The reference: the same run stopped after two iterations (tol=0, so it cannot stop earlier)."""
+    init = {"weights": [0.5, 0.5], "locs": [[0.0, 0.0], [1.0, 1.0]], "covariances": [[1.0, 1.0], [1.0, 1.0]]}
+    reference = GaussianMixture(2, DIM, "diag", init=init)
+    with pytest.warns(freqvi.errors.ConvergenceWarning):
+        freqvi.em(reference, GOOD, max_iter=2, tol=0.0, progress=False)
+    failing = _FailingMixture(error, 2, DIM, "diag", init=init)
+    with pytest.raises(freqvi.errors.FreqviError, match="iteration 3 failed") as caught:
+        freqvi.em(failing, GOOD, max_iter=5, tol=0.0, progress=False)
+    assert not isinstance(caught.value, freqvi.errors.FreqviInputError)  # mid-run, not a refusal
+    for name, value in reference.estimates().items():
+        assert torch.equal(failing.estimates()[name], value), name
+
+
+def test_online_em_refuses_a_step_size_outside_0_1_and_keeps_the_start():
+    """gamma_1 = 1 is fixed; step_size(2) = 2 would blend with a negative weight on the old statistics."""
+    model = _mixture()
+    before = _state(model)
+    with pytest.raises(freqvi.errors.FreqviError, match=r"step_size\(2\)"):
+        freqvi.em(model, GOOD, batch_size=3, step_size=lambda t: 2.0, progress=False)
+    assert _unchanged(before, _state(model))
+
+
+def test_em_on_float32_data_holding_65504_matches_float64():
+    """float32's largest finite half-precision value, 65504, in one cell: the float32 fit is the float64
+    fit to float32 accuracy (40 log-density terms of at most ~15 nats: rounding below 1e-4 nats)."""
+    x = torch.randn(40, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[0, 0] = 65504.0
+    init = {"weights": [0.5, 0.5], "locs": [[0.0, 0.0], [1.0, 1.0]], "covariances": [[1.0, 1.0], [1.0, 1.0]]}
+    fits = {}
+    for dtype in (torch.float64, torch.float32):
+        model = GaussianMixture(2, DIM, "diag", init=init)
+        fits[dtype] = freqvi.em(model, x.to(dtype), progress=False).log_likelihood[-1], model.estimates()
+    assert fits[torch.float32][0] == pytest.approx(fits[torch.float64][0], abs=1e-3)
+    for name, value in fits[torch.float64][1].items():
+        torch.testing.assert_close(fits[torch.float32][1][name].double(), value, rtol=1e-5, atol=1e-6)
+
+
+def test_loaders_refuse_a_bad_dtype_and_a_file_that_is_not_utf8(tmp_path):
+    with pytest.raises(freqvi.errors.FreqviInputError, match="dtype"):
+        datasets.load_iris(dtype=0)
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("x\xe9,y\n1,2\n".encode("latin-1"))
+    with pytest.raises(freqvi.errors.FreqviInputError, match="UTF-8"):
+        datasets.load_array(path)

@@ -257,7 +257,7 @@ def check_widths(widths, name: str = "hidden") -> tuple[int, ...]:
     if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
         raise FreqviInputError(f"{name} must be a sequence of layer widths (integers >= 1), e.g. (128, 64); "
                                f"got {widths!r}.")
-    return tuple(check_positive_int(w, f"{name}[{i}]") for i, w in enumerate(widths))
+    return tuple(check_positive_int(w, f"{name} width") for w in widths)
 
 
 def check_init(init, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

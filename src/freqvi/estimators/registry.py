@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 from pyro.infer import (
     ELBO,
     RenyiELBO,
@@ -103,8 +104,9 @@ def get_estimator(loss: str | ELBO = "trace", *, plate_name: str | None = None,
 
 
 def _options_of(cls: type[ELBO], options: dict) -> dict[str, inspect.Parameter]:
-    """The constructor's parameters, after refusing ``options`` it does not take and a ``num_particles``
-    that is not a positive integer (Pyro's estimators take 0 and return an ELBO of 0)."""
+    """The constructor's parameters, after refusing ``options`` it does not take, a ``num_particles``
+    that is not a positive integer (Pyro's estimators take 0 and return an ELBO of 0), and a value of
+    another kind than its default (a string for a number, a number for a flag)."""
     accepted = inspect.signature(cls).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     unknown = [] if takes_any else sorted(set(options) - set(accepted))
@@ -113,6 +115,13 @@ def _options_of(cls: type[ELBO], options: dict) -> dict[str, inspect.Parameter]:
         raise FreqviInputError(f"{cls.__name__} takes no option {unknown}; its options are {named}.")
     if "num_particles" in options:
         options["num_particles"] = check_positive_int(options["num_particles"], "num_particles")
+    for name, value in options.items():  # a value of another kind than the default's fails only in a step
+        default = accepted[name].default if name in accepted else inspect.Parameter.empty
+        if isinstance(default, bool) and not isinstance(value, bool | np.bool_):
+            raise FreqviInputError(f"{cls.__name__}'s option {name} must be True or False; got {value!r}.")
+        real = isinstance(value, int | float | np.number) and not isinstance(value, bool | complex)
+        if isinstance(default, int | float) and not isinstance(default, bool) and not real:
+            raise FreqviInputError(f"{cls.__name__}'s option {name} must be a real number; got {value!r}.")
     return accepted
 
 

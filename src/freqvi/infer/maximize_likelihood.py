@@ -79,6 +79,9 @@ def maximize_likelihood(model, data, *, max_iter: int = 500, tol: float = 1e-7,
             "maximize_likelihood needs an exact log-likelihood: a model with log_marginal() or whose "
             "latent sites are all discrete; fit this one with freqvi.fit or freqvi.em."
         )
+    bounded = getattr(pair.owner, "check_bounded", None)  # a model that knows data it has no maximum on
+    if bounded is not None:
+        bounded(*data)
     params = unconstrained_params(param_names(model_trace))
     optimizer = torch.optim.LBFGS(params, max_iter=max_iter, max_eval=10 * max_iter, tolerance_grad=tol,
                                   tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe")

@@ -116,6 +116,28 @@ class GaussianMixture(LatentVariableModel):
             raise FreqviInputError("init['covariances'] must be positive definite.")
         return init
 
+    def check_bounded(self, x: torch.Tensor) -> None:
+        """Refuses data on which the likelihood has no maximum without ``reg_covar``'s floor (as in
+        :func:`~freqvi.maximize_likelihood`): a component's covariance can then shrink onto them and the
+        likelihood grow without bound. That is, for ``"diag"``, a constant column; for ``"spherical"``,
+        identical rows; for ``"full"``, rows on a lower-dimensional affine subspace (centred rank < d).
+        """
+        centred = x - x.mean(0)
+        if self.covariance == "diag":
+            flat = (x == x[:1]).all(0).nonzero().flatten().tolist()
+            where = f"columns {flat} are constant" if flat else ""
+        elif self.covariance == "spherical":
+            where = "every row is the same" if bool((x == x[:1]).all()) else ""
+        else:
+            rank = int(torch.linalg.matrix_rank(centred))
+            where = f"the centred rows span {rank} of {self.dim} dimensions" if rank < self.dim else ""
+        if where:
+            raise FreqviInputError(
+                f"the data are degenerate for a {self.covariance}-covariance mixture ({where}): without a "
+                "floor on the variances its likelihood has no maximum (a covariance shrinks onto them). "
+                "Drop the degenerate columns, or fit with em, whose M-step floors variances at reg_covar."
+            )
+
     def on_boundary(self) -> list[str]:
         """Components whose covariance has an eigenvalue on the ``reg_covar`` floor (to 1e-3).
 
