@@ -180,7 +180,7 @@ def _read_file(path: Path) -> np.ndarray:
 def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # an empty file is an EOFError
         raise FreqviInputError(
             f"{path} is not a readable .npy file of numbers (NumPy says: {exc})."
         ) from None
@@ -321,7 +321,7 @@ def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         raise FreqviInputError(f"expected an existing .npy file; got {str(path)!r}.")
     try:
         mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # an empty file is an EOFError
         raise FreqviInputError(f"{path} is not a readable .npy file (NumPy says: {exc}).") from None
     shape, dtype, offset = mapped.shape, mapped.dtype, mapped.offset
     c_order = mapped.flags.c_contiguous

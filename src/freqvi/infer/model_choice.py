@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from freqvi.errors import FreqviInputError
@@ -13,7 +14,7 @@ from freqvi.infer.log_likelihood import log_likelihood
 from freqvi.infer.pair import resolve_pair
 from freqvi.infer.threads import thread_policy
 from freqvi.traces import check_model, param_names
-from freqvi.validation import as_data, check_positive_int, check_seed
+from freqvi.validation import as_data, check_positive_int, check_seed, kept_on_refusal
 
 
 @dataclass
@@ -80,7 +81,8 @@ def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_s
         parameter count, AIC, BIC and each BIC's difference to the smallest.
     :raises FreqviInputError: before any fit, for ``candidates`` that are not a non-empty mapping of
         names to models, a ``fit`` that is not callable, a bad ``num_samples`` or ``seed``; a refused
-        fit leaves the candidates fitted before it as fitted and the failing one as its driver left it.
+        fit refused (a :class:`FreqviInputError`) puts every candidate's parameters back as they were; a
+        fit failing otherwise leaves the candidates fitted before it fitted.
     """
     import pandas as pd  # ArviZ's dependency; imported when a table is asked for
 
@@ -88,11 +90,14 @@ def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_s
     num_samples, seed = check_positive_int(num_samples, "num_samples"), check_seed(seed)
     data = as_data(data)
     rows = {}
-    for name, model in candidates.items():
-        fit(model, data, **{"seed": seed, "progress": False, **fit_options})  # a user's options win
-        criteria = information_criteria(model, data, num_samples=num_samples, seed=seed)
-        rows[name] = {"log_likelihood": criteria.log_likelihood, "num_parameters": criteria.num_parameters,
-                      "aic": criteria.aic, "bic": criteria.bic}
+    with ExitStack() as kept:  # a candidate refused leaves every candidate as it was, not only itself
+        for model in candidates.values():
+            kept.enter_context(kept_on_refusal(model))
+        for name, model in candidates.items():
+            fit(model, data, **{"seed": seed, "progress": False, **fit_options})  # a user's options win
+            criteria = information_criteria(model, data, num_samples=num_samples, seed=seed)
+            rows[name] = {"log_likelihood": criteria.log_likelihood,
+                          "num_parameters": criteria.num_parameters, "aic": criteria.aic, "bic": criteria.bic}
     table = pd.DataFrame.from_dict(rows, orient="index").sort_values("bic")
     table["delta_bic"] = table["bic"] - table["bic"].min()
     return table
