@@ -532,6 +532,7 @@ REFUSED_OPTIONS = [
     ("em", {"batch_size": 2, "step_size": 1.5}, "kappa"),
     ("log_likelihood", {"chunk_size": 0}, "chunk_size"),
     ("fit", {"data_plate_name": "rows"}, "rows"), ("em", {"data_plate_name": "rows"}, "rows"),
+    ("fit", {"optim": []}, "optimiser"), ("fit", {"optim": {}}, "optimiser"),
 ]
 
 
