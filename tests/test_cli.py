@@ -206,7 +206,7 @@ def test_diffusion_on_digits_with_ddim(tmp_path):
 
 @pytest.mark.parametrize("bad_input", [
     (["--diffusion-steps", "0"], "num_steps must be an integer >= 1"),
-    (["--hidden", "16,0"], "layer width must be an integer >= 1"),
+    (["--hidden", "16,0"], "hidden width must be an integer >= 1"),  # the option named, not the MLP
     (["--samples", "0"], "num_samples must be an integer >= 1"),
     (["--data", "missing.npy"], "does not exist"),
 ], ids=["zero-steps", "zero-width", "zero-samples", "missing-file"])

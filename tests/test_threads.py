@@ -129,7 +129,7 @@ def test_the_callers_count_comes_back_after_an_error(caller_threads):
         assert torch.get_num_threads() == 1
         raise RuntimeError("the model fails")
 
-    with pytest.raises(RuntimeError, match="the model fails"):
+    with pytest.raises(freqvi.errors.FreqviInputError, match="the model fails"):  # not raw (issue 17)
         freqvi.log_likelihood(model, torch.randn(20))
     assert torch.get_num_threads() == caller_threads
     with pytest.raises(KeyError), intra_op_threads(2):

@@ -42,7 +42,7 @@ def load_iris(dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from sklearn import datasets
 
         values = datasets.load_iris().data
-    return torch.as_tensor(values, dtype=dtype)
+    return torch.as_tensor(values, dtype=_check_dtype(dtype))
 
 
 def _sklearn_iris_csv() -> Path | None:
@@ -180,7 +180,7 @@ def _read_file(path: Path) -> np.ndarray:
 def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # an empty file is an EOFError
         raise FreqviInputError(
             f"{path} is not a readable .npy file of numbers (NumPy says: {exc})."
         ) from None
@@ -188,14 +188,15 @@ def _read_npy(path: Path) -> np.ndarray:
 
 def _read_csv(path: Path) -> np.ndarray:
     """Comma-separated numbers, skipping a header row if the first data line is not numeric."""
-    skip = _header_rows(path)
     try:
+        skip = _header_rows(path)  # a file that is not UTF-8 fails here, a ValueError too
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data": checked below
             values = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, encoding="utf-8-sig")
     except ValueError as exc:
         raise FreqviInputError(
-            f"{path} must hold comma-separated numbers (with at most one header row); NumPy: {exc}"
+            f"{path} must hold comma-separated numbers as UTF-8 text (with at most one header row); "
+            f"reading it failed: {exc}"
         ) from None
     if values.size == 0:
         raise FreqviInputError(f"{path} holds no numbers; expected one observation per line.")
@@ -320,7 +321,7 @@ def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         raise FreqviInputError(f"expected an existing .npy file; got {str(path)!r}.")
     try:
         mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # an empty file is an EOFError
         raise FreqviInputError(f"{path} is not a readable .npy file (NumPy says: {exc}).") from None
     shape, dtype, offset = mapped.shape, mapped.dtype, mapped.offset
     c_order = mapped.flags.c_contiguous

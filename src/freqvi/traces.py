@@ -7,7 +7,8 @@ fails fast with a readable message.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pyro
 import pyro.distributions as dist
@@ -145,20 +146,11 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
     latent site of the model must be covered by the guide unless the model sums
     it out by enumeration. Returns the two traces.
     """
-    try:
-        with torch.no_grad():
-            guide_trace = trace(guide, *data)
-            model_trace = trace(poutine.replay(model, trace=guide_trace), *data)
-            for tr in (guide_trace, model_trace):
-                _compute_densities(tr)
-    except FreqviInputError:
-        raise
-    except KeyError as exc:
-        raise FreqviInputError(_key_error_message(exc)) from exc
-    except (ValueError, RuntimeError, IndexError, TypeError) as exc:
-        raise FreqviInputError(
-            f"running the model/guide pair on the data failed: {type(exc).__name__}: {exc}{dtype_note(data)}"
-        ) from exc
+    with _run_on(data, "the model/guide pair"), torch.no_grad():
+        guide_trace = trace(guide, *data)
+        model_trace = trace(poutine.replay(model, trace=guide_trace), *data)
+        for tr in (guide_trace, model_trace):
+            _compute_densities(tr)
     _check_plate_sizes(model_trace, guide_trace)
     model_latent = latent_sites(model_trace)
     guide_latent = latent_sites(guide_trace)
@@ -181,17 +173,50 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
     return model_trace, guide_trace
 
 
+_SHAPE_NOTE = (" (a site's value must broadcast with its distribution's batch_shape + event_shape: "
+               "a multivariate observation needs .to_event(1); under batch_size the data plate selects rows, "
+               "so observe those: `with pyro.plate('data', len(x)) as i: ... obs=x[i]`)")
+
+
+def check_model(model: Callable, data: tuple[torch.Tensor, ...]) -> Trace:
+    """Runs ``model`` once on ``data`` (no guide: a driver that needs none) and returns its trace, its
+    log-densities computed; a run that fails is a :class:`FreqviInputError`, as in :func:`check_pair`."""
+    with _run_on(data, "the model"):
+        model_trace = trace(model, *data)
+        _compute_densities(model_trace)
+    return model_trace
+
+
+@contextmanager
+def _run_on(data: tuple[torch.Tensor, ...], what: str) -> Iterator[None]:
+    """Turns an error raised by running ``what`` on ``data`` into a :class:`FreqviInputError` saying so."""
+    try:
+        yield
+    except FreqviInputError:
+        raise
+    except KeyError as exc:
+        raise FreqviInputError(_key_error_message(exc)) from exc
+    except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+        raise FreqviInputError(
+            f"running {what} on the data failed: {type(exc).__name__}: {exc}{dtype_note(data)}"
+            + _SHAPE_NOTE * any(word in str(exc) for word in ("broadcast", "size of tensor", "shape"))
+        ) from exc
+
+
 def _compute_densities(tr: Trace) -> None:
     """Computes a trace's log-densities, so that a density that cannot take its values (a dtype it
     refuses, a shape that does not broadcast: RuntimeError) fails before any step.
 
     Values outside a support (a ValueError under validation, as Pyro wraps it) are left to the
-    drivers' step guard, which names the site whose log-density is not finite.
+    drivers' step guard, which names the site whose log-density is not finite; a shape that Pyro's
+    validation refuses (also a ValueError: an event shape that does not match, ``obs=x`` under a
+    subsampled plate) fails here.
     """
     try:
         tr.compute_log_prob(lambda name, site: not isinstance(site["fn"], _Subsample))
-    except ValueError:
-        pass
+    except ValueError as exc:
+        if "support" not in str(exc):  # a shape Pyro's validation refuses is the pair's error, not the data's
+            raise
 
 
 def _plate_sizes(tr: Trace) -> dict[str, int]:

@@ -6,7 +6,8 @@ that says what was expected and what was found.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,3 +226,101 @@ def check_choice(value, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise FreqviInputError(f"{name} must be one of {list(choices)}; got {value!r}.")
     return value
+
+
+#: Seeds every generator ``pyro.set_rng_seed`` seeds accepts (NumPy's legacy one takes 32 bits).
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_seed(seed, name: str = "seed") -> int | None:
+    """Raises unless ``seed`` is ``None`` or an integer in ``[0, 2**32 - 1]`` (what Python's, NumPy's and
+    torch's generators all accept); returns it as ``int`` (or ``None``)."""
+    if seed is None:
+        return None
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not low <= seed <= high:
+        raise FreqviInputError(f"{name} must be None or an integer in [{low}, 2**32 - 1]; got {seed!r}.")
+    return int(seed)
+
+
+def check_probability(value, name: str) -> float:
+    """Raises unless ``value`` is a real number strictly between 0 and 1 (a level, a quantile)."""
+    ok = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
+    if not (ok and 0 < value < 1):
+        raise FreqviInputError(f"{name} must be a number strictly between 0 and 1; got {value!r}.")
+    return float(value)
+
+
+def check_widths(widths, name: str = "hidden") -> tuple[int, ...]:
+    """Raises unless ``widths`` is a sequence of integers >= 1 (a network's hidden layer widths, possibly
+    empty); returns them as a tuple."""
+    if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
+        raise FreqviInputError(f"{name} must be a sequence of layer widths (integers >= 1), e.g. (128, 64); "
+                               f"got {widths!r}.")
+    return tuple(check_positive_int(w, f"{name} width") for w in widths)
+
+
+def check_init(init, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A model's ``init=`` as float64 tensors, checked: a mapping with exactly the keys of ``shapes``,
+    each value an array of finite real numbers of its shape.
+
+    Constraints beyond shape and finiteness (positive variances, weights summing to one) are the
+    model's to check on the values returned.
+
+    :raises FreqviInputError: for a value that is not a mapping, missing or unknown keys, a value that is
+        not an array of real numbers (strings, ragged lists), the wrong shape or non-finite entries.
+    """
+    if not isinstance(init, Mapping):
+        raise FreqviInputError(f"init must be a dict with the keys {sorted(shapes)}; "
+                               f"got {type(init).__name__}.")
+    if set(init) != set(shapes):
+        raise FreqviInputError(f"init must have exactly the keys {sorted(shapes)}; "
+                               f"got {sorted(init, key=str)}.")
+    checked = {}
+    for key, shape in shapes.items():
+        label = f"init[{key!r}]"
+        value = as_real(init[key], label).to(torch.float64)
+        if tuple(value.shape) != tuple(shape):
+            raise FreqviInputError(f"{label} must have shape {tuple(shape)}; got {tuple(value.shape)}.")
+        check_finite(value, label, advice="starting values must be finite numbers")
+        checked[key] = value
+    return checked
+
+
+@contextmanager
+def kept_on_refusal(model) -> Iterator[None]:
+    """Puts the parameters and buffers of ``model``'s modules back as they were, values and dtypes, if the
+    block raises a :class:`FreqviInputError`: a refused call leaves the model as it found it, also when
+    the refusal comes after the model has run on the data (which moves it to the data's dtype).
+
+    ``model`` is what a driver was given: a ``torch.nn.Module`` (a freqvi model), a ``(model, guide)``
+    pair, or a bound method of a module; anything else (a plain function, whose parameters live in
+    Pyro's store and are not converted) is left alone. Tensors created during the block stay.
+    """
+    parts = model if isinstance(model, tuple) else (model,)
+    modules = {id(m): m for m in (getattr(p, "__self__", p) for p in parts) if isinstance(m, torch.nn.Module)}
+    parameters = [(p, p.detach().clone()) for m in modules.values() for p in m.parameters()]
+    buffers = [(m, name, b.clone()) for m in modules.values() for name, b in m.named_buffers()]
+    try:
+        yield
+    except FreqviInputError:
+        with torch.no_grad():  # a dtype conversion keeps parameter objects but replaces buffers
+            for parameter, value in parameters:
+                parameter.data = value
+            for module, name, value in buffers:
+                module.get_buffer(name).data = value
+        raise
+
+
+@contextmanager
+def allocation(what: str) -> Iterator[None]:
+    """Turns torch's refusal to allocate tensors of the sizes asked for (beyond int64, beyond memory)
+    into a :class:`FreqviInputError` naming ``what`` was being built; other errors pass unchanged."""
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        size_error = isinstance(exc, MemoryError | OverflowError) or "verflow" in first or "allocate" in first
+        if not size_error:
+            raise
+        raise FreqviInputError(f"{what} is too large to allocate: {first}") from None

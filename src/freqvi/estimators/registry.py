@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 from pyro.infer import (
     ELBO,
     RenyiELBO,
@@ -13,13 +14,14 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 
-from freqvi.errors import FreqviInputError
+from freqvi.errors import FreqviError, FreqviInputError
 from freqvi.estimators.dreg import DReG_ELBO
 from freqvi.estimators.iwae import IWAE_ELBO
 from freqvi.estimators.noise_prediction import NoisePredictionLoss
 from freqvi.estimators.q_function import QFunctionELBO
 from freqvi.estimators.stl import STL_ELBO
 from freqvi.estimators.time_subsampled import TimeSubsampledELBO
+from freqvi.validation import check_positive_int
 
 ESTIMATORS: dict[str, type[ELBO]] = {
     "trace": Trace_ELBO,
@@ -61,8 +63,10 @@ def get_estimator(loss: str | ELBO = "trace", *, plate_name: str | None = None,
     :param plate_nesting: the plates the model and guide nest, or ``None``.
     :param options: keyword arguments for the estimator's constructor
         (``num_particles``, ``max_plate_nesting``, ...); only with a name.
-    :raises FreqviInputError: for an unknown name, options with an instance, or an
-        instance or option whose data plate is not the driver's.
+    :raises FreqviInputError: for an unknown name, options with an instance, an option the
+        estimator does not take or whose value its constructor refuses, ``num_particles`` below 1
+        (in the options or on the instance), or an instance or option whose data plate is not
+        the driver's.
     """
     if isinstance(loss, ELBO):
         if options:
@@ -71,6 +75,7 @@ def get_estimator(loss: str | ELBO = "trace", *, plate_name: str | None = None,
                 "set them on the ELBO instance instead."
             )
         _check_plate(getattr(loss, "data_plate", None), plate_name, f"the {type(loss).__name__} given")
+        check_positive_int(getattr(loss, "num_particles", 1), f"the {type(loss).__name__}'s num_particles")
         return loss
     if isinstance(loss, type) and issubclass(loss, ELBO):
         cls = loss
@@ -83,13 +88,41 @@ def get_estimator(loss: str | ELBO = "trace", *, plate_name: str | None = None,
                 f"{sorted(ESTIMATORS)}."
             )
         cls = ESTIMATORS[key]
-    accepted = inspect.signature(cls).parameters
+    accepted = _options_of(cls, options)
     if plate_name is not None and "data_plate" in accepted:
         _check_plate(options.get("data_plate"), plate_name, f"the loss option data_plate of {cls.__name__}")
         options["data_plate"] = plate_name
     if plate_nesting is not None and "max_plate_nesting" in accepted:
         options.setdefault("max_plate_nesting", plate_nesting)
-    return cls(**options)
+    try:
+        return cls(**options)
+    except FreqviError:
+        raise
+    except (TypeError, ValueError, AssertionError) as exc:  # a value the constructor refuses, in its words
+        raise FreqviInputError(f"{cls.__name__} cannot be built with the options {options}: "
+                               f"{type(exc).__name__}: {exc}") from None
+
+
+def _options_of(cls: type[ELBO], options: dict) -> dict[str, inspect.Parameter]:
+    """The constructor's parameters, after refusing ``options`` it does not take, a ``num_particles``
+    that is not a positive integer (Pyro's estimators take 0 and return an ELBO of 0), and a value of
+    another kind than its default (a string for a number, a number for a flag)."""
+    accepted = inspect.signature(cls).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = [] if takes_any else sorted(set(options) - set(accepted))
+    if unknown:
+        named = sorted(k for k, p in accepted.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+        raise FreqviInputError(f"{cls.__name__} takes no option {unknown}; its options are {named}.")
+    if "num_particles" in options:
+        options["num_particles"] = check_positive_int(options["num_particles"], "num_particles")
+    for name, value in options.items():  # a value of another kind than the default's fails only in a step
+        default = accepted[name].default if name in accepted else inspect.Parameter.empty
+        if isinstance(default, bool) and not isinstance(value, bool | np.bool_):
+            raise FreqviInputError(f"{cls.__name__}'s option {name} must be True or False; got {value!r}.")
+        real = isinstance(value, int | float | np.number) and not isinstance(value, bool | complex)
+        if isinstance(default, int | float) and not isinstance(default, bool) and not real:
+            raise FreqviInputError(f"{cls.__name__}'s option {name} must be a real number; got {value!r}.")
+    return accepted
 
 
 def _check_plate(estimator_plate: str | None, driver_plate: str | None, what: str) -> None:

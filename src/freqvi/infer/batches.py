@@ -163,7 +163,8 @@ class InMemoryBatches(BatchSource):
         return Batch(self.data, SubsamplePlate(self.plate_name, torch.arange(self.batch_size)))
 
     def check_plate(self, model_trace, guide) -> None:
-        if self.batch_size is not None or self.n != self.rows:
+        # A model with no data plate fits whole; a plate name given (not the default) must be the model's.
+        if self.batch_size is not None or self.n != self.rows or self.plate_name != "data":
             data_plate(model_trace, self.plate_name, self.rows)
 
     def evaluation_pass(self) -> Iterator[tuple[torch.Tensor, ...]]:

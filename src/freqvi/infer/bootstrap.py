@@ -23,8 +23,8 @@ from freqvi.errors import ConvergenceWarning, FreqviError, FreqviInputError
 from freqvi.infer.em import em
 from freqvi.infer.pair import resolve_pair
 from freqvi.infer.threads import intra_op_threads, thread_policy
-from freqvi.traces import check_pair, param_names, trace
-from freqvi.validation import as_data, check_choice, check_positive_int
+from freqvi.traces import check_model, check_pair, param_names
+from freqvi.validation import as_data, check_choice, check_positive_int, check_probability, check_seed
 
 KINDS = ("nonparametric", "parametric")
 
@@ -58,8 +58,11 @@ class Bootstrap:
         return {name: draws.std(0, ddof=1) for name, draws in self.draws.items()}
 
     def percentile_interval(self, level: float = 0.95) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Efron's percentile interval: the replicates' ``(1 -+ level) / 2`` quantiles."""
-        tail = (1 - level) / 2
+        """Efron's percentile interval: the replicates' ``(1 -+ level) / 2`` quantiles.
+
+        :raises FreqviInputError: unless ``0 < level < 1``.
+        """
+        tail = (1 - check_probability(level, "level")) / 2
         return {name: (np.quantile(d, tail, axis=0), np.quantile(d, 1 - tail, axis=0))
                 for name, d in self.draws.items()}
 
@@ -69,6 +72,7 @@ class Bootstrap:
         A symmetric matrix (a covariance: symmetric in the estimate and in every replicate) lists
         its lower triangle only, as :meth:`freqvi.Information.summary` does.
         """
+        level = check_probability(level, "level")
         import pandas as pd  # ArviZ's dependency; imported when a table is asked for
 
         errors, (lower, upper) = self.standard_errors(), zip(*self.percentile_interval(level).values(),
@@ -142,7 +146,10 @@ def bootstrap(model, data, guide=None, *, num_replicates: int = 200, kind: str =
     """
     check_choice(kind, "kind", KINDS)
     num_replicates = check_positive_int(num_replicates, "num_replicates", minimum=2)
-    num_workers = check_positive_int(num_workers or os.cpu_count() or 1, "num_workers")
+    if num_workers is not None:  # None: one per CPU; 0 is refused, not read as the default
+        num_workers = check_positive_int(num_workers, "num_workers")
+    num_workers = num_workers or os.cpu_count() or 1
+    seed = check_seed(seed)
     data = as_data(data)
     pair = resolve_pair(model, guide, require_guide=False)
     user_guide = guide if pair.owner is not None else pair.guide
@@ -225,7 +232,8 @@ def _estimates(pair, data: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
     if pair.owner is not None:
         return pair.owner.estimates()
     with torch.no_grad():
-        model_trace = check_pair(pair.model, pair.guide, data)[0] if pair.guide else trace(pair.model, *data)
+        model_trace = check_pair(pair.model, pair.guide, data)[0] if pair.guide \
+            else check_model(pair.model, data)
     names = sorted(param_names(model_trace))
     return {name: model_trace.nodes[name]["value"].detach().clone() for name in names}
 

@@ -18,7 +18,7 @@ from freqvi.errors import FreqviInputError
 from freqvi.estimators.time_subsampled import TimeSubsampledELBO
 from freqvi.infer.pair import resolve_pair
 from freqvi.infer.threads import thread_policy
-from freqvi.validation import as_real
+from freqvi.validation import as_real, check_seed
 
 
 @dataclass
@@ -63,6 +63,7 @@ def diffusion_bound(model, data, *, guide=None, num_particles: int = 1, seed: in
     """
     pair = resolve_pair(model, guide)
     x = as_real(data)
+    seed = check_seed(seed)
     if x.dim() != 2:
         raise FreqviInputError(f"data must have shape (n_observations, dim); got {tuple(x.shape)}.")
     if seed is not None:

@@ -42,7 +42,7 @@ from freqvi.traces import (
     param_names,
     unconstrained_params,
 )
-from freqvi.validation import check_choice, check_positive_float, check_positive_int
+from freqvi.validation import check_choice, check_positive_float, check_positive_int, check_seed
 
 M_STEPS = ("auto", "closed_form", "gradient")
 
@@ -181,7 +181,8 @@ def em(
     Moulines 2009): each minibatch's statistics are blended into running ones,
     :math:`s_t = (1 - \gamma_t) s_{t-1} + \gamma_t \hat s_t`, with
     :math:`\gamma_1 = 1` and :math:`\gamma_t = t^{-\kappa}` for ``step_size=kappa``
-    (or ``step_size(t)`` if callable); one iteration is one pass over the data.
+    (or ``step_size(t)``, in (0, 1], if callable), ``0.5 < kappa <= 1``; one iteration is one pass over
+    the data.
     Data larger than memory come as an iterable of batches (a ``DataLoader``,
     :class:`freqvi.datasets.NpyBatches`): online EM over them, one pass an iteration, the
     recorded objective summed over a second pass at the iteration's parameters.
@@ -218,8 +219,9 @@ def em(
     :param resume: a checkpoint to continue from, with the model built as for the
         run that wrote it; the result equals an uninterrupted run's, bit for bit on CPU.
 
-    An iteration whose objective is not finite is undone (the parameters go back
-    to the previous iteration's) before the error is raised.
+    An iteration that fails (its objective not finite, an error in the model or guide, a
+    singular matrix) is undone (the parameters go back to the previous iteration's) before
+    a :class:`~freqvi.errors.FreqviError` is raised.
 
     :raises FreqviInputError: for an unknown ``m_step``, a non-positive count or tolerance,
         online EM without a closed-form M-step, or a guide with free local parameters and
@@ -227,6 +229,7 @@ def em(
         parameters; enumerate it with ``infer={"enumerate": "parallel"}``).
     """
     check_choice(m_step, "m_step", M_STEPS)
+    seed = check_seed(seed)
     max_iter = check_positive_int(max_iter, "max_iter")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     check_checkpoint_path(checkpoint)
@@ -239,6 +242,7 @@ def em(
         e_lr=check_positive_float(e_step_lr, "e_step_lr"),
         e_iters=check_positive_int(e_step_iters, "e_step_iters"),
         num_particles=check_positive_int(num_particles, "num_particles"))
+    step_size = _check_step_size(step_size)
     device = resolve_device(device)
     batches = make_batches(data, batch_size, data_plate_name, num_observations, device)
     pair = resolve_pair(model, guide)
@@ -253,8 +257,7 @@ def em(
         pyro.set_rng_seed(seed)
     with on_device(device):
         model_trace, guide_trace = check_pair(pair.model, pair.guide, batches.first())
-    if online:
-        batches.check_plate(model_trace, pair.guide)
+    batches.check_plate(model_trace, pair.guide)
     step = _EMStep(pair, batches, m_step, model_trace, guide_trace, settings)
     if not step.exact or m_step == "gradient":  # Q and the objective draw particles at once
         with on_device(device):
@@ -270,7 +273,8 @@ def em(
     with pyro.validation_enabled(False), deferred_interrupts() as interrupted, on_device(device), \
             checkpoint_lock(checkpoint):
         if resume is None:
-            posterior, value = step.evaluate()
+            with _restoring(step, step.snapshot(), "the first E-step"):
+                posterior, value = step.evaluate()
             result.log_likelihood.append(value)
         else:
             step.restore(resume, result)
@@ -280,18 +284,16 @@ def em(
         bar = tqdm(range(first, max_iter + 1), initial=first - 1, total=max_iter, disable=not progress,
                    desc="em", unit="iter")
         for it in bar:
-            good = step.snapshot()
             previous = step.fitted
-            if online:
-                step.online_epoch(step_size)
-                posterior, value = step.evaluate()
-                m_converged, ascended = True, True
-            else:
-                posterior, value, m_converged, ascended = step.iterate(posterior)
-            if not (math.isfinite(value) and math.isfinite(step.fitted)):
-                step.load_snapshot(good)
-                raise FreqviError(f"iteration {it}: the objective is {value}; the fit diverged. The "
-                                  "parameters are those of the previous iteration.")
+            with _restoring(step, step.snapshot(), f"iteration {it}"):
+                if online:
+                    step.online_epoch(step_size)
+                    posterior, value = step.evaluate()
+                    m_converged, ascended = True, True
+                else:
+                    posterior, value, m_converged, ascended = step.iterate(posterior)
+                if not (math.isfinite(value) and math.isfinite(step.fitted)):
+                    raise FreqviError(f"iteration {it}: the objective is {value}; the fit diverged.")
             result.log_likelihood.append(value)
             result.num_iter = it
             bar.set_postfix(loglik=f"{value:.6g}")
@@ -602,6 +604,30 @@ class _EMStep:
             owner.maximize(self.statistics)
 
 
+@contextmanager
+def _restoring(step: _EMStep, good: list[torch.Tensor], what: str):
+    """Puts the parameters back to ``good`` if the block fails, whatever the failure; one that is not
+    freqvi's own (a singular matrix, a shape error in a user's model), or an input error met mid-run (a
+    refusal, :class:`FreqviInputError`, would have the driver's boundary undo the whole run), becomes a
+    :class:`FreqviError`."""
+    kept = "the parameters are back at their values before it"
+    try:
+        yield
+    except FreqviInputError as exc:  # mid-run, not a refusal at the boundary, which would undo the run
+        step.load_snapshot(good)
+        raise FreqviError(f"{what} failed: {exc} ({kept}).") from exc
+    except FreqviError as exc:
+        step.load_snapshot(good)
+        exc.args = (f"{exc.args[0]} ({kept})" if exc.args else kept, *exc.args[1:])
+        raise
+    except (RuntimeError, ValueError, ArithmeticError) as exc:
+        step.load_snapshot(good)
+        raise FreqviError(f"{what} failed: {type(exc).__name__}: {exc} ({kept}).") from exc
+    except BaseException:  # Ctrl-C twice, or anything else: nothing half-updated stays
+        step.load_snapshot(good)
+        raise
+
+
 def _check_reparameterized(drawn_sites) -> None:
     """The E-step follows fixed draws through the local parameters: they must be reparameterised."""
     bad = [site["name"] for site in drawn_sites if not site["fn"].has_rsample]
@@ -701,5 +727,25 @@ def _blend_linearly(old: dict, new: dict, gamma: float) -> dict:
     return {k: (1 - gamma) * old[k] + gamma * new[k] for k in new}
 
 
+def _check_step_size(step_size):
+    r"""``step_size`` as given if callable, else checked: Cappe and Moulines' (2009) conditions on
+    :math:`\gamma_t = t^{-\kappa}`, :math:`\sum_t \gamma_t = \infty` and
+    :math:`\sum_t \gamma_t^2 < \infty`, hold for :math:`0.5 < \kappa \le 1`."""
+    if callable(step_size):
+        return step_size
+    number = isinstance(step_size, int | float) and not isinstance(step_size, bool)
+    if not (number and 0.5 < step_size <= 1):
+        raise FreqviInputError(f"step_size must be a number kappa with 0.5 < kappa <= 1 (the online EM step "
+                               f"t ** -kappa) or a callable t -> gamma_t; got {step_size!r}.")
+    return float(step_size)
+
+
 def _gamma(step_size, t: int) -> float:
-    return float(step_size(t)) if callable(step_size) else t ** -float(step_size)
+    """The blend weight of iteration ``t``; a callable's value must lie in (0, 1]."""
+    if not callable(step_size):
+        return t ** -step_size
+    gamma = step_size(t)
+    if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 < gamma <= 1:
+        raise FreqviInputError(f"step_size({t}) must be a number in (0, 1] (the weight of the new "
+                               f"statistics); got {gamma!r}.")
+    return float(gamma)

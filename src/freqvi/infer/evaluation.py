@@ -26,7 +26,7 @@ from freqvi.infer.pair import resolve_pair
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, trace
-from freqvi.validation import as_data, check_positive_float, check_positive_int
+from freqvi.validation import as_data, check_positive_float, check_positive_int, check_seed
 
 
 @dataclass
@@ -72,6 +72,7 @@ def elbo_terms(model, data, guide=None, *, num_samples: int = 100, data_plate_na
     mean, summed in quadrature over observations. Every site must sit inside the
     plate ``data_plate_name``; latent sites are those of the guide.
     """
+    seed = check_seed(seed)
     num_samples = check_positive_int(num_samples, "num_samples")
     data = as_data(data)
     pair = resolve_pair(model, guide)
@@ -171,6 +172,7 @@ def amortization_gap(model, data, guide: AmortizedNormal, *, num_steps: int = 50
         raise FreqviInputError(f"guide must be an AmortizedNormal; got {type(guide).__name__}.")
     num_steps = check_positive_int(num_steps, "num_steps")
     lr = check_positive_float(lr, "lr")
+    seed = check_seed(seed)
     data = as_data(data)
     if seed is not None:
         pyro.set_rng_seed(seed)

@@ -32,7 +32,7 @@ from freqvi.infer.step import GuardedStep
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
 from freqvi.traces import check_pair, max_plate_nesting, param_names, unconstrained_params
-from freqvi.validation import as_data, check_positive_float, check_positive_int
+from freqvi.validation import as_data, check_positive_float, check_positive_int, check_seed
 
 _VALIDATION_SEED = 20_231_117
 
@@ -231,7 +231,9 @@ def fit(
         not callable, an unknown ``average``, ...), before any step.
     """
     num_steps = check_positive_int(num_steps, "num_steps")
+    seed = check_seed(seed)
     window = check_positive_int(window, "window")
+    tol = None if tol is None else check_positive_float(tol, "tol", allow_zero=True)
     max_retries = check_positive_int(max_retries, "max_retries", minimum=0)
     if clip_norm is not None:
         clip_norm = check_positive_float(clip_norm, "clip_norm")

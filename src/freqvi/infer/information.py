@@ -26,6 +26,7 @@ from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
 from freqvi.traces import (
+    check_model,
     check_pair,
     check_proposal,
     data_plate,
@@ -34,7 +35,7 @@ from freqvi.traces import (
     param_names,
     trace,
 )
-from freqvi.validation import as_data, check_choice, check_positive_int
+from freqvi.validation import as_data, check_choice, check_positive_int, check_seed
 
 METHODS = ("auto", "exact", "louis")
 KINDS = ("observed", "sandwich")
@@ -458,11 +459,12 @@ def observed_information(model, data, guide=None, *, method: str = "auto", num_s
     check_choice(method, "method", METHODS)
     num_samples = check_positive_int(num_samples, "num_samples", minimum=2)
     data = as_data(data)
+    seed = check_seed(seed)
     pair = resolve_pair(model, guide, require_guide=False)
     if seed is not None:
         pyro.set_rng_seed(seed)
     model_trace = check_pair(pair.model, pair.guide, data)[0] if pair.guide is not None \
-        else trace(pair.model, *data)
+        else check_model(pair.model, data)
     frame = data_plate(model_trace, data_plate_name, data[0].shape[0])
     parameters = Parameters.of(param_names(model_trace))
     exact = exact_route(pair, model_trace)

@@ -25,8 +25,16 @@ from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.proposals import Proposal, as_proposal, choose_proposal
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
-from freqvi.traces import check_pair, check_proposal, data_plate, latent_sites, max_plate_nesting, trace
-from freqvi.validation import as_data, check_choice, check_positive_int
+from freqvi.traces import (
+    check_model,
+    check_pair,
+    check_proposal,
+    data_plate,
+    latent_sites,
+    max_plate_nesting,
+    trace,
+)
+from freqvi.validation import as_data, check_choice, check_positive_int, check_seed
 
 METHODS = ("auto", "exact", "importance")
 PARETO_K_THRESHOLD = 0.7
@@ -185,13 +193,15 @@ def log_likelihood(
     num_samples = check_positive_int(num_samples, "num_samples")
     proposal = as_proposal(proposal)
     data = as_data(data)
+    seed = check_seed(seed)
+    chunk_size = None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
     pair = resolve_pair(model, guide, require_guide=False)
     if seed is not None:
         pyro.set_rng_seed(seed)
     if pair.guide is not None:
         model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
     else:
-        model_trace = trace(pair.model, *data)
+        model_trace = check_model(pair.model, data)
     n = data[0].shape[0]
     frame = data_plate(model_trace, data_plate_name, n)
     exact = exact_route(pair, model_trace)
@@ -211,7 +221,7 @@ def log_likelihood(
     check_proposal(pair.guide, guide_trace, *data)
     proposal = choose_proposal(proposal, guide_trace)
     pair = Pair(pair.model, proposal.wrap(pair.guide), pair.owner)  # draws come from the proposal
-    chunk = check_positive_int(chunk_size or max(1, min(num_samples, 4_000_000 // max(n, 1))), "chunk_size")
+    chunk = max(1, min(num_samples, 4_000_000 // max(n, 1))) if chunk_size is None else chunk_size
     dims = max_plate_nesting(model_trace) + 1
     check_particles(pair.model, pair.guide, data, num_samples, dims - 1,
                     "log_likelihood's importance sampling")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 
+from freqvi.errors import FreqviInputError
 from freqvi.infer.em import em
 from freqvi.infer.information import Parameters
 from freqvi.infer.log_likelihood import log_likelihood
 from freqvi.infer.pair import resolve_pair
 from freqvi.infer.threads import thread_policy
-from freqvi.traces import param_names, trace
-from freqvi.validation import as_data
+from freqvi.traces import check_model, param_names
+from freqvi.validation import as_data, check_positive_int, check_seed, kept_on_refusal
 
 
 @dataclass
@@ -56,6 +58,7 @@ def information_criteria(model, data, guide=None, *, num_samples: int = 1000,
     estimate would drop nearly redundant components and favour overfitting.
     """
     data = as_data(data)
+    num_samples, seed = check_positive_int(num_samples, "num_samples"), check_seed(seed)
     loglik = log_likelihood(model, data, guide, num_samples=num_samples, seed=seed, proposal=proposal)
     return InformationCriteria(loglik.total, _num_parameters(model, guide, data), data[0].shape[0])
 
@@ -64,7 +67,7 @@ def _num_parameters(model, guide, data) -> int:
     pair = resolve_pair(model, guide, require_guide=False)
     if pair.owner is not None and hasattr(pair.owner, "num_parameters"):
         return pair.owner.num_parameters
-    return Parameters.of(param_names(trace(pair.model, *data))).basis().shape[1]
+    return Parameters.of(param_names(check_model(pair.model, data))).basis().shape[1]
 
 
 @thread_policy
@@ -77,16 +80,38 @@ def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_s
     :param fit: the driver, :func:`~freqvi.em` by default; ``fit_options`` go to it.
     :returns: a ``pandas.DataFrame`` indexed by name, with the log-likelihood,
         parameter count, AIC, BIC and each BIC's difference to the smallest.
+    :raises FreqviInputError: before any fit, for ``candidates`` that are not a non-empty mapping of
+        names to models, a ``fit`` that is not callable, a bad ``num_samples`` or ``seed``; a refused
+        fit refused (a :class:`FreqviInputError`) puts every candidate's parameters back as they were; a
+        fit failing otherwise leaves the candidates fitted before it fitted.
     """
     import pandas as pd  # ArviZ's dependency; imported when a table is asked for
 
+    _check_candidates(candidates, fit)
+    num_samples, seed = check_positive_int(num_samples, "num_samples"), check_seed(seed)
     data = as_data(data)
     rows = {}
-    for name, model in candidates.items():
-        fit(model, data, **{"seed": seed, "progress": False, **fit_options})  # a user's options win
-        criteria = information_criteria(model, data, num_samples=num_samples, seed=seed)
-        rows[name] = {"log_likelihood": criteria.log_likelihood, "num_parameters": criteria.num_parameters,
-                      "aic": criteria.aic, "bic": criteria.bic}
+    with ExitStack() as kept:  # a candidate refused leaves every candidate as it was, not only itself
+        for model in candidates.values():
+            kept.enter_context(kept_on_refusal(model))
+        for name, model in candidates.items():
+            fit(model, data, **{"seed": seed, "progress": False, **fit_options})  # a user's options win
+            criteria = information_criteria(model, data, num_samples=num_samples, seed=seed)
+            rows[name] = {"log_likelihood": criteria.log_likelihood,
+                          "num_parameters": criteria.num_parameters, "aic": criteria.aic, "bic": criteria.bic}
     table = pd.DataFrame.from_dict(rows, orient="index").sort_values("bic")
     table["delta_bic"] = table["bic"] - table["bic"].min()
     return table
+
+
+def _check_candidates(candidates, fit) -> None:
+    """Raises unless ``candidates`` maps string names to models (at least one) and ``fit`` is callable."""
+    if not isinstance(candidates, Mapping) or not candidates:
+        found = "an empty mapping" if isinstance(candidates, Mapping) else type(candidates).__name__
+        raise FreqviInputError("compare: candidates must be a non-empty dict of name -> model (or "
+                               f"(model, guide) pair), e.g. {{'K=2': GaussianMixture(2, d)}}; got {found}.")
+    bad = [name for name in candidates if not isinstance(name, str)]
+    if bad:
+        raise FreqviInputError(f"compare: candidate names must be strings; got {bad}.")
+    if not callable(fit):
+        raise FreqviInputError(f"compare: fit must be a driver such as freqvi.em; got {fit!r}.")

@@ -29,7 +29,7 @@ def make_optimizer(optim: str | PyroOptim | torch.optim.Optimizer, lr: float,
     """
     if isinstance(optim, PyroOptim | torch.optim.Optimizer):
         return optim
-    if optim not in OPTIMIZERS:
+    if not isinstance(optim, str) or optim not in OPTIMIZERS:  # a list or dict is unhashable: refuse it here
         raise FreqviInputError(
             f"unknown optimiser {optim!r}; use one of {sorted(OPTIMIZERS)}, a torch.optim optimiser "
             "or a pyro.optim instance."

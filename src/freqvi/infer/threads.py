@@ -39,6 +39,7 @@ from contextvars import ContextVar
 import torch
 
 from freqvi.errors import FreqviInputError
+from freqvi.validation import kept_on_refusal
 
 ENV_VAR = "FREQVI_NUM_THREADS"
 
@@ -174,11 +175,15 @@ def thread_policy(driver: Callable) -> Callable:
 
     @functools.wraps(driver)
     def wrapper(*args, num_threads: int | None = None, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError as exc:  # a misspelt or unknown option, refused in freqvi's terms
+            raise FreqviInputError(f"{driver.__name__}: {exc}; its arguments are "
+                                   f"{list(signature.parameters)}.") from None
         entries = step_entries(bound.get("data"), bound.get("batch_size"))
         caller = sys._getframe(1)
-        with intra_op_threads(num_threads, entries=entries), _shown_at(caller.f_code.co_filename,
-                                                                       caller.f_lineno):
+        with kept_on_refusal(bound.get("model")), intra_op_threads(num_threads, entries=entries), \
+                _shown_at(caller.f_code.co_filename, caller.f_lineno):
             return driver(*args, **kwargs)
 
     parameters = [*signature.parameters.values()]

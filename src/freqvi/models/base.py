@@ -36,7 +36,7 @@ class LatentVariableModel(PyroModule):
 
     def __init__(self, init: dict | None = None, name: str | None = None):
         super().__init__(name=name or f"{type(self).__name__}_{next(_instances)}")
-        self._init = self._check_init(dict(init)) if init is not None else None
+        self._init = self._check_init(init) if init is not None else None
         self._constraints: dict[str, constraints.Constraint] = {}
 
     @property

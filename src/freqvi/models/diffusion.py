@@ -25,7 +25,14 @@ from freqvi.errors import FreqviInputError
 from freqvi.models.base import LatentVariableModel
 from freqvi.models.noise_schedule import NoiseSchedule
 from freqvi.models.vae import mlp
-from freqvi.validation import check_choice, check_finite, check_matrix, check_positive_int
+from freqvi.validation import (
+    allocation,
+    check_choice,
+    check_finite,
+    check_matrix,
+    check_positive_int,
+    check_widths,
+)
 
 #: The reverse step's variance sigma_t^2: beta_t, or the forward posterior's betatilde_t.
 REVERSE_VARIANCES = ("beta", "posterior")
@@ -56,7 +63,7 @@ class TimeMLP(nn.Module):
             raise FreqviInputError(f"embedding_dim must be even; got {embedding_dim}.")
         half = embedding_dim // 2
         self.register_buffer("frequencies", torch.exp(-math.log(10000.0) * torch.arange(half) / half))
-        self.net = mlp((data_dim + embedding_dim, *hidden, data_dim), nn.SiLU)
+        self.net = mlp((data_dim + embedding_dim, *check_widths(hidden), data_dim), nn.SiLU)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         angles = t.unsqueeze(-1).to(x_t.dtype) * self.frequencies
@@ -310,7 +317,8 @@ def _schedule(schedule: str | NoiseSchedule, num_steps: int | None) -> NoiseSche
             raise FreqviInputError(f"num_steps = {num_steps} disagrees with the schedule's T = "
                                    f"{schedule.num_steps}; leave num_steps out.")
         return schedule
-    return NoiseSchedule.named(schedule, 1000 if num_steps is None else num_steps)
+    with allocation(f"a noise schedule of {num_steps} steps"):
+        return NoiseSchedule.named(schedule, 1000 if num_steps is None else num_steps)
 
 
 def _check_denoiser(denoiser: nn.Module, data_dim: int, num_steps: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -12,7 +11,7 @@ from pyro.nn import pyro_method
 from freqvi.errors import FreqviInputError
 from freqvi.guides import LocalMeanField
 from freqvi.models.base import LatentVariableModel
-from freqvi.validation import check_choice, check_matrix, check_positive_int
+from freqvi.validation import check_choice, check_init, check_matrix, check_positive_int
 
 NOISE_TYPES = ("diagonal", "isotropic")
 
@@ -75,14 +74,7 @@ class FactorAnalysis(LatentVariableModel):
     def _check_init(self, init: dict) -> dict:
         expected = {"mean": (self.dim,), "loading": (self.dim, self.latent_dim),
                     "noise_variance": self._noise_shape()}
-        if set(init) != set(expected):
-            raise FreqviInputError(f"init must have exactly the keys {sorted(expected)}; "
-                                   f"got {sorted(init)}.")
-        init = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in init.items()}
-        for key, shape in expected.items():
-            if tuple(init[key].shape) != shape or not torch.isfinite(init[key]).all():
-                raise FreqviInputError(f"init[{key!r}] must be finite with shape {shape}; "
-                                       f"got shape {tuple(init[key].shape)}.")
+        init = check_init(init, expected)
         if (init["noise_variance"] <= 0).any():
             raise FreqviInputError("init['noise_variance'] must be positive.")
         return init

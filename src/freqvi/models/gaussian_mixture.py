@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -15,7 +14,7 @@ from freqvi.errors import FreqviInputError
 from freqvi.guides import LocalMeanField
 from freqvi.models.base import LatentVariableModel
 from freqvi.models.initialization import kmeans
-from freqvi.validation import check_choice, check_matrix, check_positive_float, check_positive_int
+from freqvi.validation import check_choice, check_init, check_matrix, check_positive_float, check_positive_int
 
 COVARIANCE_TYPES = ("full", "diag", "spherical")
 
@@ -105,16 +104,7 @@ class GaussianMixture(LatentVariableModel):
     def _check_init(self, init: dict) -> dict:
         expected = {"weights": (self.n_components,), "locs": (self.n_components, self.dim),
                     "covariances": self._covariance_shape()}
-        if set(init) != set(expected):
-            raise FreqviInputError(f"init must have exactly the keys {sorted(expected)}; "
-                                   f"got {sorted(init)}.")
-        init = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in init.items()}
-        for key, shape in expected.items():
-            if tuple(init[key].shape) != shape:
-                raise FreqviInputError(f"init[{key!r}] must have shape {shape}; "
-                                       f"got {tuple(init[key].shape)}.")
-            if not torch.isfinite(init[key]).all():
-                raise FreqviInputError(f"init[{key!r}] holds non-finite values.")
+        init = check_init(init, expected)
         w = init["weights"]
         if (w <= 0).any() or abs(float(w.sum()) - 1) > 1e-6:
             raise FreqviInputError("init['weights'] must be positive and sum to 1; "
@@ -125,6 +115,28 @@ class GaussianMixture(LatentVariableModel):
         if not positive:
             raise FreqviInputError("init['covariances'] must be positive definite.")
         return init
+
+    def check_bounded(self, x: torch.Tensor) -> None:
+        """Refuses data on which the likelihood has no maximum without ``reg_covar``'s floor (as in
+        :func:`~freqvi.maximize_likelihood`): a component's covariance can then shrink onto them and the
+        likelihood grow without bound. That is, for ``"diag"``, a constant column; for ``"spherical"``,
+        identical rows; for ``"full"``, rows on a lower-dimensional affine subspace (centred rank < d).
+        """
+        centred = x - x.mean(0)
+        if self.covariance == "diag":
+            flat = (x == x[:1]).all(0).nonzero().flatten().tolist()
+            where = f"columns {flat} are constant" if flat else ""
+        elif self.covariance == "spherical":
+            where = "every row is the same" if bool((x == x[:1]).all()) else ""
+        else:
+            rank = int(torch.linalg.matrix_rank(centred))
+            where = f"the centred rows span {rank} of {self.dim} dimensions" if rank < self.dim else ""
+        if where:
+            raise FreqviInputError(
+                f"the data are degenerate for a {self.covariance}-covariance mixture ({where}): without a "
+                "floor on the variances its likelihood has no maximum (a covariance shrinks onto them). "
+                "Drop the degenerate columns, or fit with em, whose M-step floors variances at reg_covar."
+            )
 
     def on_boundary(self) -> list[str]:
         """Components whose covariance has an eigenvalue on the ``reg_covar`` floor (to 1e-3).

@@ -17,7 +17,7 @@ from freqvi.errors import FreqviInputError
 from freqvi.guides import LocalMeanField
 from freqvi.models.base import LatentVariableModel
 from freqvi.models.quadrature import adaptive_gauss_hermite
-from freqvi.validation import as_real, check_finite, check_positive_int
+from freqvi.validation import as_real, check_finite, check_init, check_positive_int
 
 
 class RandomInterceptLogistic(LatentVariableModel):
@@ -153,14 +153,7 @@ class RandomInterceptLogistic(LatentVariableModel):
     # ----- parameters -------------------------------------------------------------------------
     def _check_init(self, init: dict) -> dict:
         expected = {"beta": (self.dim,), "sigma": ()}
-        if set(init) != set(expected):
-            raise FreqviInputError(f"init must have exactly the keys {sorted(expected)}; "
-                                   f"got {sorted(init)}.")
-        init = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in init.items()}
-        for key, shape in expected.items():
-            if tuple(init[key].shape) != shape or not torch.isfinite(init[key]).all():
-                raise FreqviInputError(f"init[{key!r}] must be finite with shape {shape}; "
-                                       f"got {init[key].tolist()}.")
+        init = check_init(init, expected)
         if init["sigma"] <= 0:
             raise FreqviInputError(f"init['sigma'] must be positive; got {float(init['sigma'])}.")
         return init

@@ -17,7 +17,15 @@ from torch.nn.functional import softplus
 from freqvi.errors import FreqviInputError
 from freqvi.guides.amortized import SCALE_FLOOR, AmortizedNormal
 from freqvi.models.base import LatentVariableModel
-from freqvi.validation import check_choice, check_finite, check_matrix, check_positive_int
+from freqvi.validation import (
+    allocation,
+    check_choice,
+    check_finite,
+    check_matrix,
+    check_positive_float,
+    check_positive_int,
+    check_widths,
+)
 
 #: The observation models of :class:`~freqvi.models.VAE` (``likelihood=``).
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
@@ -35,8 +43,9 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Seque
     if len(sizes) < 2:
         raise FreqviInputError(f"an MLP needs an input and an output width; got sizes {sizes}.")
     layers: list[nn.Module] = []
-    for fan_in, fan_out in itertools.pairwise(sizes):
-        layers += [nn.Linear(fan_in, fan_out), activation()]
+    with allocation(f"an MLP with layer widths {sizes}"):
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            layers += [nn.Linear(fan_in, fan_out), activation()]
     return nn.Sequential(*layers[:-1])
 
 
@@ -50,7 +59,7 @@ class GaussianEncoder(nn.Module):
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = ()):
         super().__init__()
-        self.net = mlp((data_dim, *hidden, 2 * latent_dim))
+        self.net = mlp((data_dim, *check_widths(hidden), 2 * latent_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, raw_scale = self.net(x).chunk(2, -1)
@@ -103,13 +112,14 @@ class VAE(LatentVariableModel):
         super().__init__(name=name)
         self.data_dim = check_positive_int(data_dim, "data_dim")
         self.latent_dim = check_positive_int(latent_dim, "latent_dim")
-        self.hidden = tuple(check_positive_int(h, "hidden width") for h in hidden)
+        self.hidden = check_widths(hidden)
         self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
         self.noise = check_choice(noise, "noise", NOISE_TYPES)
         self.decoder = mlp((self.latent_dim, *reversed(self.hidden), self.data_dim))
         if self.likelihood == "gaussian":
             shape = (self.data_dim,) if self.noise == "diagonal" else ()
-            self.noise_scale = PyroParam(torch.full(shape, float(init_noise_scale)), constraints.positive)
+            scale = check_positive_float(init_noise_scale, "init_noise_scale")
+            self.noise_scale = PyroParam(torch.full(shape, scale), constraints.positive)
         encoder = GaussianEncoder(self.data_dim, self.latent_dim, self.hidden)
         self.guide = AmortizedNormal(self.model, encoder, data_plate=self.data_plate)
 
