@@ -105,13 +105,11 @@ def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_s
 
 
 def _check_candidates(candidates, fit) -> None:
-    """Raises unless ``candidates`` maps string names to models (at least one) and ``fit`` is callable."""
+    """Raises unless ``candidates`` maps names (the table's index) to models, at least one, and ``fit`` is
+    callable."""
     if not isinstance(candidates, Mapping) or not candidates:
         found = "an empty mapping" if isinstance(candidates, Mapping) else type(candidates).__name__
         raise FreqviInputError("compare: candidates must be a non-empty dict of name -> model (or "
                                f"(model, guide) pair), e.g. {{'K=2': GaussianMixture(2, d)}}; got {found}.")
-    bad = [name for name in candidates if not isinstance(name, str)]
-    if bad:
-        raise FreqviInputError(f"compare: candidate names must be strings; got {bad}.")
     if not callable(fit):
         raise FreqviInputError(f"compare: fit must be a driver such as freqvi.em; got {fit!r}.")
