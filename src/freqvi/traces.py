@@ -180,7 +180,8 @@ _SHAPE_NOTE = (" (a site's value must broadcast with its distribution's batch_sh
 
 def check_model(model: Callable, data: tuple[torch.Tensor, ...]) -> Trace:
     """Runs ``model`` once on ``data`` (no guide: a driver that needs none) and returns its trace, its
-    log-densities computed; a run that fails is a :class:`FreqviInputError`, as in :func:`check_pair`."""
+    log-densities computed; a run that fails is a :class:`~freqvi.errors.FreqviInputError`, as in
+    :func:`check_pair`."""
     with _run_on(data, "the model"):
         model_trace = trace(model, *data)
         _compute_densities(model_trace)
@@ -189,7 +190,8 @@ def check_model(model: Callable, data: tuple[torch.Tensor, ...]) -> Trace:
 
 @contextmanager
 def _run_on(data: tuple[torch.Tensor, ...], what: str) -> Iterator[None]:
-    """Turns an error raised by running ``what`` on ``data`` into a :class:`FreqviInputError` saying so."""
+    """Turns an error raised by running ``what`` on ``data`` into a
+    :class:`~freqvi.errors.FreqviInputError` saying so."""
     try:
         yield
     except FreqviInputError:

@@ -290,7 +290,8 @@ def check_init(init, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.T
 @contextmanager
 def kept_on_refusal(model) -> Iterator[None]:
     """Puts the parameters and buffers of ``model``'s modules back as they were, values and dtypes, if the
-    block raises a :class:`FreqviInputError`: a refused call leaves the model as it found it, also when
+    block raises a :class:`~freqvi.errors.FreqviInputError`: a refused call leaves the model as it found
+    it, also when
     the refusal comes after the model has run on the data (which moves it to the data's dtype).
 
     ``model`` is what a driver was given: a ``torch.nn.Module`` (a freqvi model), a ``(model, guide)``
@@ -315,7 +316,8 @@ def kept_on_refusal(model) -> Iterator[None]:
 @contextmanager
 def allocation(what: str) -> Iterator[None]:
     """Turns torch's refusal to allocate tensors of the sizes asked for (beyond int64, beyond memory)
-    into a :class:`FreqviInputError` naming ``what`` was being built; other errors pass unchanged."""
+    into a :class:`~freqvi.errors.FreqviInputError` naming ``what`` was being built; other errors pass
+    unchanged."""
     try:
         yield
     except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:

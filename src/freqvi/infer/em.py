@@ -608,8 +608,9 @@ class _EMStep:
 def _restoring(step: _EMStep, good: list[torch.Tensor], what: str):
     """Puts the parameters back to ``good`` if the block fails, whatever the failure; one that is not
     freqvi's own (a singular matrix, a shape error in a user's model), or an input error met mid-run (a
-    refusal, :class:`FreqviInputError`, would have the driver's boundary undo the whole run), becomes a
-    :class:`FreqviError`."""
+    refusal, :class:`~freqvi.errors.FreqviInputError`, would have the driver's boundary undo the whole
+    run), becomes a
+    :class:`~freqvi.errors.FreqviError`."""
     kept = "the parameters are back at their values before it"
     try:
         yield

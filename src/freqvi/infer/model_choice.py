@@ -82,7 +82,8 @@ def compare(candidates: Mapping[str, object], data, *, fit: Callable = em, num_s
         parameter count, AIC, BIC and each BIC's difference to the smallest.
     :raises FreqviInputError: before any fit, for ``candidates`` that are not a non-empty mapping of
         names to models, a ``fit`` that is not callable, a bad ``num_samples`` or ``seed``; a refused
-        fit refused (a :class:`FreqviInputError`) puts every candidate's parameters back as they were; a
+        fit refused (a :class:`~freqvi.errors.FreqviInputError`) puts every candidate's parameters back
+        as they were; a
         fit failing otherwise leaves the candidates fitted before it fitted.
     """
     import pandas as pd  # ArviZ's dependency; imported when a table is asked for
