@@ -221,3 +221,32 @@ def test_an_unknown_proposal_is_refused(bad, message):
 def test_bad_settings_are_refused(make, message):
     with pytest.raises(FreqviInputError, match=message):
         make()
+
+
+def test_auto_keeps_the_guide_for_a_joint_weight_over_many_rows():
+    """One weight over 80 rows (AutoDiagonalNormal's joint draw): a Student-t in 80 dimensions is a worse
+    proposal than the guide (k-hat 2.45 against 0.64), so "auto" keeps the guide, and the estimate is
+    within 4 standard errors of the closed form N(mu, s^2 + 1)."""
+    import math
+
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoDiagonalNormal
+
+    torch.manual_seed(1)
+    x = (2.0 + torch.randn(80) + torch.randn(80)).double()
+
+    def model(x):
+        mu = pyro.param("mu", torch.tensor(0.0, dtype=x.dtype))
+        s = pyro.param("s", torch.tensor(1.0, dtype=x.dtype), constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)) as i:
+            z = pyro.sample("z", dist.Normal(mu, s))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x[i])
+
+    guide = AutoDiagonalNormal(model)
+    freqvi.fit(model, x, guide, num_steps=1500, lr=0.02, progress=False, seed=0)
+    mu, s = pyro.param("mu").item(), pyro.param("s").item()
+    exact = dist.Normal(mu, math.sqrt(s * s + 1)).log_prob(x).sum().item()
+    ll = freqvi.log_likelihood(model, x, guide, num_samples=2000, seed=1)
+    assert ll.joint and ll.proposal == "guide"
+    assert abs(ll.total - exact) < 4 * ll.standard_error

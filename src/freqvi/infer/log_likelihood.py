@@ -219,13 +219,13 @@ def log_likelihood(
     if pair.guide is None:
         raise FreqviInputError("importance sampling needs a guide as proposal: pass guide=...")
     check_proposal(pair.guide, guide_trace, *data)
-    proposal = choose_proposal(proposal, guide_trace)
+    coupled = bool(outside_data_plate({**latent_sites(model_trace), **latent_sites(guide_trace)}, frame))
+    proposal = choose_proposal(proposal, guide_trace, joint=coupled)
     pair = Pair(pair.model, proposal.wrap(pair.guide), pair.owner)  # draws come from the proposal
     chunk = max(1, min(num_samples, 4_000_000 // max(n, 1))) if chunk_size is None else chunk_size
     dims = max_plate_nesting(model_trace) + 1
     check_particles(pair.model, pair.guide, data, num_samples, dims - 1,
                     "log_likelihood's importance sampling")
-    coupled = bool(outside_data_plate({**latent_sites(model_trace), **latent_sites(guide_trace)}, frame))
     with torch.no_grad():
         weights = ImportanceWeights.draw(pair, data, frame, dims, _chunks(num_samples, chunk), coupled)
     return _importance_estimate(weights.columns(), weights.offset(), weights.joint, str(proposal))
