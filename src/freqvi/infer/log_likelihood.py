@@ -499,13 +499,19 @@ def _warn_on_pareto_k(result: LogLikelihood, what: str) -> None:
     heavy = result.num_heavy_tailed
     if heavy:
         unestimable = f" {result.pareto_k_note}" if result.pareto_k_note else ""
+        if result.proposal == "guide":
+            remedy = ("the weights are heavy-tailed where the guide's tails are lighter than the "
+                      "posterior's; more samples do not cure that: use a proposal with heavier tails "
+                      "(proposal='student_t', a Student-t with the guide's location and scale, or "
+                      "proposal='mixture') or a guide closer to the posterior.")
+        else:  # already widened: what is left is a guide far from the posterior, or annealing
+            remedy = (f"the {result.proposal} proposal built on the guide is still too far from the "
+                      "posterior there (heavy-tailed weights); more samples do not cure that: fit the guide "
+                      "closer to the posterior, or use freqvi.infer.annealed.annealed_log_likelihood.")
         warnings.warn(
             f"{heavy} of {len(result.pareto_k)} {what} have PSIS k-hat > {PARETO_K_THRESHOLD} "
-            f"(max {result.max_pareto_k:.2f}): their importance-sampling estimates cannot be trusted. The "
-            "weights are heavy-tailed where the guide's tails are lighter than the posterior's; more "
-            "samples do not cure that: use a proposal with heavier tails (proposal='student_t', a Student-t "
-            "with the guide's location and scale, or proposal='mixture') or a guide closer to the "
-            f"posterior.{unestimable}",
+            f"(max {result.max_pareto_k:.2f}): their importance-sampling estimates cannot be trusted: "
+            f"{remedy}{unestimable}",
             ImportanceSamplingWarning,
             stacklevel=4,
         )
