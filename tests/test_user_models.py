@@ -98,6 +98,12 @@ def test_heavy_tailed_weights_warn():
 
     with pytest.warns(freqvi.errors.ImportanceSamplingWarning, match="k-hat"):
         freqvi.log_likelihood(model, x, narrow_guide, num_samples=500, proposal="guide")
+    # the default proposal widens the guide; far too narrow a guide stays flagged, with a remedy that fits
+    def far_too_narrow_guide(x):
+        exact_guide(x, inflate=0.05)
+
+    with pytest.warns(freqvi.errors.ImportanceSamplingWarning, match="student-t.*annealed_log_likelihood"):
+        freqvi.log_likelihood(model, x, far_too_narrow_guide, num_samples=500, seed=0)
     # Louis's identity uses the same weights: its information cannot be trusted either, and says so
     with pytest.warns(freqvi.errors.ImportanceSamplingWarning, match="Louis's identity: PSIS k-hat"):
         freqvi.observed_information(model, x, narrow_guide, method="louis", num_samples=800)
