@@ -89,8 +89,11 @@ def test_what_it_cannot_anneal_is_refused(model, guide, message):
 
 
 @pytest.mark.parametrize("option, message", [
-    ({"step_size": 0.0}, "step_size must be a positive"),
+    ({"step_size": 0.0}, "step_size must be a finite number > 0"),
+    ({"step_size": float("nan")}, "step_size"),
+    ({"step_size": True}, "step_size"),
     ({"num_temperatures": 0}, "num_temperatures"),
+    ({"seed": -1}, "seed"),  # a raw NumPy error before: the check every other driver uses
 ])
 def test_bad_settings_are_refused(option, message):
     with pytest.raises(FreqviInputError, match=message):
@@ -114,3 +117,4 @@ def test_bidirectional_bounds_bracket_the_exact_value_on_simulated_data():
 def test_bidirectional_needs_every_latent():
     with pytest.raises(FreqviInputError, match=r"latents must give a value for each .*\['z'\]; got \['u'\]"):
         bidirectional_log_likelihood(poisson_lognormal, counts(10), prior_guide, {"u": torch.zeros(10)})
+

@@ -47,7 +47,7 @@ from freqvi.traces import (
     max_plate_nesting,
     trace,
 )
-from freqvi.validation import as_data, check_positive_int
+from freqvi.validation import as_data, check_positive_float, check_positive_int, check_seed
 
 
 @dataclass
@@ -109,8 +109,8 @@ def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = 
     settings = [check_positive_int(value, name) for value, name in
                 ((num_temperatures, "num_temperatures"), (num_chains, "num_chains"),
                  (leapfrog_steps, "leapfrog_steps"))]
-    if not isinstance(step_size, int | float) or not 0 < step_size < math.inf:
-        raise FreqviInputError(f"step_size must be a positive finite number; got {step_size!r}.")
+    step_size = check_positive_float(step_size, "step_size")
+    seed = check_seed(seed)
     data = as_data(data)
     pair = resolve_pair(model, guide)
     if seed is not None:
