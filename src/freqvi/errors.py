@@ -35,4 +35,5 @@ class UnestimableParetoKWarning(ImportanceSamplingWarning):
 
 
 class FitInterruptedWarning(FreqviWarning):
-    """A fit was interrupted (Ctrl-C) and returned the result of the steps it had taken."""
+    """A :func:`~freqvi.fit` or :func:`~freqvi.em` run was interrupted (Ctrl-C) and returned the result of
+    the steps or iterations it had taken."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 from tqdm.auto import tqdm
 
-from freqvi.errors import ConvergenceWarning, FreqviError, FreqviInputError
+from freqvi.errors import ConvergenceWarning, FitInterruptedWarning, FreqviError, FreqviInputError
 from freqvi.handlers import FrozenPosterior
 from freqvi.infer.batches import BatchSource, StreamedBatches, make_batches
 from freqvi.infer.checkpoint import (
@@ -61,13 +62,14 @@ class EMResult:
     :ivar stop_reason: why the run stopped: ``"tolerance"`` (the objective changed by at most
         ``tol`` nats per observation and, for a gradient M-step, the M-step converged and the
         score was at most ``score_tol`` per observation), ``"no_ascent"`` (no parameters the
-        M-step found raised the objective: converged if the score was within ``score_tol``)
-        or ``"max_iter"``.
+        M-step found raised the objective: converged if the score was within ``score_tol``),
+        ``"max_iter"`` or ``"interrupted"`` (Ctrl-C).
     :ivar score: for a gradient M-step, the largest absolute entry of the gradient of the
         objective in the unconstrained model parameters at the last parameters, in nats
         (a total over observations), when the stop rule evaluated it; else ``None``.
     :ivar wall_time: seconds spent.
     :ivar m_step: ``"closed_form"`` or ``"gradient"``, the M-step that ran.
+    :ivar interrupted: whether Ctrl-C ended the run (``stop_reason == "interrupted"``).
     """
 
     log_likelihood: list[float] = field(default_factory=list)
@@ -77,6 +79,7 @@ class EMResult:
     score: float | None = None
     wall_time: float = 0.0
     m_step: str = ""
+    interrupted: bool = False
 
     def __repr__(self) -> str:
         """Two lines: iterations, M-step, time, convergence; the first and last objective."""
@@ -213,8 +216,7 @@ def em(
         and 1 nat with 128, the default, at the same cost (22 iterations, 1.4 CPU s).
     :param seed: seeds Python's, NumPy's and torch's generators first.
     :param checkpoint: a file to write the run's state to every ``checkpoint_every``
-        iterations, at the end and on Ctrl-C or SIGTERM (the iteration finishes,
-        the checkpoint is written, then ``KeyboardInterrupt`` is raised), atomically; the path
+        iterations, at the end and on Ctrl-C or SIGTERM (see below), atomically; the path
         is checked and locked as :func:`~freqvi.fit`'s is.
     :param resume: a checkpoint to continue from, with the model built as for the
         run that wrote it; the result equals an uninterrupted run's, bit for bit on CPU.
@@ -223,6 +225,12 @@ def em(
     singular matrix) is undone (the parameters go back to the previous iteration's) before
     a :class:`~freqvi.errors.FreqviError` is raised.
 
+    :returns: the :class:`EMResult`, also after Ctrl-C: the iteration under way finishes, the
+        checkpoint (if any) is written, and the result comes back with ``interrupted=True``
+        (``stop_reason="interrupted"``), the parameters those of the last finished iteration,
+        and a :class:`~freqvi.errors.FitInterruptedWarning`; a second Ctrl-C stops at once,
+        with the parameters of the last finished iteration. SIGTERM (a scheduler ending the
+        job) instead raises ``KeyboardInterrupt`` after the checkpoint, so that the process ends.
     :raises FreqviInputError: for an unknown ``m_step``, a non-positive count or tolerance,
         online EM without a closed-form M-step, or a guide with free local parameters and
         a drawn site that is not reparameterisable (fixed draws cannot follow its
@@ -298,18 +306,25 @@ def em(
             result.num_iter = it
             bar.set_postfix(loglik=f"{value:.6g}")
             _judge(result, step, step.fitted - previous, m_converged, ascended, tol, score_tol)
+            signum = interrupted()  # read once: the checkpoint and the stop agree
+            if signum:  # Ctrl-C ends the run here, converged or not, as fit's does
+                result.stop_reason, result.interrupted = "interrupted", True
             stop = result.stop_reason != "max_iter"
-            if checkpoint is not None and (it % checkpoint_every == 0 or stop
-                                           or it == max_iter or interrupted()):
+            if checkpoint is not None and (it % checkpoint_every == 0 or stop or it == max_iter):
                 step.save(checkpoint, result)
-            if interrupted():
-                raise KeyboardInterrupt(f"em interrupted after iteration {it}"
+            if signum == signal.SIGTERM:
+                raise KeyboardInterrupt(f"em terminated after iteration {it}"
                                         + (f"; checkpoint in {str(checkpoint)!r}" if checkpoint else ""))
             if stop:
                 break
     bar.close()
     result.wall_time = time.perf_counter() - start
-    if not result.converged:
+    if result.interrupted:
+        resumes = f" and the checkpoint {str(checkpoint)!r} resumes the run" if checkpoint else ""
+        warnings.warn(FitInterruptedWarning(
+            f"em interrupted after iteration {result.num_iter} of {max_iter}: the result holds the "
+            f"iterations taken{resumes}."), stacklevel=2)
+    elif not result.converged:
         warnings.warn(_not_converged_message(result, max_iter, tol / batches.n, score_tol / batches.n),
                       ConvergenceWarning, stacklevel=2)
     return result
