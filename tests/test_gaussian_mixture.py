@@ -1,5 +1,7 @@
 """Gaussian mixture: the exact E-step, EM's ascent, Fisher's identity, scikit-learn as reference."""
 
+import importlib
+
 import numpy as np
 import pyro
 import pytest
@@ -177,3 +179,51 @@ def test_the_default_start_leaves_the_data_untouched(k):
     before = x.clone()
     freqvi.em(GaussianMixture(k, 2), x, max_iter=2, progress=False)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag", "spherical"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_closed_form_e_step_is_the_exact_guide_s(covariance, dtype):
+    """posterior_statistics (em's E-step without a Pyro trace) gives what the guide's trace gives."""
+    x = mixture_data(n=200, dtype=dtype)
+    gm = GaussianMixture(3, 2, covariance)
+    gm.model(x)
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(gm.guide).get_trace(x)
+        statistics, log_evidence = gm.posterior_statistics(x)
+    rtol = 10 * torch.finfo(dtype).eps
+    torch.testing.assert_close(log_evidence, trace.nodes["_RETURN"]["value"], rtol=rtol, atol=0)
+    # the normaliser is the log-likelihood, checked against SciPy in float64 elsewhere; here, log-sum-exp
+    np.testing.assert_allclose(log_evidence.double().numpy(),
+                               logsumexp(gm.log_joint(x).detach().double().numpy(), axis=-1), rtol=1e-6)
+    for name, value in gm.expected_statistics(trace, x).items():
+        torch.testing.assert_close(statistics[name], value, rtol=100 * torch.finfo(dtype).eps,
+                                   atol=100 * torch.finfo(dtype).eps, msg=name)
+
+
+def test_em_takes_the_same_path_with_and_without_the_closed_form_e_step(monkeypatch):
+    """The E-step without a trace changes the cost of an iteration, not the iterates."""
+    x = mixture_data(n=300)
+
+    def path():
+        gm = GaussianMixture(3, 2, init=init)
+        result = freqvi.em(gm, x, tol=1e-8, progress=False)
+        return result.log_likelihood, gm.estimates()
+
+    start = GaussianMixture(3, 2)
+    start.model(x)
+    init = {k: v.numpy() for k, v in start.estimates().items()}
+    calls = []
+    closed_form = GaussianMixture.posterior_statistics
+    monkeypatch.setattr(GaussianMixture, "posterior_statistics",
+                        lambda *args: calls.append(1) or closed_form(*args))
+    fast, fast_estimates = path()
+    assert len(calls) == len(fast)  # one closed-form E-step per recorded objective, no trace
+    em_module = importlib.import_module("freqvi.infer.em")  # the package exports the function under this name
+    monkeypatch.setattr(em_module, "ClosedFormEStep", type("NoModel", (), {}))  # em runs the guide's trace
+    traced, traced_estimates = path()
+    assert len(calls) == len(fast)  # not called again
+    assert len(fast) == len(traced) > 5
+    np.testing.assert_allclose(fast, traced, rtol=1e-12)
+    for name, value in fast_estimates.items():
+        torch.testing.assert_close(value, traced_estimates[name], rtol=1e-9, atol=1e-12)

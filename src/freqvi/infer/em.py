@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from freqvi.errors import ConvergenceWarning, FitInterruptedWarning, FreqviError, FreqviInputError
 from freqvi.handlers import FrozenPosterior
-from freqvi.infer.batches import BatchSource, StreamedBatches, make_batches
+from freqvi.infer.batches import BatchSource, InMemoryBatches, StreamedBatches, make_batches
 from freqvi.infer.checkpoint import (
     check_checkpoint_path,
     checkpoint_lock,
@@ -34,7 +34,7 @@ from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import deferred_interrupts
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
-from freqvi.models.base import ClosedFormMStep
+from freqvi.models.base import ClosedFormEStep, ClosedFormMStep
 from freqvi.traces import (
     check_pair,
     is_enumerated,
@@ -154,7 +154,11 @@ def em(
       discrete site, as in a mixture), then all local parameters by L-BFGS on the
       objective below. Both stop when the gradient is below a tenth of the last M-step's
       starting score (at least ``score_tol``) per observation, the change below
-      ``m_step_tol``, or after ``e_step_iters`` iterations.
+      ``m_step_tol``, or after ``e_step_iters`` iterations. Exact EM with the closed-form
+      M-step on data in memory, for a model whose exact E-step has a closed form
+      (:class:`~freqvi.models.ClosedFormEStep`, as :class:`~freqvi.models.GaussianMixture`),
+      takes the expected statistics and :math:`\log p(x_i)` from the model directly, the
+      same numbers without a Pyro trace per iteration.
 
     The objective, recorded at the start and after each iteration, is
     :math:`F = \mathrm{ELBO}(q, \theta)`: exact over enumerated sites, and over drawn
@@ -287,7 +291,7 @@ def em(
         else:
             step.restore(resume, result)
             with torch.random.fork_rng():  # the recorded distributions, without drawing on the generators
-                posterior = None if online else step.e_step(batches.first(), fit_local=False)
+                posterior = None if online else step.posterior()
         first = result.num_iter + 1
         bar = tqdm(range(first, max_iter + 1), initial=first - 1, total=max_iter, disable=not progress,
                    desc="em", unit="iter")
@@ -418,6 +422,9 @@ class _EMStep:
         self.enum = poutine.enum(first_available_dim=-1 - plate_nesting)
         owner = pair.owner
         self.exact = owner is not None and pair.guide == owner.guide and owner.exact_guide
+        # Exact EM on data in memory, the model's E-step in closed form: no Pyro trace per iteration.
+        self.closed_e_step = (self.exact and m_step == "closed_form" and isinstance(owner, ClosedFormEStep)
+                              and isinstance(batches, InMemoryBatches))
         model_names = param_names(model_trace)
         local_names = param_names(guide_trace) - model_names
         if local_names:
@@ -513,8 +520,14 @@ class _EMStep:
         """The E-step and the recorded objective over every observation; sets ``fitted``.
 
         The objective is summed over the parts of the data's evaluation pass (one part,
-        all rows, for data in memory); the posterior returned is the last part's.
+        all rows, for data in memory); the posterior returned is the last part's: the guide's
+        trace, or the expected statistics where the model gives its exact E-step in closed form.
         """
+        if self.closed_e_step:
+            with torch.no_grad():
+                statistics, log_evidence = self.pair.owner.posterior_statistics(*self.batches.first())
+            self.fitted = float(log_evidence.double().sum())
+            return statistics, self.fitted
         fitted = recorded = 0.0
         for data in self.batches.evaluation_pass():
             posterior = self.e_step(data)
@@ -523,6 +536,15 @@ class _EMStep:
             recorded += self.objective(posterior, data, self.record_seed) if self.drawn else value
         self.fitted = fitted
         return posterior, recorded
+
+    def posterior(self):
+        """What the next M-step reads at the current parameters (after a resume): the guide's
+        distributions recorded on the data in memory, local parameters as they are, or the
+        expected statistics of the model's closed-form E-step."""
+        if self.closed_e_step:
+            with torch.no_grad():
+                return self.pair.owner.posterior_statistics(*self.batches.first())[0]
+        return self.e_step(self.batches.first(), fit_local=False)
 
     def negative_objective(self, guide, data) -> torch.Tensor:
         """-ELBO(guide, theta) from the common draws, differentiable."""
@@ -550,7 +572,8 @@ class _EMStep:
         M-step converged and whether F rose (else the parameters are left as they were)."""
         data, previous = self.batches.first(), self.fitted
         if self.kind == "closed_form":
-            self.pair.owner.maximize(self.pair.owner.expected_statistics(posterior, *data))
+            owner = self.pair.owner
+            owner.maximize(posterior if self.closed_e_step else owner.expected_statistics(posterior, *data))
             return *self.evaluate(), True, True
         start = self.snapshot()
         frozen = FrozenPosterior(posterior)(self.pair.guide)

@@ -238,12 +238,16 @@ class GaussianMixture(LatentVariableModel):
         """
         self._prepare(x)
         with pyro.plate(self.data_plate, x.shape[0]) as i:
-            log_joint = self.log_joint(x[i])
-            log_evidence = log_joint.logsumexp(-1)
-            responsibilities = (log_joint - log_evidence.unsqueeze(-1)).exp()
+            responsibilities, log_evidence = self._responsibilities(x[i])
             pyro.sample("assignment", dist.Categorical(responsibilities),
                         infer={"enumerate": "parallel"})
         return log_evidence
+
+    def _responsibilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``r_ik`` ``(n, K)`` and ``log p(x_i)`` ``(n,)`` at the current parameters (log-sum-exp)."""
+        log_joint = self.log_joint(x)
+        log_evidence = log_joint.logsumexp(-1)
+        return (log_joint - log_evidence.unsqueeze(-1)).exp(), log_evidence
 
     @pyro_method
     def marginal_guide(self, x: torch.Tensor) -> None:
@@ -277,6 +281,16 @@ class GaussianMixture(LatentVariableModel):
         index = guide_trace.nodes[self.data_plate]["value"]
         # A copy, not a view: maximize writes locs in place, and online EM keeps this shift.
         return self._statistics(resp, x[index], self.locs.detach().clone())
+
+    def posterior_statistics(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The exact E-step on every row without a Pyro trace (:class:`~freqvi.models.ClosedFormEStep`):
+        :meth:`expected_statistics` of :meth:`guide`'s responsibilities, and ``log p(x_i)`` ``(n,)``.
+
+        ``x`` is not checked again: :func:`~freqvi.em` calls it on the data the model and
+        guide already ran on.
+        """
+        responsibilities, log_evidence = self._responsibilities(x)
+        return self._statistics(responsibilities, x, self.locs.detach().clone()), log_evidence
 
     def _statistics(self, resp: torch.Tensor, x: torch.Tensor, shift: torch.Tensor) -> dict:
         """:meth:`expected_statistics` from responsibilities ``(m, K)`` and a shift ``(K, d)``."""
