@@ -14,8 +14,9 @@ from pyro.infer import Trace_ELBO, autoguide
 from scipy import integrate, stats
 
 import freqvi
+from freqvi import gradient_variance
 from freqvi.errors import FreqviInputError
-from freqvi.estimators import IWAE_ELBO, STL_ELBO, DReG_ELBO, gradient_variance
+from freqvi.estimators import IWAE_ELBO, STL_ELBO, DReG_ELBO
 from freqvi.infer.information import observed_information
 from freqvi.infer.model_choice import information_criteria
 

@@ -12,10 +12,10 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 import freqvi
-from freqvi import plots
+from freqvi import gradient_variance, plots
 from freqvi.datasets import load_moons, load_swiss_roll
 from freqvi.errors import FreqviInputError
-from freqvi.estimators import ESTIMATORS, NoisePredictionLoss, TimeSubsampledELBO, gradient_variance
+from freqvi.estimators import ESTIMATORS, NoisePredictionLoss, TimeSubsampledELBO
 from freqvi.estimators.diffusion import quadratic_terms, step_constants
 from freqvi.infer.diffusion import diffusion_bound, energy_distance
 from freqvi.models import VAE, GaussianDiffusion, NoiseSchedule, TimeMLP

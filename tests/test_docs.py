@@ -137,9 +137,9 @@ def test_guide_examples_run(tmp_path, monkeypatch):
     """Every Python example of the landing page and the guide runs, in reading order, with its
     long runs cut short (warnings about those short runs are not this test's subject)."""
     monkeypatch.chdir(tmp_path)
-    for name in ("fit", "em", "bootstrap", "log_likelihood", "compare", "amortization_gap"):
+    for name in ("fit", "em", "bootstrap", "log_likelihood", "compare", "amortization_gap",
+                 "gradient_variance"):
         monkeypatch.setattr(freqvi, name, _capped(getattr(freqvi, name)))
-    monkeypatch.setattr(freqvi.estimators, "gradient_variance", _capped(freqvi.estimators.gradient_variance))
     namespace: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FreqviWarning)

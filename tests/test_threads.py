@@ -21,7 +21,7 @@ from freqvi.models import GaussianMixture
 
 DRIVERS = [freqvi.fit, freqvi.em, freqvi.log_likelihood, freqvi.observed_information, freqvi.bootstrap,
            freqvi.compare, freqvi.information_criteria, freqvi.maximize_likelihood, freqvi.elbo_terms,
-           freqvi.amortization_gap, freqvi.infer.diffusion.diffusion_bound]
+           freqvi.amortization_gap, freqvi.infer.diffusion.diffusion_bound, freqvi.gradient_variance]
 
 
 @pytest.fixture
@@ -63,6 +63,14 @@ def test_small_work_runs_on_one_thread_and_the_callers_count_comes_back(caller_t
     model, guide = _recording_model(seen)
     freqvi.fit(model, guide=guide, data=torch.randn(50), num_steps=3, progress=False)
     assert set(seen) == {1}
+    assert torch.get_num_threads() == caller_threads
+
+
+def test_gradient_variance_runs_small_work_on_one_thread_and_gives_the_callers_count_back(caller_threads):
+    seen = []
+    model, guide = _recording_model(seen)
+    freqvi.gradient_variance(model, torch.randn(50), guide, num_draws=3)
+    assert len(seen) >= 3 and set(seen) == {1}
     assert torch.get_num_threads() == caller_threads
 
 

@@ -153,7 +153,7 @@ def test_every_driver_refuses_the_old_model_guide_data_order_with_a_message_that
              lambda: freqvi.em(model, guide, x, progress=False),
              lambda: freqvi.observed_information(model, guide, x),
              lambda: freqvi.elbo_terms(model, guide, x),
-             lambda: freqvi.estimators.gradient_variance(model, guide, x)]
+             lambda: freqvi.gradient_variance(model, guide, x)]
     for call in calls:
         with pytest.raises(FreqviInputError, match=r"\(model, data, guide=None\)"):
             call()

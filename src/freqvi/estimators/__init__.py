@@ -1,8 +1,12 @@
 """ELBO estimators: Pyro's own by short name, and the ones freqvi adds.
 
 Each is a :class:`pyro.infer.ELBO`, so it works in :func:`freqvi.fit` and in a
-plain :class:`pyro.infer.SVI` alike.
+plain :class:`pyro.infer.SVI` alike. The driver that measures an estimator's gradient
+noise on a model, :func:`freqvi.gradient_variance`, lives with the drivers; its old names
+here, ``gradient_variance`` and ``GradientMoments``, still work.
 """
+
+import importlib
 
 from pyro.infer import (
     RenyiELBO,
@@ -12,7 +16,6 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 
-from freqvi.estimators.diagnostics import GradientMoments, gradient_variance
 from freqvi.estimators.diffusion import DiffusionObjective, ForwardProcess, ReverseProcess
 from freqvi.estimators.dreg import DReG_ELBO
 from freqvi.estimators.iwae import IWAE_ELBO
@@ -29,7 +32,6 @@ __all__ = [
     "DReG_ELBO",
     "DiffusionObjective",
     "ForwardProcess",
-    "GradientMoments",
     "NoisePredictionLoss",
     "QFunctionELBO",
     "RenyiELBO",
@@ -40,5 +42,12 @@ __all__ = [
     "TraceMeanField_ELBO",
     "Trace_ELBO",
     "get_estimator",
-    "gradient_variance",
 ]
+
+
+def __getattr__(name: str):
+    """The old names of the gradient-noise driver, moved to the drivers' layer (:mod:`freqvi.infer`), where
+    the thread policy and the data plate are; looked up on use, so this layer imports nothing above it."""
+    if name in ("gradient_variance", "GradientMoments"):
+        return getattr(importlib.import_module("freqvi.infer.gradient_noise"), name)
+    raise AttributeError(f"module 'freqvi.estimators' has no attribute {name!r}")

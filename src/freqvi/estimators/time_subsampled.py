@@ -54,7 +54,7 @@ class TimeSubsampledELBO(DiffusionObjective):
       because the terms of small ``t`` are far larger than the rest. The law follows the terms'
       values, not their gradients: on moons at ``T = 1000`` it lowers the gradient's variance
       5.6 times, but on a short chain whose terms are alike it can raise it (check with
-      :func:`~freqvi.estimators.gradient_variance`);
+      :func:`~freqvi.gradient_variance`);
     * ``"all"``: every ``t`` once per observation (stratified; ``T`` denoiser calls, in chunks
       of ``chunk_size`` steps): the full sum over t, for evaluation.
 
@@ -89,7 +89,7 @@ class TimeSubsampledELBO(DiffusionObjective):
     @contextmanager
     def frozen(self) -> Iterator[TimeSubsampledELBO]:
         """A context in which gradient draws leave the importance law as it is, so that they are
-        independent draws of one estimator (:func:`freqvi.estimators.gradient_variance` uses it)."""
+        independent draws of one estimator (:func:`freqvi.gradient_variance` uses it)."""
         adapting, self._adapting = self._adapting, False
         try:
             yield self

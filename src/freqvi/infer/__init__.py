@@ -3,6 +3,7 @@
 from freqvi.infer.bootstrap import Bootstrap, bootstrap
 from freqvi.infer.em import EMResult, em
 from freqvi.infer.fit import FitResult, fit
+from freqvi.infer.gradient_noise import GradientMoments, gradient_variance
 from freqvi.infer.information import Information, observed_information
 from freqvi.infer.log_likelihood import LogLikelihood, log_likelihood
 from freqvi.infer.maximize_likelihood import MLEResult, maximize_likelihood
@@ -12,6 +13,7 @@ __all__ = [
     "Bootstrap",
     "EMResult",
     "FitResult",
+    "GradientMoments",
     "Information",
     "InformationCriteria",
     "LogLikelihood",
@@ -20,6 +22,7 @@ __all__ = [
     "compare",
     "em",
     "fit",
+    "gradient_variance",
     "information_criteria",
     "log_likelihood",
     "maximize_likelihood",

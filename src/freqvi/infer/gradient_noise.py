@@ -1,4 +1,5 @@
-"""How noisy an estimator's gradients are, on the user's own model and guide."""
+"""How noisy an estimator's gradients are, on the user's own model and guide: a driver, which runs the
+pair on the data as many times as it draws, under the drivers' thread policy and data plate."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pyro import poutine
 from pyro.infer import ELBO
 
 from freqvi.estimators.registry import get_estimator
+from freqvi.infer.pair import resolve_pair
+from freqvi.infer.threads import thread_policy
+from freqvi.traces import check_pair, data_plate, max_plate_nesting
 from freqvi.validation import as_data, check_positive_int
 
 
@@ -41,8 +45,9 @@ class GradientMoments:
         return (self.variance / self.num_draws).sqrt()
 
 
-def gradient_variance(model, data, guide, loss: str | ELBO = "trace", num_draws: int = 100,
-                      **loss_options) -> dict[str, GradientMoments]:
+@thread_policy
+def gradient_variance(model, data, guide=None, loss: str | ELBO = "trace", num_draws: int = 100, *,
+                      data_plate_name: str = "data", **loss_options) -> dict[str, GradientMoments]:
     r"""Draws ``num_draws`` independent gradient estimates of ``loss`` at the current parameters.
 
     Each draw is one call of the estimator's ``loss_and_grads`` (what one SVI step
@@ -54,21 +59,38 @@ def gradient_variance(model, data, guide, loss: str | ELBO = "trace", num_draws:
     the ELBO (not of the loss) with respect to the unconstrained parameters, in
     float64.
 
-    :param model: the model callable.
+    The model and guide are first run once on the data and checked to agree
+    (:func:`~freqvi.traces.check_pair`); an estimator given by name is built with the
+    pair's plate nesting and, where it sums over observations (IWAE, DReG, STL), the
+    plate ``data_plate_name`` (:func:`~freqvi.estimators.get_estimator`).
+
+    :param model: a freqvi model (which brings its own guide), a model callable with ``guide``,
+        or a ``(model, guide)`` tuple.
     :param data: one array or a tuple of arrays passed to model and guide.
-    :param guide: the guide callable (its parameters are created on the first draw if new).
+    :param guide: the guide callable (its parameters are created on the first run if new).
     :param loss: an :class:`~pyro.infer.ELBO` or a name from :data:`~freqvi.estimators.ESTIMATORS`.
     :param num_draws: independent draws, at least 2.
+    :param data_plate_name: the model's plate over observations (checked to exist when not
+        ``"data"``).
+    :param loss_options: the estimator's constructor options, with a name only.
     :returns: parameter name -> :class:`GradientMoments`.
+    :raises FreqviInputError: the arguments in another order than ``(model, data, guide)``, a
+        ``num_draws`` below 2, a model and guide that do not agree, no plate
+        ``data_plate_name`` in the model, or estimator options that do not fit (before any draw).
     """
     num_draws = check_positive_int(num_draws, "num_draws", minimum=2)
     data = as_data(data)
-    elbo = get_estimator(loss, **loss_options)
-    guide_names = _param_names(guide, data)
+    pair = resolve_pair(model, guide)
+    model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
+    if data_plate_name != "data":  # the default name may be absent: a pair without a data plate
+        data_plate(model_trace, data_plate_name, data[0].shape[0])
+    elbo = get_estimator(loss, plate_name=data_plate_name,
+                         plate_nesting=max_plate_nesting(model_trace, guide_trace), **loss_options)
+    guide_names = _param_names(pair.guide, data)
     draws: dict[str, list[torch.Tensor]] = {}
     with getattr(elbo, "frozen", nullcontext)():
         for _ in range(num_draws):
-            for name, grad in _one_draw(elbo, model, guide, data).items():
+            for name, grad in _one_draw(elbo, pair.model, pair.guide, data).items():
                 draws.setdefault(name, []).append(grad)
     return {name: _moments(torch.stack(g), "guide" if name in guide_names else "model")
             for name, g in draws.items()}
