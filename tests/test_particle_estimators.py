@@ -251,3 +251,10 @@ def test_gradient_variance_builds_an_estimator_on_the_drivers_data_plate():
     assert abs(float(moments[0].mean) - exact) < 4 * float(moments[0].standard_error)
     with pytest.raises(FreqviInputError, match="no vectorised plate called 'obs'"):
         gradient_variance(_rows_model, x, _rows_guide, "iwae", num_draws=2, data_plate_name="obs")
+
+
+def test_the_old_names_of_the_gradient_noise_driver_still_work():
+    assert freqvi.estimators.gradient_variance is freqvi.gradient_variance is freqvi.infer.gradient_variance
+    assert freqvi.estimators.GradientMoments is freqvi.GradientMoments
+    with pytest.raises(AttributeError, match="no attribute 'gradient_varience'"):
+        freqvi.estimators.gradient_varience  # noqa: B018 (a misspelling is not an alias)
