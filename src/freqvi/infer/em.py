@@ -30,6 +30,7 @@ from freqvi.infer.checkpoint import (
     stable_name,
 )
 from freqvi.infer.devices import move_to, on_device, resolve_device
+from freqvi.infer.mean_field_cavi import MeanFieldTables, cavi_applies
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import deferred_interrupts
 from freqvi.infer.threads import thread_policy
@@ -154,7 +155,14 @@ def em(
       discrete site, as in a mixture), then all local parameters by L-BFGS on the
       objective below. Both stop when the gradient is below a tenth of the last M-step's
       starting score (at least ``score_tol``) per observation, the change below
-      ``m_step_tol``, or after ``e_step_iters`` iterations. Exact EM with the closed-form
+      ``m_step_tol``, or after ``e_step_iters`` iterations. When every local parameter is a
+      categorical factor's logits and the model sums no latent out itself (a
+      :class:`~freqvi.guides.LocalMeanField` on discrete latents), the E-step is exact block
+      CAVI on the model's log-density tables (the model run once per E-step, not per sweep)
+      (:mod:`freqvi.infer.mean_field_cavi`), and the gradient M-step is L-BFGS on the profile
+      :math:`\max_q F(q, \theta)` over :math:`\theta`, the factors solved at every
+      :math:`\theta` (its gradient is :math:`\partial F / \partial \theta` there), with the
+      M-step on Q as its fallback. Exact EM with the closed-form
       M-step on data in memory, for a model whose exact E-step has a closed form
       (:class:`~freqvi.models.ClosedFormEStep`, as :class:`~freqvi.models.GaussianMixture`),
       takes the expected statistics and :math:`\log p(x_i)` from the model directly, the
@@ -435,6 +443,11 @@ class _EMStep:
         logits = getattr(pair.guide, "categorical_logits", None)  # LocalMeanField's discrete factors
         self.logits = logits() if callable(logits) else []
         self.theta = unconstrained_params(model_names)
+        # Every local parameter a categorical factor's logits, every latent enumerated: exact CAVI on
+        # the model's log-density tables (mean_field_cavi), and L-BFGS on theta with the factors profiled.
+        self.cavi = (cavi_applies(model_trace, guide_trace, self.logits, self.local)
+                     and isinstance(batches, InMemoryBatches) and batches.batch_size is None)
+        self.plate_nesting = plate_nesting
         self.eps = torch.finfo(self.params[0].dtype).eps
         self.statistics = None
         self.t = 0
@@ -510,9 +523,12 @@ class _EMStep:
             # last M-step's starting score, down to score_tol near the end.
             s = self.settings
             grad_tol = max(s.grad_tol, 0.1 * self.m_grad) / self.batches.n
-            if self.logits:
-                _mean_field_sweeps(loss, self.logits, s.e_iters, grad_tol)
-            _lbfgs(loss, self.local, s.e_lr, s.e_iters, s.change_tol, grad_tol, self.scale())
+            if self.cavi:  # exact coordinate ascent, no run of the model per sweep
+                self.tables(data).ascend(s.e_iters, grad_tol)
+            else:
+                if self.logits:
+                    _mean_field_sweeps(loss, self.logits, s.e_iters, grad_tol)
+                _lbfgs(loss, self.local, s.e_lr, s.e_iters, s.change_tol, grad_tol, self.scale())
         with torch.no_grad(), poutine.block(), handler:
             return poutine.trace(self.enum(self.pair.guide)).get_trace(*data)
 
@@ -536,6 +552,11 @@ class _EMStep:
             recorded += self.objective(posterior, data, self.record_seed) if self.drawn else value
         self.fitted = fitted
         return posterior, recorded
+
+    def tables(self, data, differentiable: bool = False) -> MeanFieldTables:
+        """The model's log-density tables at theta for the mean-field CAVI (``differentiable``: in theta)."""
+        return MeanFieldTables(self.pair.model, self.pair.guide, data, self.plate_nesting, self.logits,
+                               differentiable)
 
     def posterior(self):
         """What the next M-step reads at the current parameters (after a resume): the guide's
@@ -584,12 +605,21 @@ class _EMStep:
         def direct_step():
             return -self.live_objective(data)
 
+        def profile_step():  # -max_q F(q, theta): the factors solved by CAVI at each theta
+            tables = self.tables(data, differentiable=True)
+            tables.ascend(self.settings.e_iters, self.settings.grad_tol / self.batches.n)
+            return -tables.objective(tables.probabilities())
+
         # After a step that changed F by less than tol away from a stationary point, EM crawls
         # (its rate is the fraction of missing information): L-BFGS on F itself goes first then,
         # over theta and the local parameters together, a quasi-Newton acceleration of EM
-        # (Jamshidian and Jennrich 1997) that keeps the ascent.
+        # (Jamshidian and Jennrich 1997) that keeps the ascent. With exact CAVI on the factors,
+        # L-BFGS on the profile max_q F(q, theta) over theta always goes first: its gradient is
+        # dF/dtheta at the optimal q (the envelope theorem), as the exact guide's is Fisher's.
         steps = [(q_step, self.theta, False), (direct_step, self.theta + self.local, True)]
-        if self.slow:
+        if self.cavi:
+            steps = [(profile_step, self.theta, True), steps[0]]
+        elif self.slow:
             steps.reverse()
         self.slow = False
         for loss, params, finish in steps:
