@@ -172,3 +172,22 @@ def test_max_plate_nesting_is_passed_not_guessed_and_logged(loss):
     finally:
         logger.removeHandler(collected)
     assert not [m for m in collected.messages if "max_plate_nesting" in m]
+
+
+def test_the_pre_flight_check_gives_an_enumerated_guide_site_a_value_of_its_support_not_a_draw():
+    """check_pair runs a guide site marked for parallel enumeration on the first value of its support,
+    in a draw's shape: no sampler pass (torch's generator is left as it was) and the model still runs
+    on values of the site's batch shape."""
+    from freqvi.models import GaussianMixture
+    from freqvi.traces import check_pair
+
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gm = GaussianMixture(3, 2)
+    gm.model(x)
+    before = torch.get_rng_state()
+    model_trace, guide_trace = check_pair(gm.model, gm.guide, (x,))
+    assert torch.equal(torch.get_rng_state(), before)
+    for trace in (guide_trace, model_trace):
+        value = trace.nodes["assignment"]["value"]
+        assert value.shape == (50,) and not value.any()
+    assert model_trace.nodes["obs"]["log_prob"].shape == (50,)

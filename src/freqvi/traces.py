@@ -14,6 +14,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
 from pyro.util import get_rng_state, set_rng_state
@@ -144,10 +145,12 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
     Every latent site of the guide must be a latent site of the model (or be marked
     auxiliary, as Pyro's autoguides mark their joint draw), and every
     latent site of the model must be covered by the guide unless the model sums
-    it out by enumeration. Returns the two traces.
+    it out by enumeration. Returns the two traces. A guide site marked for parallel
+    enumeration takes the first value of its support rather than a draw (the values have
+    the shapes of a draw).
     """
     with _run_on(data, "the model/guide pair"), torch.no_grad():
-        guide_trace = trace(guide, *data)
+        guide_trace = trace(_FirstOfSupport()(guide), *data)
         model_trace = trace(poutine.replay(model, trace=guide_trace), *data)
         for tr in (guide_trace, model_trace):
             _compute_densities(tr)
@@ -171,6 +174,22 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
                          "(and are not marked infer={'enumerate': 'parallel'})")
         raise FreqviInputError("model and guide do not match: " + "; ".join(parts) + ".")
     return model_trace, guide_trace
+
+
+class _FirstOfSupport(Messenger):
+    """Gives each site marked ``infer={"enumerate": "parallel"}`` the first value of its support,
+    expanded to the shape of a draw, instead of a draw: the drivers sum such sites out, so a draw
+    checks nothing more, and a categorical draw over many rows costs more than the rest of the
+    check (20,000 rows of a 5-component mixture: 11 of 30 ms)."""
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if msg["is_observed"] or msg["value"] is not None or not is_enumerated(msg) \
+                or not getattr(fn, "has_enumerate_support", False):
+            return
+        first = fn.enumerate_support(expand=False)[0]
+        msg["value"] = first.expand(fn.batch_shape + fn.event_shape)
+        msg["done"] = True
 
 
 _SHAPE_NOTE = (" (a site's value must broadcast with its distribution's batch_shape + event_shape: "
