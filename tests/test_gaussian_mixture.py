@@ -227,3 +227,22 @@ def test_em_takes_the_same_path_with_and_without_the_closed_form_e_step(monkeypa
     np.testing.assert_allclose(fast, traced, rtol=1e-12)
     for name, value in fast_estimates.items():
         torch.testing.assert_close(value, traced_estimates[name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.ConvergenceWarning")
+def test_a_resumed_run_with_the_closed_form_e_step_equals_the_uninterrupted_one(tmp_path):
+    """The closed-form E-step's statistics are not in the checkpoint: a resumed run recomputes them."""
+    x = mixture_data(n=300)
+
+    def run(max_iter, **options):
+        gm = GaussianMixture(3, 2)
+        result = freqvi.em(gm, x, max_iter=max_iter, tol=0.0, seed=0, progress=False, **options)
+        return result, gm.estimates()
+
+    whole, whole_estimates = run(8)
+    path = tmp_path / "em.ckpt"
+    run(3, checkpoint=path)
+    resumed, estimates = run(8, resume=path)
+    assert resumed.log_likelihood == whole.log_likelihood
+    for name, value in whole_estimates.items():
+        assert torch.equal(estimates[name], value), name
