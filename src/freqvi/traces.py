@@ -178,8 +178,8 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
 
 class _FirstOfSupport(Messenger):
     """Gives each site marked ``infer={"enumerate": "parallel"}`` the first value of its support,
-    expanded to the shape of a draw, instead of a draw: the drivers sum such sites out, so a draw
-    checks nothing more, and a categorical draw over many rows costs more than the rest of the
+    expanded to the shape of a draw, instead of a draw: the values are as valid as a draw's for
+    checking shapes, dtypes and supports, and a categorical draw over many rows is a third of the
     check (20,000 rows of a 5-component mixture: 11 of 30 ms)."""
 
     def _pyro_sample(self, msg) -> None:
