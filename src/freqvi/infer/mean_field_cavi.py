@@ -106,7 +106,7 @@ class MeanFieldTables:
         """:math:`\\mathbb E_{q_{-j}}[\\log p \\mid z_j]` in factor ``j``'s enumeration layout (up to a
         constant per observation): each table that depends on ``z_j``, weighted by the other factors it
         depends on and summed down to ``z_j`` and its batch."""
-        message = torch.zeros(self.layouts[j], dtype=laid[j].dtype)
+        message = laid[j].new_zeros(self.layouts[j])
         for table, depends in self.tables:
             if j in depends:
                 term = table.detach()
