@@ -29,8 +29,8 @@ def run(max_iter=100, quiet=True, **options):
     return result, {k: v.clone() for k, v in model.estimates().items()}
 
 
-def signal_during(monkeypatch, iteration: int, times: int) -> None:
-    """Sends ``times`` SIGINTs to this process in the middle of EM iteration ``iteration`` (its M-step)."""
+def signal_during(monkeypatch, iteration: int, times: int, signum=signal.SIGINT) -> None:
+    """Sends ``signum`` ``times`` to this process in the middle of EM iteration ``iteration`` (its M-step)."""
     iterate = em_module._EMStep.iterate
     calls = []
 
@@ -38,7 +38,7 @@ def signal_during(monkeypatch, iteration: int, times: int) -> None:
         calls.append(1)
         if len(calls) == iteration:
             for _ in range(times):
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signum)
         return iterate(self, posterior)
 
     monkeypatch.setattr(em_module._EMStep, "iterate", interrupted_iterate)
@@ -71,3 +71,12 @@ def test_a_second_ctrl_c_stops_at_once_with_the_last_finished_iteration(monkeypa
     _, reference = run(max_iter=3)  # iteration 4 was cut short: its parameters are undone
     for name, value in model.estimates().items():
         assert torch.equal(value, reference[name]), name
+
+
+def test_sigterm_finishes_the_iteration_writes_the_checkpoint_and_raises(tmp_path, monkeypatch):
+    """A scheduler's SIGTERM ends the process (after the checkpoint), where Ctrl-C returns the result."""
+    path = tmp_path / "em.ckpt"
+    signal_during(monkeypatch, iteration=2, times=1, signum=signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="em terminated after iteration 2; checkpoint in"):
+        run(checkpoint=path, checkpoint_every=10**6)
+    assert load_checkpoint(path)[0]["history"]["num_iter"] == 2
