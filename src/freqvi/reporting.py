@@ -9,10 +9,12 @@ accompanies and says which spread it measures:
 * the **sampling** standard error, over the test observations: the standard deviation of the
   per-observation values over :math:`\\sqrt n`, how much the mean would move with another
   test set of the same size (it holds the Monte-Carlo noise of each value too); more test
-  observations shrink it.
+  observations shrink it;
+* the **observed-information** standard error of a parameter estimate (Wald), on the
+  parameter's own scale.
 
 In JSON a number's key ends with its unit (:data:`UNITS`): ``total``, ``per_observation``,
-``nats_per_dim``, ``bits_per_dim``; a standard error's key is ``<kind>_standard_error_<unit>``
+``nats_per_dim``, ``bits_per_dim``, ``estimate``; a standard error's key is ``<kind>_standard_error_<unit>``
 with ``<kind>`` one of :data:`STANDARD_ERRORS`, beside the number of that unit it belongs to.
 Each report's JSON carries this legend under ``"conventions"`` (:func:`conventions`).
 """
@@ -29,6 +31,7 @@ UNITS = {
     "per_observation": "nats per observation (the total over the number of observations)",
     "nats_per_dim": "nats per observation and data dimension",
     "bits_per_dim": "bits per observation and data dimension (nats over log 2)",
+    "estimate": "the scale of the parameter estimated",
 }
 
 #: What each kind of standard error measures.
@@ -36,6 +39,9 @@ STANDARD_ERRORS = {
     "monte_carlo": "the spread of the estimate over its random draws, the observations held fixed",
     "sampling": "the standard deviation of the per-observation values over sqrt(n): the spread of the "
                 "mean over test sets of the same size (it includes each value's Monte-Carlo noise)",
+    "observed_information": "a parameter estimate's, from the observed information of the exact "
+                            "log-likelihood at the estimate: its spread over repeated samples (Wald), "
+                            "valid at a maximum of the likelihood",
 }
 
 
