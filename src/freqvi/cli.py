@@ -119,7 +119,7 @@ def em_report(data_name: str, x: torch.Tensor, model: GaussianMixture, result: f
                            "method": loglik.method},
         "fit": {"num_iter": result.num_iter, "converged": result.converged, "m_step": result.m_step,
                 "wall_time": result.wall_time, "seed": args.seed, "max_iter": args.max_iter,
-                "tol": args.tol, "objective_trace": result.log_likelihood},
+                "tol": args.tol, "objective_trace_total": result.log_likelihood},
         "conventions": reporting.conventions(),
     }
 
@@ -199,8 +199,9 @@ def add_vae_command(subparsers: Subparsers) -> None:
         help="fit a variational autoencoder and write its held-out metrics and pictures",
         description="Fit a VAE by maximum likelihood through the ELBO (freqvi.fit, early stopping on "
         "the held-out ELBO), then evaluate it on held-out data: the log-likelihood by importance "
-        "sampling with the encoder as proposal (standard error, PSIS k-hat), the ELBO's "
-        "reconstruction and KL terms, the amortisation gap. Writes metrics.json, "
+        "sampling from a Student-t proposal built on the encoder (freqvi.log_likelihood's default; "
+        "Monte-Carlo and sampling standard errors, PSIS k-hat), the ELBO's reconstruction and KL "
+        "terms, the amortisation gap, each in nats per observation. Writes metrics.json, "
         "reconstructions.png, samples.png and, for --latent-dim 2, latent.png to --out. Data: the "
         "embedded 8x8 digits (train 1,500 / test 297) binarised at 0.5 (--pixels) unless --data is "
         "given, whose rows are then "
@@ -364,7 +365,7 @@ def vae_report(data_name: str, train: torch.Tensor, test: torch.Tensor, model: V
                 "stopped_early": result.stopped_early, "wall_time": result.wall_time,
                 "seconds_per_step": result.wall_time / result.num_steps, "seed": args.seed, "lr": args.lr,
                 "batch_size": args.batch_size, "validation_steps": result.validation_steps,
-                "validation_elbo": result.validation_elbo},
+                "validation_elbo_total": result.validation_elbo},
         "conventions": reporting.conventions(),
     }
 

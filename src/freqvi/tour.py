@@ -347,7 +347,8 @@ def diffusion_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Sec
          ("energy distance, held-out half to half", f"{floor:.4f} (the noise floor)"),
          ("training", f"{fit.num_steps} steps of 256 points, {fit.wall_time:.1f} s")],
         [(curve.name, f"The time-subsampled ELBO per dimension during training (running mean of {window} "
-                      "one-draw estimates, two standard errors either side) and the full held-out ELBO."),
+                      "one-draw estimates of the raw weights, two standard errors either side) and the full "
+                      "held-out ELBO of the averaged (EMA) weights."),
          (pictures[0].name, "The forward chain q(x_t | x_0) on held-out points at several t."),
          (pictures[1].name, "Held-out points and samples from the fitted model (ancestral sampling).")],
         {"test_nll_bound": nll, "gaussian_nll_nats_per_dim": gaussian,
