@@ -158,6 +158,16 @@ def test_vae_report_keys_name_their_units(tmp_path, capsys):
                 f"{entry['sampling_standard_error_per_observation']:.3f} over the {n} test images)") in out
 
 
+def test_vae_runs_with_one_seed_agree(tmp_path):
+    """--seed also sets the networks' initial weights: two runs give the same numbers."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out_dir in runs:
+        assert main([*VAE_QUICK, "--gap-steps", "1", "--seed", "3", "--out", str(out_dir)]) == 0
+    first, second = (json.loads((out_dir / "metrics.json").read_text()) for out_dir in runs)
+    assert first["test_log_likelihood"]["total"] == second["test_log_likelihood"]["total"]
+    assert first["fit"]["validation_elbo_total"] == second["fit"]["validation_elbo_total"]
+
+
 def test_vae_grey_levels_are_an_explicit_option(tmp_path, capsys):
     assert main([*VAE_QUICK, "--pixels", "grey", "--out", str(tmp_path)]) == 0
     out, _ = capsys.readouterr()

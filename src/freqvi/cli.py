@@ -268,6 +268,7 @@ def run_vae(args: argparse.Namespace) -> int:
     """Fits the VAE that ``args`` describes, evaluates it, prints a summary and writes ``--out``."""
     train, test, labels, data_name = _vae_data(args.data, args.pixels)
     _make_folder(args.out)
+    torch.manual_seed(args.seed)  # the networks' initial weights: without it each run starts elsewhere
     model = VAE(train.shape[1], args.latent_dim, args.hidden, args.likelihood)
     model.check_data(train)
     model.check_data(test)

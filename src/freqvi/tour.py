@@ -228,6 +228,7 @@ def vae_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Section:
     # binarised, so that the Bernoulli likelihood is a normalised density and log p(x) a log-likelihood
     train, test = (load_digits(split, binarize=True) for split in ("train", "test"))
     train, validation = train[:-VAE_VALIDATION], train[-VAE_VALIDATION:]
+    torch.manual_seed(seed)  # the networks' initial weights: without it each run starts elsewhere
     model = VAE(64, latent_dim=8)
     fit = freqvi.fit(model, train, loss="mean_field", lr=2e-3, num_steps=budget.vae_steps,
                      batch_size=128, seed=seed, progress=progress, validation_data=validation,
