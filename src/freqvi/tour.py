@@ -50,7 +50,7 @@ class Budget:
 
 
 BUDGETS = {
-    "full": Budget(glmm_groups=200, glmm_steps=1500, vae_steps=4000, vae_importance_samples=1000,
+    "full": Budget(glmm_groups=200, glmm_steps=1500, vae_steps=4000, vae_importance_samples=5000,
                    diffusion_steps=15000, diffusion_samples=1000),
     "quick": Budget(glmm_groups=100, glmm_steps=300, vae_steps=400, vae_importance_samples=100,
                     diffusion_steps=2000, diffusion_samples=300),
