@@ -110,15 +110,21 @@ def pareto_k_text(entry: dict, item: str = "observation") -> str:
     standard error says, and so is the mean over observations.
     """
     share, largest = entry["pareto_k_fraction_above_0.7"], entry["pareto_k_max"]
-    if share == 0:
-        text = (f"PSIS k-hat at most 0.7 for every {item} (max {largest:.2f}): each estimate and its "
-                "standard error can be trusted")
-    else:
+    unestimable = entry["pareto_k_fraction_unestimable"]
+    if share:
         text = (f"PSIS k-hat above 0.7 for {share:.1%} of {item}s (max {largest:.2f}): their estimates "
                 "cannot be trusted and are likely too low (importance sampling underestimates log p(x) on "
                 "average), so the mean is likely too low by more than its standard error says; annealed "
                 "importance sampling (freqvi.infer.annealed.annealed_log_likelihood) tightens them")
-    if entry["pareto_k_fraction_unestimable"]:
-        text += (f"; k-hat not estimable for {entry['pareto_k_fraction_unestimable']:.1%} of {item}s "
-                 "(tied or too few weights)")
+    elif unestimable == 1:
+        return (f"PSIS k-hat could not be estimated for any {item} (tied or too few weights): nothing says "
+                "whether the estimates can be trusted")
+    elif largest == -math.inf:
+        text = "constant importance weights: the proposal is the exact posterior and the estimate exact"
+    else:
+        where = f"every {item}" + (" where it could be estimated" if unestimable else "")
+        text = (f"PSIS k-hat at most 0.7 for {where} (max {largest:.2f}): those estimates and their standard "
+                "errors can be trusted")
+    if unestimable:
+        text += f"; k-hat not estimable for {unestimable:.1%} of {item}s (tied or too few weights)"
     return text
