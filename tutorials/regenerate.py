@@ -8,8 +8,10 @@ Usage, from the repository root::
 Each notebook runs top to bottom in a fresh kernel, in full mode (``FREQVI_SMOKE`` removed from the
 kernel's environment), with one intra-op thread (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``), a
 fixed ``PYTHONHASHSEED`` and the inline Matplotlib backend, from the ``tutorials/`` folder. The
-notebooks set their own seeds, so a rerun on the same machine reproduces every number (two runs,
-compared output by output, were identical); only the timings a notebook prints change.
+notebooks set their own seeds, so a rerun on the same machine reproduces every number (two full runs
+of all eight printed the same numbers); only the timings a notebook prints change. Another machine
+whose BLAS takes another code path fits the stochastic models a little differently (the numbers in
+``tests/test_tutorials.py``): regenerate on the machine that runs CI.
 
 What the script writes is what the kernel produced, less what changes on every run without meaning
 anything: the cells' execution timestamps (``metadata.execution``) and the kernel's temporary file
@@ -35,7 +37,7 @@ import nbclient
 import nbformat
 
 TUTORIALS = Path(__file__).resolve().parent
-CELL_TIMEOUT = 1800  # seconds per cell; the longest full-mode cell takes about two minutes
+CELL_TIMEOUT = 1800  # seconds per cell: far above any full-mode cell (each notebook takes 5-80 CPU s)
 
 # "/tmp/ipykernel_4242/2104977840.py:3: " or, on Windows, "C:\...\ipykernel_4242\2104977840.py:3: "
 KERNEL_FILE = re.compile(r"^\S*ipykernel_\d+[/\\]\d+\.py:\d+: ", re.MULTILINE)
