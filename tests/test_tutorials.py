@@ -108,7 +108,7 @@ def cell_numbers(cell, stem: str) -> list[tuple[str, str]]:
     """The numbers a code cell prints, in order, as (where, text): where is the line, or the table's
     row and column, that holds it. Timings are left out (module docstring)."""
     found = []
-    for output in cell.get("outputs", []):
+    for output in _joined_streams(cell.get("outputs", [])):
         if output.output_type == "stream":
             found += text_numbers(output.text, stem)
         elif output.output_type in ("execute_result", "display_data"):
@@ -118,6 +118,19 @@ def cell_numbers(cell, stem: str) -> list[tuple[str, str]]:
             else:
                 found += text_numbers(output.data.get("text/plain", ""), stem)
     return found
+
+
+def _joined_streams(outputs: list) -> list:
+    """The outputs with consecutive chunks of one stream joined: a kernel may cut a line anywhere."""
+    joined = []
+    for output in outputs:
+        if (output.output_type == "stream" and joined and joined[-1].output_type == "stream"
+                and joined[-1].name == output.name):
+            text = joined[-1].text + output.text
+            joined[-1] = nbformat.v4.new_output("stream", name=output.name, text=text)
+        else:
+            joined.append(output)
+    return joined
 
 
 def text_numbers(text: str, stem: str = "") -> list[tuple[str, str]]:
@@ -187,8 +200,11 @@ class _Tables(HTMLParser):
 def compare(old: list[tuple[str, str]], new: list[tuple[str, str]], cell: int) -> list[str]:
     """What differs between a cell's committed numbers and a rerun's, one line per difference."""
     if len(old) != len(new):
-        return [f"cell {cell}: {len(old)} numbers committed, {len(new)} in the rerun: "
-                f"committed {[w for w, _ in old[:3]]}..., rerun {[w for w, _ in new[:3]]}..."]
+        first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
+                     min(len(old), len(new)))
+        return [f"cell {cell}: {len(old)} numbers committed, {len(new)} in the rerun; the first difference: "
+                f"committed {old[first] if first < len(old) else None}, "
+                f"rerun {new[first] if first < len(new) else None}"]
     return [f"cell {cell}: {where!r}: committed {a}, rerun {b}"
             for (where, a), (_, b) in zip(old, new, strict=True) if not agree(a, b)]
 
@@ -213,6 +229,13 @@ def last_digit(text: str) -> float:
 
 def _stream(text):
     return nbformat.v4.new_code_cell(outputs=[nbformat.v4.new_output("stream", name="stdout", text=text)])
+
+
+def test_a_line_cut_between_two_stream_chunks_is_read_whole():
+    cell = _stream("log-likelihood: -180.18")
+    cell.outputs.append(nbformat.v4.new_output("stream", name="stdout", text="55 in 1.2"))
+    cell.outputs.append(nbformat.v4.new_output("stream", name="stdout", text="3 s\n"))
+    assert [n for _, n in cell_numbers(cell, "")] == ["-180.1855"]
 
 
 def test_timings_are_left_out_and_results_kept():
