@@ -203,10 +203,17 @@ def compare(old: list[tuple[str, str]], new: list[tuple[str, str]], cell: int) -
         first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
                      min(len(old), len(new)))
         return [f"cell {cell}: {len(old)} numbers committed, {len(new)} in the rerun; the first difference: "
-                f"committed {old[first] if first < len(old) else None}, "
-                f"rerun {new[first] if first < len(new) else None}"]
-    return [f"cell {cell}: {where!r}: committed {a}, rerun {b}"
+                f"committed {_at(old, first)}, rerun {_at(new, first)}"]
+    return [f"cell {cell}: {_short(where)!r}: committed {a}, rerun {b}"
             for (where, a), (_, b) in zip(old, new, strict=True) if not agree(a, b)]
+
+
+def _short(where: str) -> str:
+    return where if len(where) <= 100 else where[:97] + "..."
+
+
+def _at(numbers: list[tuple[str, str]], i: int) -> str:
+    return f"{numbers[i][1]} in {_short(numbers[i][0])!r}" if i < len(numbers) else "nothing"
 
 
 def agree(a: str, b: str) -> bool:
