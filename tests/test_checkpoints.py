@@ -283,3 +283,41 @@ def test_an_edited_held_out_history_is_refused_and_nothing_restored(tmp_path, ed
                    resume=rewritten(path, set_in("validation", value=edit)))
     for name, value in fa.estimates().items():
         assert torch.equal(value, before[name]), name
+
+
+# ----- an estimator's own state (the importance law of the time-subsampled ELBO) ------------------------
+def diffusion_run(num_steps, **options):
+    """A diffusion model fitted with importance-sampled time steps, whose law adapts step by step."""
+    from freqvi.datasets import load_moons
+    from freqvi.models import GaussianDiffusion
+
+    torch.manual_seed(0)
+    model = GaussianDiffusion(2, 20, hidden=(16,))
+    result = freqvi.fit(model, load_moons("train")[:200], loss="time_subsampled", time_sampling="importance",
+                        num_steps=num_steps, batch_size=50, lr=0.01, seed=0, progress=False, **options)
+    return {k: v.clone() for k, v in model.state_dict().items()}, result
+
+
+def test_a_resumed_run_draws_the_time_steps_an_uninterrupted_one_does(tmp_path):
+    """Without the importance law in the checkpoint, the resumed run restarts it at uniform: other t."""
+    whole, whole_result = diffusion_run(30)
+    path = tmp_path / "diffusion.ckpt"
+    diffusion_run(12, checkpoint=path)
+    law = load_checkpoint(path)[0]["estimator"]
+    assert law["weight"].shape == (20,) and (law["weight"] > 0).all()  # every t drawn by step 12: adapted
+    resumed, result = diffusion_run(30, resume=path)
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
+    assert result.elbo == whole_result.elbo
+
+
+@pytest.mark.parametrize("edit", [lambda law: {**law, "weight": -law["weight"]},
+                                  lambda law: {**law, "second_moment": law["second_moment"][:3]},
+                                  lambda law: None], ids=["negative", "short", "missing"])
+def test_an_edited_estimator_state_is_refused(tmp_path, edit):
+    from test_fault_tolerance import rewritten, set_in
+
+    path = tmp_path / "diffusion.ckpt"
+    diffusion_run(12, checkpoint=path)
+    with pytest.raises(FreqviInputError, match="time-subsampled ELBO's state must hold"):
+        diffusion_run(20, resume=rewritten(path, set_in("estimator", value=edit)))

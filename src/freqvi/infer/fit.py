@@ -297,7 +297,7 @@ def fit(
     settings = {**_settings(elbo, batch_size, batches.n), **averager.settings()}
     if keeper is not None:  # a resumed run must evaluate the same rows after the same steps
         settings["validation"] = {"rows": held_out[0].shape[0], "eval_every": eval_every}
-    run = RunState(params, optimizer, batches, result, settings, group, averager, keeper)
+    run = RunState(params, optimizer, batches, result, settings, group, averager, keeper, elbo)
     if checkpoint is not None or resume is not None:
         run.check_checkpointable(checkpoint)
     first = run.restore(resume) if resume is not None else 0

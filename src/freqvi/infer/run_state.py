@@ -28,12 +28,16 @@ class RunState:
     :param keeper: a run with ``validation_data``: what keeps the best held-out parameters
         (``state(result)``/``load(state, result, step, where)``); its evaluations so far and best
         parameters are saved and restored with the rest.
+    :param loss: the run's estimator; one with state of its own (``state_dict()``/``load_state_dict()``,
+        e.g. the importance law of :class:`~freqvi.estimators.TimeSubsampledELBO`) has it saved and
+        restored too.
     """
 
     def __init__(self, params: dict[str, torch.Tensor], optimizer, batches, result, settings: dict,
-                 group=None, averager=None, keeper=None):
+                 group=None, averager=None, keeper=None, loss=None):
         self.params, self.optimizer, self.batches, self.result = params, optimizer, batches, result
         self.settings, self.group, self.averager, self.keeper = settings, group, averager, keeper
+        self.loss = loss if hasattr(loss, "state_dict") and hasattr(loss, "load_state_dict") else None
 
     def check_checkpointable(self, checkpoint) -> None:
         if not isinstance(self.optimizer, torch.optim.Optimizer):
@@ -63,6 +67,8 @@ class RunState:
             state["average"] = self.averager.state()
         if self.keeper is not None:
             state["validation"] = self.keeper.state(self.result)
+        if self.loss is not None:
+            state["estimator"] = self.loss.state_dict()
         shapes = {stable_name(n): list(p.shape) for n, p in self.params.items()}
         save_checkpoint(path, state, {"kind": "fit", "settings": self.settings, "shapes": shapes})
 
@@ -74,6 +80,12 @@ class RunState:
             self.averager.load(state.get("average"), f"checkpoint {str(path)!r}")
         if self.keeper is not None:  # checked before any copy; the step is a checked counter
             self.keeper.load(state.get("validation"), self.result, state["step"], f"checkpoint {str(path)!r}")
+        if self.loss is not None:  # checked before any copy
+            try:
+                self.loss.load_state_dict(state.get("estimator"))
+            except FreqviInputError as exc:
+                raise FreqviInputError(f"checkpoint {str(path)!r}: {exc} It was edited, or written by "
+                                       "another run or version.") from None
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(state["params"][stable_name(name)])
