@@ -321,3 +321,14 @@ def test_an_edited_estimator_state_is_refused(tmp_path, edit):
     diffusion_run(12, checkpoint=path)
     with pytest.raises(FreqviInputError, match="time-subsampled ELBO's state must hold"):
         diffusion_run(20, resume=rewritten(path, set_in("estimator", value=edit)))
+
+
+@pytest.mark.parametrize("contents", [b"a,b\n0.1,0.2\n", b"", bytes(range(256)) * 4, b"\x80\x02]q\x00."],
+                         ids=["csv", "empty", "bytes", "a-pickled-empty-list"])
+def test_a_file_that_is_no_checkpoint_is_refused_as_one(tmp_path, contents):
+    """torch's unpickler fed a CSV raised a raw IndexError ("pop from empty list")."""
+    path = tmp_path / "data.csv"
+    path.write_bytes(contents)
+    with pytest.raises(FreqviInputError, match="not a freqvi checkpoint"):
+        run(5, resume=path)
+    assert path.read_bytes() == contents
