@@ -280,11 +280,14 @@ def _a_file(tmp_path):
     (lambda p: ["em", "--json", str(p / "missing" / "fit.json")], "the folder of"),
     (lambda p: ["vae", "--out", str(p / "o"), "--checkpoint", str(p)], "is a directory, not a regular file"),
     (lambda p: ["vae", "--out", str(p / "o"), "--resume"], "give --checkpoint PATH too"),
+    (lambda p: ["vae", "--out", str(p / "o"), "--data", str(_a_file(p)), "--checkpoint", str(p / "file")],
+     "is the --data file; writing it would replace the data"),
+    (lambda p: ["em", "--data", str(_a_file(p)), "--json", str(p / "." / "file")], "is the --data file"),
     (lambda p: ["diffusion", "--out", str(p / "o"), "--checkpoint", str(p / "c.ckpt"), "--resume"],
      "there is no checkpoint"),
 ], ids=["tour-out-under-a-file", "out-is-a-file", "out-under-a-file", "json-is-a-folder",
         "json-folder-missing", "checkpoint-is-a-folder", "resume-without-checkpoint",
-        "resume-missing-checkpoint"])
+        "checkpoint-is-the-data", "json-is-the-data", "resume-missing-checkpoint"])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv,
                                                                     message):
     _forbid_work(monkeypatch)

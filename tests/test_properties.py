@@ -12,8 +12,11 @@ slow-marked variants (``--runslow``, CI) draw ten times as many cases.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import math
+import re
 import warnings
 from unittest import mock
 
@@ -27,7 +30,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import freqvi
-from freqvi import datasets
+from freqvi import datasets, tour
+from freqvi.cli import main
 from freqvi.errors import FreqviError
 from freqvi.models import VAE, FactorAnalysis, GaussianDiffusion, GaussianMixture, RandomInterceptLogistic
 
@@ -698,3 +702,110 @@ def test_loaders_refuse_a_bad_dtype_and_a_file_that_is_not_utf8(tmp_path):
     path.write_bytes("x\xe9,y\n1,2\n".encode("latin-1"))
     with pytest.raises(freqvi.errors.FreqviInputError, match="UTF-8"):
         datasets.load_array(path)
+
+
+# ----- the console command -------------------------------------------------------------------------------
+#: Text for each kind of option value: well-formed small values and malformed ones. Never a large valid
+#: count (a run that long), never an empty path (the current folder).
+COUNT_TEXT = st.sampled_from(["1", "2", "0", "-1", "2.5", "", "x", "nan", "-0", "1e3", " 2", "٣",
+                              str(-(2**64)), "0x10"])
+REAL_TEXT = st.sampled_from(["0.5", "1e-3", "0", "-1", "nan", "inf", "-inf", "1e400", "1e-400", "abc", "",
+                             "0.999", "1"])
+SEED_TEXT = st.sampled_from(["0", "7", "-1", str(2**32 - 1), str(2**32), str(2**40), "1.5", "", "seed"])
+WIDTH_TEXT = st.sampled_from(["4", "4,3", "0", "4,0", "-4", "", ",", "4,,3", "a,b", "4.5"])
+CLI_OPTIONS = {
+    "em": {"--components": COUNT_TEXT, "--max-iter": COUNT_TEXT, "--tol": REAL_TEXT, "--seed": SEED_TEXT,
+           "--covariance": st.sampled_from(["full", "diag", "tied", ""]), "--threads": COUNT_TEXT,
+           "--m-step": st.sampled_from(["auto", "gradient", "none"]), "--checkpoint-every": COUNT_TEXT},
+    "vae": {"--latent-dim": COUNT_TEXT, "--hidden": WIDTH_TEXT, "--steps": COUNT_TEXT,
+            "--batch-size": COUNT_TEXT, "--lr": REAL_TEXT, "--particles": COUNT_TEXT,
+            "--patience": COUNT_TEXT, "--num-samples": COUNT_TEXT, "--gap-steps": COUNT_TEXT,
+            "--seed": SEED_TEXT,
+            "--estimator": st.sampled_from(["iwae", "dreg", "trace", "bogus"]),
+            "--likelihood": st.sampled_from(["gaussian", "continuous_bernoulli", "poisson"])},
+    "diffusion": {"--diffusion-steps": COUNT_TEXT, "--hidden": WIDTH_TEXT, "--steps": COUNT_TEXT,
+                  "--batch-size": COUNT_TEXT, "--lr": REAL_TEXT, "--ema-decay": REAL_TEXT,
+                  "--samples": COUNT_TEXT, "--ddim-steps": COUNT_TEXT, "--seed": SEED_TEXT,
+                  "--sampler": st.sampled_from(["ddim", "ancestral", "euler"]),
+                  "--schedule": st.sampled_from(["cosine", "linear", "quadratic"])},
+    "tour": {"--seed": SEED_TEXT, "--threads": COUNT_TEXT},
+}
+#: Each command's small budget, given first (a generated option given again overrides it): every run ends
+#: in about a second, and writes into the test's own folder.
+CLI_BUDGETS = {
+    "em": ["--max-iter", "3"],
+    "vae": ["--steps", "2", "--hidden", "4", "--latent-dim", "2", "--num-samples", "3", "--gap-steps", "1"],
+    "diffusion": ["--steps", "2", "--diffusion-steps", "3", "--hidden", "4", "--samples", "5"],
+    "tour": ["--quick"],
+}
+#: What ``--data`` may name (made by :func:`_cli_files`), and the ``--out``/``--json``/``--checkpoint``
+#: places: a new folder, an existing file, a path under a file.
+DATA_FILES = ("rows.csv", "latin1.csv", "nan.csv", "three.csv", "empty.csv", "ints.npy", "missing.csv", ".")
+OUT_PLACES = ("new", "rows.csv", "rows.csv/sub", "folder")
+PLACES = {"--data": DATA_FILES, "--out": OUT_PLACES, "--json": OUT_PLACES, "--checkpoint": OUT_PLACES}
+PLACE_OPTIONS = {"em": ("--data", "--json", "--checkpoint"), "vae": ("--data", "--out", "--checkpoint"),
+                 "diffusion": ("--data", "--out", "--checkpoint"), "tour": ("--out",)}
+ERROR_LINE = re.compile(r"^freqvi( (em|vae|diffusion|tour))?: error: ")  # freqvi's, or argparse's
+
+
+@st.composite
+def command_lines(draw):
+    """A command line: a command, its budget, generated options (some malformed), perhaps junk."""
+    command = draw(st.sampled_from(sorted(CLI_OPTIONS)))
+    chosen = draw(st.lists(st.sampled_from(sorted(CLI_OPTIONS[command])), max_size=3))
+    argv = [command, "--quiet", *CLI_BUDGETS[command]]
+    for option in chosen:
+        argv += [option, draw(CLI_OPTIONS[command][option])]
+    for option in draw(st.lists(st.sampled_from(PLACE_OPTIONS[command]), max_size=2, unique=True)):
+        argv += [option, "@" + draw(st.sampled_from(PLACES[option]))]
+    if command != "tour" and "--checkpoint" in argv and draw(st.booleans()):
+        argv.append("--resume")
+    argv += draw(st.sampled_from([[], [], ["--bogus"], ["extra"], ["--seed"], ["-x", "1"]]))
+    return argv
+
+
+def _cli_files(folder) -> None:
+    """The files ``--data`` and the output options may name, in ``folder``."""
+    grid = np.random.default_rng(0).uniform(size=(20, 3))
+    np.savetxt(folder / "rows.csv", grid, delimiter=",", header="a,b,c", comments="")
+    (folder / "latin1.csv").write_bytes("x\xe9,y\n1,2\n3,4\n5,6\n".encode("latin-1"))
+    (folder / "nan.csv").write_text("a,b\n" + "\n".join(["0.5,nan", *["0.1,0.2"] * 10]) + "\n")
+    (folder / "three.csv").write_text("a,b\n0.1,0.2\n0.3,0.4\n0.5,0.6\n")
+    (folder / "empty.csv").write_text("")
+    np.save(folder / "ints.npy", np.arange(40).reshape(20, 2))
+    (folder / "folder").mkdir()
+
+
+def check_command_line(folder, argv) -> None:
+    """``main(argv)`` returns 0, or 1/2 with a freqvi or argparse error as its last line; never raises."""
+    argv = [str(folder / a[1:]) if a.startswith("@") else a for a in argv]
+    out_first = [] if argv[0] == "em" else ["--out", str(folder / "out")]  # overridden by a later --out
+    out, err = io.StringIO(), io.StringIO()
+    stages = []  # the tour's stages take a minute: recorded, not run, once its checks have passed
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.object(tour, "run_tour", lambda out, **kw: stages.append(kw) or out / "report.html"):
+        status = main([argv[0], *out_first, *argv[1:]])
+    lines = err.getvalue().splitlines()
+    assert "Traceback" not in err.getvalue(), err.getvalue()
+    if status == 0:
+        assert out.getvalue(), argv
+        return
+    assert status in (1, 2), (status, argv, err.getvalue())
+    assert lines and ERROR_LINE.match(lines[-1]), (argv, lines)
+
+
+@given(command_lines())
+@_profile(25)
+def test_command_lines(tmp_path_factory, argv):
+    folder = tmp_path_factory.mktemp("cli")
+    _cli_files(folder)
+    check_command_line(folder, argv)
+
+
+@pytest.mark.slow
+@given(command_lines())
+@_profile(250)
+def test_command_lines_long(tmp_path_factory, argv):
+    folder = tmp_path_factory.mktemp("cli")
+    _cli_files(folder)
+    check_command_line(folder, argv)

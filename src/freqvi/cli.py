@@ -23,7 +23,7 @@ import torch
 
 import freqvi
 from freqvi import plots
-from freqvi.cli_options import check_outputs, count, real, seed, widths
+from freqvi.cli_options import check_outputs, count, path, real, seed, widths
 from freqvi.datasets import load_array, load_digits, load_iris, load_moons, load_swiss_roll
 from freqvi.errors import FreqviError, FreqviInputError, FreqviWarning
 from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
@@ -54,7 +54,7 @@ def add_em_command(subparsers: Subparsers) -> None:
         "the weights, means and covariances, the log-likelihood, the iterations and the time. "
         "Data: the embedded iris measurements (150 x 4) unless --data is given.",
     )
-    em.add_argument("--data", metavar="PATH", type=Path,
+    em.add_argument("--data", metavar="PATH", type=path,
                     help="a .npy or .csv file, one observation per row (CSV: numeric, optional "
                     "header row); default: iris")
     em.add_argument("--components", metavar="K", type=count(), default=3,
@@ -73,7 +73,7 @@ def add_em_command(subparsers: Subparsers) -> None:
                     "auto (default) takes the closed form")
     em.add_argument("--full", action="store_true",
                     help="print full covariance matrices, not only their diagonals")
-    em.add_argument("--json", metavar="PATH", type=Path,
+    em.add_argument("--json", metavar="PATH", type=path,
                     help="also write the estimates and metrics to this JSON file")
     em.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_threads_argument(em)
@@ -197,7 +197,7 @@ def add_vae_command(subparsers: Subparsers) -> None:
         "embedded 8x8 digits (train 1,500 / test 297) unless --data is given, whose rows are then "
         f"split at random (seed 0) into {1 - VAE_TEST_FRACTION:.0%} train and {VAE_TEST_FRACTION:.0%} test.",
     )
-    vae.add_argument("--data", metavar="PATH", type=Path,
+    vae.add_argument("--data", metavar="PATH", type=path,
                      help="a .npy or .csv file, one observation per row; default: the digits")
     vae.add_argument("--latent-dim", metavar="Q", type=count(), default=8,
                      help="latent dimension (default: %(default)s)")
@@ -229,7 +229,7 @@ def add_vae_command(subparsers: Subparsers) -> None:
 
 def _add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     """``--out``, ``--seed`` and ``--quiet``, shared by the commands that write a folder."""
-    parser.add_argument("--out", metavar="DIR", type=Path, default=out,
+    parser.add_argument("--out", metavar="DIR", type=path, default=out,
                         help="output folder, created if missing (default: %(default)s)")
     parser.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -238,7 +238,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
 
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser, every: int, unit: str) -> None:
     """``--checkpoint``, ``--checkpoint-every`` and ``--resume``: the driver's ``checkpoint=``/``resume=``."""
-    parser.add_argument("--checkpoint", metavar="PATH", type=Path,
+    parser.add_argument("--checkpoint", metavar="PATH", type=path,
                         help=f"write the run's state to this file every --checkpoint-every {unit}, at the "
                         "end and on Ctrl-C, so that --resume can continue it (default: no checkpoint)")
     parser.add_argument("--checkpoint-every", metavar="N", type=count(), default=every,
@@ -452,7 +452,7 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
     )
     diffusion.add_argument("--dataset", choices=tuple(DIFFUSION_DATA), default="moons",
                            help="embedded data (default: %(default)s)")
-    diffusion.add_argument("--data", metavar="PATH", type=Path,
+    diffusion.add_argument("--data", metavar="PATH", type=path,
                            help="a .npy or .csv file, one observation per row, instead of --dataset")
     diffusion.add_argument("--diffusion-steps", metavar="T", type=count(), default=1000,
                            help="steps of the chain (default: %(default)s)")

@@ -64,6 +64,13 @@ def real(minimum: float = 0.0, inclusive: bool = False, below: float = math.inf)
     return parse
 
 
+def path(text: str) -> Path:
+    """An argparse type: a file or folder path, not empty (``Path("")`` would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path; got {text!r}")
+    return Path(text)
+
+
 def widths(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated layer widths, each an integer >= 1 (``"128,64"``)."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
@@ -78,7 +85,8 @@ def widths(text: str) -> tuple[int, ...]:
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Checks every place ``args`` will write to before any work: ``--out`` (a folder, created later),
-    ``--json`` (a file), ``--checkpoint`` (a file, and with ``--resume`` one that exists).
+    ``--json`` (a file), ``--checkpoint`` (a file, and with ``--resume`` one that exists); neither file
+    may be the ``--data`` file.
 
     :raises FreqviInputError: naming the option and the path that cannot be written.
     """
@@ -86,6 +94,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_folder(args.out, "--out")
     if getattr(args, "json", None) is not None:
         check_file(args.json, "--json")
+    _check_not_the_data(args)
     checkpoint, resume = getattr(args, "checkpoint", None), getattr(args, "resume", False)
     if resume and checkpoint is None:
         raise FreqviInputError("--resume continues from the file that --checkpoint names; give --checkpoint "
@@ -95,6 +104,19 @@ def check_outputs(args: argparse.Namespace) -> None:
         if resume and not checkpoint.is_file():
             raise FreqviInputError(f"--resume: there is no checkpoint {str(checkpoint)!r} to continue from; "
                                    "run without --resume to start one.")
+
+
+def _check_not_the_data(args: argparse.Namespace) -> None:
+    """Refuses a ``--json`` or ``--checkpoint`` file that is the ``--data`` file: writing it would destroy
+    the data."""
+    data = getattr(args, "data", None)
+    if data is None or not data.is_file():
+        return
+    for option in ("json", "checkpoint"):
+        target = getattr(args, option, None)
+        if target is not None and target.exists() and os.path.samefile(target, data):
+            raise FreqviInputError(f"--{option} {str(target)!r} is the --data file; writing it would replace "
+                                   "the data: give another path.")
 
 
 def check_folder(path: Path, option: str) -> None:
