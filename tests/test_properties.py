@@ -637,6 +637,30 @@ def test_maximize_likelihood_refuses_degenerate_data_and_keeps_the_start(pattern
     _refused(lambda: freqvi.maximize_likelihood(model, x.to(dtype)), model, "no maximum")
 
 
+@pytest.mark.parametrize(("pattern", "covariance", "columns"), [
+    ("constant column", "diag", r"\[1\]"), ("constant column", "full", r"\[1\]"),
+    ("identical rows", "spherical", r"\[0, 1\]"), ("identical rows", "full", r"\[0, 1\]")])
+def test_em_fits_degenerate_data_on_the_floor_and_says_where(pattern, covariance, columns):
+    """The data maximize_likelihood refuses (no maximum without a floor): em fits them with reg_covar's
+    floor, as scikit-learn does, and warns, naming each floored component and its columns; the floored
+    variances are reg_covar (the reference: the floor itself, where the likelihood is bounded only by it)."""
+    x = GOOD.clone()
+    if pattern == "constant column":
+        x[:, 1] = 3.0
+    else:
+        x[:] = x[0]
+    refused = _mixture(covariance)
+    _refused(lambda: freqvi.maximize_likelihood(refused, x), refused, "no maximum")
+    model = _mixture(covariance)
+    floored = (rf"covariances\[0\] \(an eigenvalue on the reg_covar floor 1e-06, along columns {columns}\)'"
+               rf", 'covariances\[1\] \(.*along columns {columns}\)'\]")
+    with pytest.warns(freqvi.infer.information.BoundaryWarning, match=floored):
+        freqvi.em(model, x, progress=False)
+    cov = model.estimates()["covariances"]
+    smallest = torch.linalg.eigvalsh(cov)[:, 0] if covariance == "full" else cov.reshape(2, -1).min(-1).values
+    torch.testing.assert_close(smallest, torch.full((2,), 1e-6, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
 def test_maximize_likelihood_refuses_data_its_model_cannot_take():
     model = _mixture()
     _refused(lambda: freqvi.maximize_likelihood(model, (GOOD, GOOD)), model, "running the model")
@@ -681,15 +705,17 @@ def test_online_em_refuses_a_step_size_outside_0_1_and_keeps_the_start():
 
 
 def test_em_on_float32_data_holding_65504_matches_float64():
-    """float32's largest finite half-precision value, 65504, in one cell: the float32 fit is the float64
-    fit to float32 accuracy (40 log-density terms of at most ~15 nats: rounding below 1e-4 nats)."""
+    """float32's largest finite half-precision value, 65504, in one cell: the float32 fit is the float64 fit
+    to float32 accuracy (40 log-density terms of at most ~15 nats: rounding below 1e-4 nats)."""
     x = torch.randn(40, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     x[0, 0] = 65504.0
     init = {"weights": [0.5, 0.5], "locs": [[0.0, 0.0], [1.0, 1.0]], "covariances": [[1.0, 1.0], [1.0, 1.0]]}
     fits = {}
     for dtype in (torch.float64, torch.float32):
         model = GaussianMixture(2, DIM, "diag", init=init)
-        fits[dtype] = freqvi.em(model, x.to(dtype), progress=False).log_likelihood[-1], model.estimates()
+        # a component takes that row alone, both its variances on the floor: em says so
+        with pytest.warns(freqvi.infer.information.BoundaryWarning, match=r"along columns \[0, 1\]"):
+            fits[dtype] = freqvi.em(model, x.to(dtype), progress=False).log_likelihood[-1], model.estimates()
     assert fits[torch.float32][0] == pytest.approx(fits[torch.float64][0], abs=1e-3)
     for name, value in fits[torch.float64][1].items():
         torch.testing.assert_close(fits[torch.float32][1][name].double(), value, rtol=1e-5, atol=1e-6)
@@ -795,7 +821,7 @@ def check_command_line(folder, argv) -> None:
 
 
 @given(command_lines())
-@_profile(25)
+@_profile(15)
 def test_command_lines(tmp_path_factory, argv):
     folder = tmp_path_factory.mktemp("cli")
     _cli_files(folder)
