@@ -10,7 +10,7 @@ from scipy.stats import multivariate_normal
 
 import freqvi
 from freqvi.cli import main
-from freqvi.datasets import load_iris, load_moons
+from freqvi.datasets import load_digits, load_iris, load_moons
 from freqvi.models import GaussianMixture
 
 
@@ -229,6 +229,7 @@ def test_diffusion_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, bad_
     (["vae", "--gap-steps", "0"], "--gap-steps", "an integer >= 1"),
     (["vae", "--lr", "-1"], "--lr", "a finite number > 0"),
     (["vae", "--lr", "inf"], "--lr", "a finite number > 0"),
+    (["vae", "--min-noise-scale", "-1"], "--min-noise-scale", "a finite number >= 0"),
     (["vae", "--hidden", "16,x"], "--hidden", "comma-separated integers >= 1"),
     (["vae", "--checkpoint-every", "0"], "--checkpoint-every", "an integer >= 1"),
     (["diffusion", "--samples", "0"], "--samples", "an integer >= 1"),
@@ -334,3 +335,16 @@ def test_the_probes_leave_nothing_behind(tmp_path, capsys):
     assert main(argv) == 0
     assert sorted(p.name for p in existing.iterdir()) == ["fit.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_a_gaussian_vae_on_the_digits_names_their_blank_pixels_once(tmp_path, capsys):
+    """The digits' training images have blank pixels (always 0): the floor bounds the likelihood there,
+    the command says so once (the data are checked by the command and by fit), and the run goes on."""
+    assert main([*VAE_QUICK, "--likelihood", "gaussian", "--out", str(tmp_path)]) == 0
+    train = load_digits("train")
+    blank = (train == train[:1]).all(0).nonzero().flatten().tolist()
+    warned = [line for line in capsys.readouterr().err.splitlines() if "are constant" in line]
+    assert len(warned) == 1
+    assert warned[0].startswith(f"freqvi: warning: columns {blank} of the data ({len(blank)} of 64) are "
+                                "constant: there the Gaussian likelihood grows as the noise scale falls, "
+                                "bounded only by min_noise_scale = 0.001 (at most 5.989 nats per row")

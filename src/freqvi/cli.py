@@ -25,7 +25,7 @@ import freqvi
 from freqvi import plots
 from freqvi.cli_options import check_outputs, count, path, real, seed, widths
 from freqvi.datasets import load_array, load_digits, load_iris, load_moons, load_swiss_roll
-from freqvi.errors import FreqviError, FreqviInputError, FreqviWarning
+from freqvi.errors import DegenerateDataWarning, FreqviError, FreqviInputError, FreqviWarning
 from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
 from freqvi.infer.em import M_STEPS
 from freqvi.infer.evaluation import amortization_gap, elbo_terms
@@ -34,7 +34,7 @@ from freqvi.models import VAE, GaussianDiffusion, GaussianMixture
 from freqvi.models.diffusion import SAMPLERS
 from freqvi.models.gaussian_mixture import COVARIANCE_TYPES
 from freqvi.models.noise_schedule import SCHEDULES
-from freqvi.models.vae import LIKELIHOODS
+from freqvi.models.vae import LIKELIHOODS, MIN_NOISE_SCALE
 
 DEFAULT_COMMAND = "em"
 EXIT_ERROR = 2  # input refused: argparse's status for usage errors
@@ -205,6 +205,9 @@ def add_vae_command(subparsers: Subparsers) -> None:
                      help="hidden widths of the encoder, the decoder mirrors them (default: 128,64)")
     vae.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli",
                      help="p(x | z) (default: %(default)s)")
+    vae.add_argument("--min-noise-scale", metavar="S", type=real(inclusive=True), default=MIN_NOISE_SCALE,
+                     help="gaussian likelihood: the floor of each column's noise scale, which alone bounds "
+                     "the likelihood on a constant column (default: %(default)s, a variance of 1e-6)")
     vae.add_argument("--estimator", choices=VAE_ESTIMATORS, default="mean_field",
                      help="ELBO estimator: mean_field (analytic KL), trace, iwae, dreg, stl "
                      "(default: %(default)s)")
@@ -277,9 +280,12 @@ def run_vae(args: argparse.Namespace) -> int:
     train, test, labels, data_name = _vae_data(args.data)
     _make_folder(args.out)
     torch.manual_seed(args.seed)  # the initial weights (torch's own seed differs from process to process)
-    model = VAE(train.shape[1], args.latent_dim, args.hidden, args.likelihood)
+    model = VAE(train.shape[1], args.latent_dim, args.hidden, args.likelihood,
+                min_noise_scale=args.min_noise_scale)
     model.check_data(train)
-    model.check_data(test)
+    with warnings.catch_warnings():  # the held-out rows are scored, not fitted: refusals only
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        model.check_data(test)
     with intra_op_threads(entries=step_entries(train, args.batch_size)):
         options = {"num_particles": args.particles} if args.estimator in ("iwae", "dreg") else {}
         result = freqvi.fit(model, train, loss=args.estimator, lr=args.lr, num_steps=args.steps,
@@ -687,8 +693,9 @@ def _error_message(exc: FreqviError) -> str:
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
-    for warning in caught:
-        print(f"freqvi: warning: {warning.message}", file=sys.stderr)
+    """Each distinct warning once (the data's checks run more than once: by the command, by the driver)."""
+    for message in dict.fromkeys(str(warning.message) for warning in caught):
+        print(f"freqvi: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pyro.optim import PyroOptim
 from pyro.poutine.trace_struct import Trace
 from tqdm.auto import tqdm
 
-from freqvi.errors import FitInterruptedWarning, FreqviError, FreqviInputError
+from freqvi.errors import DegenerateDataWarning, FitInterruptedWarning, FreqviError, FreqviInputError
 from freqvi.estimators import get_estimator
 from freqvi.infer.averaging import EMA, Averager, Polyak, as_average
 from freqvi.infer.batches import BatchSource, InMemoryBatches, make_batches
@@ -289,7 +289,10 @@ def fit(
     if held_out is not None:
         rows = batch_size and min(batch_size, held_out[0].shape[0])
         checked = InMemoryBatches(held_out, rows, data_plate_name)
-        with torch.random.fork_rng():  # adding validation data leaves the training draws as they were
+        # adding validation data leaves the training draws as they were; held-out rows are scored, not
+        # fitted, so a degenerate column among them says nothing about the estimate
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateDataWarning)
             _check_pair(pair, checked)
         keeper = _BestParameters(names)
 
