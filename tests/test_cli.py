@@ -348,3 +348,21 @@ def test_a_gaussian_vae_on_the_digits_names_their_blank_pixels_once(tmp_path, ca
     assert warned[0].startswith(f"freqvi: warning: columns {blank} of the data ({len(blank)} of 64) are "
                                 "constant: there the Gaussian likelihood grows as the noise scale falls, "
                                 "bounded only by min_noise_scale = 0.001 (at most 5.989 nats per row")
+
+
+@pytest.mark.parametrize("command", ["em", "vae", "diffusion"])
+@pytest.mark.parametrize(("contents", "message"), [
+    ("x\xe9,y\n0.1,0.2\n0.3,0.4\n".encode("latin-1"), "as UTF-8 text"),
+    (b"x,y\n0.1,nan\n0.3,0.4\n0.5,0.6\n0.7,0.8\n", "non-finite"),
+], ids=["latin-1", "nan"])
+def test_a_data_file_that_cannot_be_used_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, command,
+                                                                     contents, message):
+    path = tmp_path / "data.csv"
+    path.write_bytes(contents)
+    monkeypatch.setattr(freqvi, "fit", lambda *a, **k: pytest.fail("fitted"))
+    monkeypatch.setattr(freqvi, "em", lambda *a, **k: pytest.fail("fitted"))
+    folder = [] if command == "em" else ["--out", str(tmp_path / "out")]
+    assert main([command, "--quiet", "--data", str(path), *folder]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("freqvi: error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()

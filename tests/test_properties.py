@@ -835,3 +835,45 @@ def test_command_lines_long(tmp_path_factory, argv):
     folder = tmp_path_factory.mktemp("cli")
     _cli_files(folder)
     check_command_line(folder, argv)
+
+
+# ----- a refused call on a user's plain functions: Pyro's parameter store as it was ------------------------
+def _plain_pair():
+    """``_user_pair``'s functions, no parameters made yet: the first call makes them from its data."""
+    pyro.clear_param_store()
+    model, guide = _user_pair()
+    pyro.clear_param_store()
+    return model, guide
+
+
+@pytest.mark.parametrize("refused", [
+    lambda m, g: freqvi.fit(m, GOOD.float(), g, num_steps=2, progress=False, data_plate_name="rows"),
+    lambda m, g: freqvi.fit(m, GOOD[:4], g, num_steps=2, progress=False, loss="iwae", num_particles=0),
+    lambda m, g: freqvi.em(m, GOOD.float(), g, max_iter=2, progress=False, data_plate_name="rows"),
+], ids=["fit-float32-bad-plate", "fit-four-rows-bad-particles", "em-float32-bad-plate"])
+def test_a_refused_call_leaves_pyros_parameter_store_as_it_was(refused):
+    """The refused call ran the functions on its own data (float32, or 4 rows), which made their parameters
+    in that dtype and size; left in the store, they would be what the next, correct call fits. The
+    reference: the same correct fit without the refused call before it, bit for bit."""
+    model, guide = _plain_pair()
+    with pytest.raises(freqvi.errors.FreqviInputError):
+        refused(model, guide)
+    assert dict(pyro.get_param_store().items()) == {}
+    after = freqvi.fit(model, GOOD, guide, num_steps=5, progress=False, seed=0).elbo
+    fitted = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    model, guide = _plain_pair()
+    reference = freqvi.fit(model, GOOD, guide, num_steps=5, progress=False, seed=0).elbo
+    assert after == reference
+    for name, value in pyro.get_param_store().items():
+        assert fitted[name].dtype == torch.float64 and torch.equal(fitted[name], value.detach()), name
+
+
+def test_a_refused_call_restores_existing_store_parameters_in_place():
+    model, guide = _user_pair()
+    store = pyro.get_param_store()
+    live = {name: p for name, p in store.named_parameters()}
+    before = _state(None)
+    _refused(lambda: freqvi.fit(model, GOOD.float(), guide, num_steps=2, progress=False,
+                                data_plate_name="rows"))
+    assert _unchanged(before, _state(None))
+    assert all(p is live[name] for name, p in store.named_parameters())  # the same tensors, optimisers' too
