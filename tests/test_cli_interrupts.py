@@ -99,6 +99,7 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues_bit_for_bit(tmp_path, 
     assert _metrics(tmp_path / "whole")["fit"]["num_steps"] == stopped_at + 20
 
 
+@pytest.mark.slow  # a child process that imports freqvi and trains: seconds
 def test_a_second_ctrl_c_is_one_line_and_exit_130(tmp_path):
     checkpoint = tmp_path / "vae.ckpt"
     child = _child([*VAE_RUN, "--steps", "100000", "--out", str(tmp_path / "out"), "--checkpoint",
