@@ -1,6 +1,7 @@
 """Checkpoints: an interrupted and resumed fit ends where an uninterrupted one does, bit for bit."""
 
 import errno
+import math
 import os
 import re
 import signal
@@ -221,3 +222,113 @@ def test_a_path_in_no_folder_is_refused_before_any_work(tmp_path, folder):
     with pytest.raises(FreqviInputError, match=rf"the folder of .*{folder}.* does not exist or is not a"):
         run(5, checkpoint=tmp_path / folder / "fit.ckpt")
     assert not pyro.get_param_store().keys()
+
+
+# ----- held-out evaluations (validation_data) in checkpoints ---------------------------------------------
+def held_out_run(num_steps, **options):
+    """:func:`run` with its exact-posterior guide (a free guide has nothing for new rows), evaluated on
+    held-out rows every 5 steps."""
+    fa = FactorAnalysis(5, 2)
+    result = freqvi.fit(fa, factor_data(n=60), num_steps=num_steps, batch_size=16, lr=0.02, seed=0,
+                        progress=False, **{"validation_data": factor_data(n=30, seed=5), "eval_every": 5,
+                                           **options})
+    return {k: v.clone() for k, v in fa.estimates().items()}, result
+
+
+@pytest.mark.parametrize("stop", [12, 15], ids=["off-schedule", "on-schedule"])
+def test_a_resumed_run_with_held_out_data_equals_the_uninterrupted_one(tmp_path, stop):
+    """The reference: the uninterrupted run. A run stopped at step 12 evaluates there, after its
+    checkpoint; the resumed run must not count that evaluation (the uninterrupted one never made it), or
+    its best step and the parameters it keeps could differ."""
+    whole, whole_result = held_out_run(30)
+    path = tmp_path / "held-out.ckpt"
+    _, first = held_out_run(stop, checkpoint=path)
+    assert first.validation_steps == [*range(5, stop + 1, 5), *([stop] if stop % 5 else [])]
+    resumed, result = held_out_run(30, resume=path)
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
+    assert result.validation_steps == whole_result.validation_steps == [5, 10, 15, 20, 25, 30]
+    assert result.validation_elbo == whole_result.validation_elbo
+    assert result.best_step == whole_result.best_step and result.elbo == whole_result.elbo
+
+
+def test_a_checkpoint_without_held_out_evaluations_is_refused_by_a_run_with_them(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    held_out_run(5, checkpoint=path, validation_data=None)
+    with pytest.raises(FreqviInputError, match="resume with the same estimator"):
+        held_out_run(10, resume=path)
+
+
+@pytest.mark.parametrize(("edit", "found"), [
+    (lambda v: {**v, "best_step": 5}, r"\[5, 10\]"),  # not the argmax: 10 holds the larger ELBO below
+    (lambda v: {**v, "steps": [10, 5]}, r"\[10, 5\]"),
+    (lambda v: {**v, "steps": [5, 99]}, r"\[5, 99\]"),
+    (lambda v: {**v, "elbo": [v["elbo"][0], math.nan]}, r"\[5, 10\]"),
+    (lambda v: {**v, "best": [b[..., :1] for b in v["best"]]}, r"\[5, 10\]"),
+    (lambda v: None, "None"),
+], ids=["best-not-argmax", "unordered", "past-the-step", "nan", "broadcast-shape", "missing"])
+def test_an_edited_held_out_history_is_refused_and_nothing_restored(tmp_path, edit, found):
+    from test_fault_tolerance import rewritten, set_in
+
+    path = tmp_path / "fit.ckpt"
+    held_out_run(10, checkpoint=path)
+    state = load_checkpoint(path)[0]["validation"]
+    assert state["steps"] == [5, 10] and state["best_step"] == 10  # what best-not-argmax relies on
+    fa = FactorAnalysis(5, 2)
+    fa.model(factor_data(n=60))  # parameters made, for the refusal to leave alone
+    before = {k: v.clone() for k, v in fa.estimates().items()}
+    with pytest.raises(FreqviInputError, match=rf"held-out evaluation history .*steps {found}"):
+        freqvi.fit(fa, factor_data(n=60), num_steps=20, batch_size=16, lr=0.02, seed=0, progress=False,
+                   validation_data=factor_data(n=30, seed=5), eval_every=5,
+                   resume=rewritten(path, set_in("validation", value=edit)))
+    for name, value in fa.estimates().items():
+        assert torch.equal(value, before[name]), name
+
+
+# ----- an estimator's own state (the importance law of the time-subsampled ELBO) ------------------------
+def diffusion_run(num_steps, **options):
+    """A diffusion model fitted with importance-sampled time steps, whose law adapts step by step."""
+    from freqvi.datasets import load_moons
+    from freqvi.models import GaussianDiffusion
+
+    torch.manual_seed(0)
+    model = GaussianDiffusion(2, 20, hidden=(16,))
+    result = freqvi.fit(model, load_moons("train")[:200], loss="time_subsampled", time_sampling="importance",
+                        num_steps=num_steps, batch_size=50, lr=0.01, seed=0, progress=False, **options)
+    return {k: v.clone() for k, v in model.state_dict().items()}, result
+
+
+def test_a_resumed_run_draws_the_time_steps_an_uninterrupted_one_does(tmp_path):
+    """Without the importance law in the checkpoint, the resumed run restarts it at uniform: other t."""
+    whole, whole_result = diffusion_run(30)
+    path = tmp_path / "diffusion.ckpt"
+    diffusion_run(12, checkpoint=path)
+    law = load_checkpoint(path)[0]["estimator"]
+    assert law["weight"].shape == (20,) and (law["weight"] > 0).all()  # every t drawn by step 12: adapted
+    resumed, result = diffusion_run(30, resume=path)
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
+    assert result.elbo == whole_result.elbo
+
+
+@pytest.mark.parametrize("edit", [lambda law: {**law, "weight": -law["weight"]},
+                                  lambda law: {**law, "second_moment": law["second_moment"][:3]},
+                                  lambda law: None], ids=["negative", "short", "missing"])
+def test_an_edited_estimator_state_is_refused(tmp_path, edit):
+    from test_fault_tolerance import rewritten, set_in
+
+    path = tmp_path / "diffusion.ckpt"
+    diffusion_run(12, checkpoint=path)
+    with pytest.raises(FreqviInputError, match="time-subsampled ELBO's state must hold"):
+        diffusion_run(20, resume=rewritten(path, set_in("estimator", value=edit)))
+
+
+@pytest.mark.parametrize("contents", [b"a,b\n0.1,0.2\n", b"", bytes(range(256)) * 4, b"\x80\x02]q\x00."],
+                         ids=["csv", "empty", "bytes", "a-pickled-empty-list"])
+def test_a_file_that_is_no_checkpoint_is_refused_as_one(tmp_path, contents):
+    """torch's unpickler fed a CSV raised a raw IndexError ("pop from empty list")."""
+    path = tmp_path / "data.csv"
+    path.write_bytes(contents)
+    with pytest.raises(FreqviInputError, match="not a freqvi checkpoint"):
+        run(5, resume=path)
+    assert path.read_bytes() == contents

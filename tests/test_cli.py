@@ -103,8 +103,7 @@ def _three_rows(tmp_path, data):
     _nan_file,
     _three_rows,
     lambda tmp_path, data: (["--data", str(tmp_path / "missing.csv")], "does not exist"),
-    lambda tmp_path, data: (["--components", "0"], "n_components must be an integer >= 1"),
-], ids=["nan", "more-components-than-rows", "missing-file", "zero-components"])
+], ids=["nan", "more-components-than-rows", "missing-file"])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, small_data, bad_input):
     argv, message = bad_input(tmp_path, small_data)
     assert main(["em", "--quiet", *argv]) == 2
@@ -245,12 +244,10 @@ def _above_one(tmp_path):
 
 @pytest.mark.parametrize("bad_input", [
     _above_one,
-    lambda tmp_path: (["--latent-dim", "0"], "latent_dim must be an integer >= 1"),
     lambda tmp_path: (["--data", str(tmp_path / "missing.npy")], "does not exist"),
-    lambda tmp_path: (["--hidden", "16,0"], "hidden width must be an integer >= 1"),
     lambda tmp_path: (["--pixels", "grey", "--data", str(_above_one(tmp_path)[0][1])],
                       "--pixels grey applies to the embedded digits"),
-], ids=["above-one", "zero-latent-dim", "missing-file", "zero-width", "pixels-with-data"])
+], ids=["above-one", "missing-file", "pixels-with-data"])
 def test_vae_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, bad_input):
     argv, message = bad_input(tmp_path)
     assert main([*VAE_QUICK, "--out", str(tmp_path / "out"), *argv]) == 2
@@ -324,14 +321,168 @@ def test_diffusion_on_digits_with_ddim(tmp_path):
 
 
 @pytest.mark.parametrize("bad_input", [
-    (["--diffusion-steps", "0"], "num_steps must be an integer >= 1"),
-    (["--hidden", "16,0"], "hidden width must be an integer >= 1"),  # the option named, not the MLP
-    (["--samples", "0"], "num_samples must be an integer >= 1"),
     (["--data", "missing.npy"], "does not exist"),
-], ids=["zero-steps", "zero-width", "zero-samples", "missing-file"])
+], ids=["missing-file"])
 def test_diffusion_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, bad_input):
     argv, message = bad_input
     assert main([*DIFFUSION_QUICK, "--out", str(tmp_path / "out"), *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("freqvi: error: ") and err.count("\n") == 1
     assert message in err
+
+
+# ----- every argument checked before any work ------------------------------------------------------------
+@pytest.mark.parametrize(("argv", "option", "expected"), [
+    (["em", "--seed", "-1"], "--seed", "an integer in [0, 2**32 - 1]"),
+    (["em", "--seed", str(2**40)], "--seed", "an integer in [0, 2**32 - 1]"),
+    (["em", "--seed", "1.5"], "--seed", "an integer in [0, 2**32 - 1]"),
+    (["em", "--components", "0"], "--components", "an integer >= 1"),
+    (["em", "--max-iter", "-3"], "--max-iter", "an integer >= 1"),
+    (["em", "--tol", "nan"], "--tol", "a finite number >= 0"),
+    (["em", "--threads", "0"], "--threads", "an integer >= 1"),
+    (["vae", "--steps", "0"], "--steps", "an integer >= 1"),
+    (["vae", "--batch-size", "0"], "--batch-size", "an integer >= 1"),
+    (["vae", "--particles", "-2"], "--particles", "an integer >= 1"),
+    (["vae", "--num-samples", "0"], "--num-samples", "an integer >= 1"),
+    (["vae", "--latent-dim", "0"], "--latent-dim", "an integer >= 1"),
+    (["vae", "--gap-steps", "0"], "--gap-steps", "an integer >= 1"),
+    (["vae", "--lr", "-1"], "--lr", "a finite number > 0"),
+    (["vae", "--lr", "inf"], "--lr", "a finite number > 0"),
+    (["vae", "--min-noise-scale", "-1"], "--min-noise-scale", "a finite number >= 0"),
+    (["vae", "--hidden", "16,x"], "--hidden", "comma-separated integers >= 1"),
+    (["vae", "--checkpoint-every", "0"], "--checkpoint-every", "an integer >= 1"),
+    (["diffusion", "--samples", "0"], "--samples", "an integer >= 1"),
+    (["diffusion", "--diffusion-steps", "0"], "--diffusion-steps", "an integer >= 1"),
+    (["diffusion", "--hidden", "16,0"], "--hidden", "comma-separated integers >= 1"),
+    (["diffusion", "--ddim-steps", "0"], "--ddim-steps", "an integer >= 1"),
+    (["diffusion", "--ema-decay", "1"], "--ema-decay", "a finite number >= 0 and < 1"),
+    (["tour", "--seed", str(2**32)], "--seed", "an integer in [0, 2**32 - 1]"),
+])
+def test_a_bad_value_is_a_usage_error_before_any_work(tmp_path, capsys, monkeypatch, argv, option, expected):
+    calls = []
+    for name in ("em", "fit"):
+        monkeypatch.setattr(freqvi, name, lambda *a, **k: calls.append(a))
+    out_dir = tmp_path / "out"
+    folder = [] if argv[0] == "em" else ["--out", str(out_dir)]
+    assert main([*argv, *folder, "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert err.startswith("usage: freqvi ") and f"error: argument {option}: expected {expected}" in err
+    assert calls == [] and not out_dir.exists()
+
+
+def test_a_ddim_sampler_longer_than_the_chain_is_refused_before_the_fit(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(freqvi, "fit", lambda *a, **k: pytest.fail("fitted before the check"))
+    argv = [*DIFFUSION_QUICK, "--sampler", "ddim", "--ddim-steps", "21", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--ddim-steps takes at most the chain's --diffusion-steps (20) steps; got 21" in err
+
+
+def test_a_run_that_fails_is_exit_status_1(tmp_path, capsys):
+    """Input refused is 2 (a usage error); a run that fails (here it diverges at once) is 1."""
+    assert main([*VAE_QUICK, "--lr", "1e9", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("freqvi: error: step 0 diverged")
+
+
+# ----- the places the command writes to, checked before any work -----------------------------------------
+def _a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (lambda p: ["tour", "--quick", "--out", str(_a_file(p) / "sub")], "is not a folder"),
+    (lambda p: ["vae", "--out", str(_a_file(p))], "exists and is not a folder"),
+    (lambda p: ["diffusion", "--out", str(_a_file(p) / "a" / "b")], "is not a folder"),
+    (lambda p: ["em", "--json", str(p)], "exists and is not a regular file"),
+    (lambda p: ["em", "--json", str(p / "missing" / "fit.json")], "the folder of"),
+    (lambda p: ["vae", "--out", str(p / "o"), "--checkpoint", str(p)], "is a directory, not a regular file"),
+    (lambda p: ["vae", "--out", str(p / "o"), "--resume"], "give --checkpoint PATH too"),
+    (lambda p: ["vae", "--out", str(p / "o"), "--data", str(_a_file(p)), "--checkpoint", str(p / "file")],
+     "is the --data file; writing it would replace the data"),
+    (lambda p: ["em", "--data", str(_a_file(p)), "--json", str(p / "." / "file")], "is the --data file"),
+    (lambda p: ["diffusion", "--out", str(p / "o"), "--checkpoint", str(p / "c.ckpt"), "--resume"],
+     "there is no checkpoint"),
+], ids=["tour-out-under-a-file", "out-is-a-file", "out-under-a-file", "json-is-a-folder",
+        "json-folder-missing", "checkpoint-is-a-folder", "resume-without-checkpoint",
+        "checkpoint-is-the-data", "json-is-the-data", "resume-missing-checkpoint"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv,
+                                                                    message):
+    _forbid_work(monkeypatch)
+    assert main([*argv(tmp_path), "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("freqvi: error: ") and err.count("\n") == 1 and message in err
+
+
+def _forbid_work(monkeypatch):
+    from freqvi import tour
+
+    def work(*args, **kwargs):
+        pytest.fail("work started before the outputs were checked")
+
+    for module, name in ((freqvi, "em"), (freqvi, "fit"), (tour, "run_tour"),
+                         (freqvi.cli, "_load_data"), (freqvi.cli, "_vae_data")):
+        monkeypatch.setattr(module, name, work)
+
+
+@pytest.mark.parametrize("command", ["em", "vae", "diffusion", "tour"])
+def test_a_folder_where_nothing_can_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                         command):
+    """As root every folder is writable, so the refusal of the probe file is injected: what a read-only
+    disk or a folder without write permission does to ``mkstemp``/``mkdtemp``."""
+    from freqvi import cli_options
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli_options.tempfile, "mkstemp", refused)
+    monkeypatch.setattr(cli_options.tempfile, "mkdtemp", refused)
+    _forbid_work(monkeypatch)
+    target = ["--json", str(tmp_path / "fit.json")] if command == "em" else ["--out", str(tmp_path / "new")]
+    assert main([command, *target, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"nothing can be written in {str(tmp_path)!r} (Permission denied)" in err
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # no probe left behind
+
+
+def test_the_probes_leave_nothing_behind(tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    argv = ["em", "--quiet", "--max-iter", "2", "--json", str(existing / "fit.json")]
+    assert main(argv) == 0
+    assert sorted(p.name for p in existing.iterdir()) == ["fit.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_a_gaussian_vae_on_the_digits_names_their_blank_pixels_once(tmp_path, capsys):
+    """The digits' grey-level training images have blank pixels (always 0): the floor bounds the
+    likelihood there, the command says so once (the data are checked by the command and by fit), and the
+    run goes on."""
+    assert main([*VAE_QUICK, "--likelihood", "gaussian", "--pixels", "grey", "--out", str(tmp_path)]) == 0
+    train = load_digits("train")
+    blank = (train == train[:1]).all(0).nonzero().flatten().tolist()
+    warned = [line for line in capsys.readouterr().err.splitlines() if "are constant" in line]
+    assert len(warned) == 1
+    assert warned[0].startswith(f"freqvi: warning: columns {blank} of the data ({len(blank)} of 64) are "
+                                "constant: there the Gaussian likelihood grows as the noise scale falls, "
+                                "bounded only by min_noise_scale = 0.001 (at most 5.989 nats per row")
+
+
+@pytest.mark.parametrize("command", ["em", "vae", "diffusion"])
+@pytest.mark.parametrize(("contents", "message"), [
+    ("x\xe9,y\n0.1,0.2\n0.3,0.4\n".encode("latin-1"), "as UTF-8 text"),
+    (b"x,y\n0.1,nan\n0.3,0.4\n0.5,0.6\n0.7,0.8\n", "non-finite"),
+], ids=["latin-1", "nan"])
+def test_a_data_file_that_cannot_be_used_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, command,
+                                                                     contents, message):
+    path = tmp_path / "data.csv"
+    path.write_bytes(contents)
+    monkeypatch.setattr(freqvi, "fit", lambda *a, **k: pytest.fail("fitted"))
+    monkeypatch.setattr(freqvi, "em", lambda *a, **k: pytest.fail("fitted"))
+    folder = [] if command == "em" else ["--out", str(tmp_path / "out")]
+    assert main([command, "--quiet", "--data", str(path), *folder]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("freqvi: error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()

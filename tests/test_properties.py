@@ -12,8 +12,11 @@ slow-marked variants (``--runslow``, CI) draw ten times as many cases.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import math
+import re
 import warnings
 from unittest import mock
 
@@ -27,7 +30,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import freqvi
-from freqvi import datasets
+from freqvi import datasets, tour
+from freqvi.cli import main
 from freqvi.errors import FreqviError
 from freqvi.models import VAE, FactorAnalysis, GaussianDiffusion, GaussianMixture, RandomInterceptLogistic
 
@@ -633,6 +637,30 @@ def test_maximize_likelihood_refuses_degenerate_data_and_keeps_the_start(pattern
     _refused(lambda: freqvi.maximize_likelihood(model, x.to(dtype)), model, "no maximum")
 
 
+@pytest.mark.parametrize(("pattern", "covariance", "columns"), [
+    ("constant column", "diag", r"\[1\]"), ("constant column", "full", r"\[1\]"),
+    ("identical rows", "spherical", r"\[0, 1\]"), ("identical rows", "full", r"\[0, 1\]")])
+def test_em_fits_degenerate_data_on_the_floor_and_says_where(pattern, covariance, columns):
+    """The data maximize_likelihood refuses (no maximum without a floor): em fits them with reg_covar's
+    floor, as scikit-learn does, and warns, naming each floored component and its columns; the floored
+    variances are reg_covar (the reference: the floor itself, where the likelihood is bounded only by it)."""
+    x = GOOD.clone()
+    if pattern == "constant column":
+        x[:, 1] = 3.0
+    else:
+        x[:] = x[0]
+    refused = _mixture(covariance)
+    _refused(lambda: freqvi.maximize_likelihood(refused, x), refused, "no maximum")
+    model = _mixture(covariance)
+    floored = (rf"covariances\[0\] \(an eigenvalue on the reg_covar floor 1e-06, along columns {columns}\)'"
+               rf", 'covariances\[1\] \(.*along columns {columns}\)'\]")
+    with pytest.warns(freqvi.infer.information.BoundaryWarning, match=floored):
+        freqvi.em(model, x, progress=False)
+    cov = model.estimates()["covariances"]
+    smallest = torch.linalg.eigvalsh(cov)[:, 0] if covariance == "full" else cov.reshape(2, -1).min(-1).values
+    torch.testing.assert_close(smallest, torch.full((2,), 1e-6, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
 def test_maximize_likelihood_refuses_data_its_model_cannot_take():
     model = _mixture()
     _refused(lambda: freqvi.maximize_likelihood(model, (GOOD, GOOD)), model, "running the model")
@@ -677,15 +705,17 @@ def test_online_em_refuses_a_step_size_outside_0_1_and_keeps_the_start():
 
 
 def test_em_on_float32_data_holding_65504_matches_float64():
-    """float32's largest finite half-precision value, 65504, in one cell: the float32 fit is the float64
-    fit to float32 accuracy (40 log-density terms of at most ~15 nats: rounding below 1e-4 nats)."""
+    """float32's largest finite half-precision value, 65504, in one cell: the float32 fit is the float64 fit
+    to float32 accuracy (40 log-density terms of at most ~15 nats: rounding below 1e-4 nats)."""
     x = torch.randn(40, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     x[0, 0] = 65504.0
     init = {"weights": [0.5, 0.5], "locs": [[0.0, 0.0], [1.0, 1.0]], "covariances": [[1.0, 1.0], [1.0, 1.0]]}
     fits = {}
     for dtype in (torch.float64, torch.float32):
         model = GaussianMixture(2, DIM, "diag", init=init)
-        fits[dtype] = freqvi.em(model, x.to(dtype), progress=False).log_likelihood[-1], model.estimates()
+        # a component takes that row alone, both its variances on the floor: em says so
+        with pytest.warns(freqvi.infer.information.BoundaryWarning, match=r"along columns \[0, 1\]"):
+            fits[dtype] = freqvi.em(model, x.to(dtype), progress=False).log_likelihood[-1], model.estimates()
     assert fits[torch.float32][0] == pytest.approx(fits[torch.float64][0], abs=1e-3)
     for name, value in fits[torch.float64][1].items():
         torch.testing.assert_close(fits[torch.float32][1][name].double(), value, rtol=1e-5, atol=1e-6)
@@ -698,3 +728,152 @@ def test_loaders_refuse_a_bad_dtype_and_a_file_that_is_not_utf8(tmp_path):
     path.write_bytes("x\xe9,y\n1,2\n".encode("latin-1"))
     with pytest.raises(freqvi.errors.FreqviInputError, match="UTF-8"):
         datasets.load_array(path)
+
+
+# ----- the console command -------------------------------------------------------------------------------
+#: Text for each kind of option value: well-formed small values and malformed ones. Never a large valid
+#: count (a run that long), never an empty path (the current folder).
+COUNT_TEXT = st.sampled_from(["1", "2", "0", "-1", "2.5", "", "x", "nan", "-0", "1e3", " 2", "٣",
+                              str(-(2**64)), "0x10"])
+REAL_TEXT = st.sampled_from(["0.5", "1e-3", "0", "-1", "nan", "inf", "-inf", "1e400", "1e-400", "abc", "",
+                             "0.999", "1"])
+SEED_TEXT = st.sampled_from(["0", "7", "-1", str(2**32 - 1), str(2**32), str(2**40), "1.5", "", "seed"])
+WIDTH_TEXT = st.sampled_from(["4", "4,3", "0", "4,0", "-4", "", ",", "4,,3", "a,b", "4.5"])
+CLI_OPTIONS = {
+    "em": {"--components": COUNT_TEXT, "--max-iter": COUNT_TEXT, "--tol": REAL_TEXT, "--seed": SEED_TEXT,
+           "--covariance": st.sampled_from(["full", "diag", "tied", ""]), "--threads": COUNT_TEXT,
+           "--m-step": st.sampled_from(["auto", "gradient", "none"]), "--checkpoint-every": COUNT_TEXT},
+    "vae": {"--latent-dim": COUNT_TEXT, "--hidden": WIDTH_TEXT, "--steps": COUNT_TEXT,
+            "--batch-size": COUNT_TEXT, "--lr": REAL_TEXT, "--particles": COUNT_TEXT,
+            "--patience": COUNT_TEXT, "--num-samples": COUNT_TEXT, "--gap-steps": COUNT_TEXT,
+            "--seed": SEED_TEXT,
+            "--estimator": st.sampled_from(["iwae", "dreg", "trace", "bogus"]),
+            "--likelihood": st.sampled_from(["gaussian", "continuous_bernoulli", "poisson"])},
+    "diffusion": {"--diffusion-steps": COUNT_TEXT, "--hidden": WIDTH_TEXT, "--steps": COUNT_TEXT,
+                  "--batch-size": COUNT_TEXT, "--lr": REAL_TEXT, "--ema-decay": REAL_TEXT,
+                  "--samples": COUNT_TEXT, "--ddim-steps": COUNT_TEXT, "--seed": SEED_TEXT,
+                  "--sampler": st.sampled_from(["ddim", "ancestral", "euler"]),
+                  "--schedule": st.sampled_from(["cosine", "linear", "quadratic"])},
+    "tour": {"--seed": SEED_TEXT, "--threads": COUNT_TEXT},
+}
+#: Each command's small budget, given first (a generated option given again overrides it): every run ends
+#: in about a second, and writes into the test's own folder.
+CLI_BUDGETS = {
+    "em": ["--max-iter", "3"],
+    "vae": ["--steps", "2", "--hidden", "4", "--latent-dim", "2", "--num-samples", "3", "--gap-steps", "1"],
+    "diffusion": ["--steps", "2", "--diffusion-steps", "3", "--hidden", "4", "--samples", "5"],
+    "tour": ["--quick"],
+}
+#: What ``--data`` may name (made by :func:`_cli_files`), and the ``--out``/``--json``/``--checkpoint``
+#: places: a new folder, an existing file, a path under a file.
+DATA_FILES = ("rows.csv", "latin1.csv", "nan.csv", "three.csv", "empty.csv", "ints.npy", "missing.csv", ".")
+OUT_PLACES = ("new", "rows.csv", "rows.csv/sub", "folder")
+PLACES = {"--data": DATA_FILES, "--out": OUT_PLACES, "--json": OUT_PLACES, "--checkpoint": OUT_PLACES}
+PLACE_OPTIONS = {"em": ("--data", "--json", "--checkpoint"), "vae": ("--data", "--out", "--checkpoint"),
+                 "diffusion": ("--data", "--out", "--checkpoint"), "tour": ("--out",)}
+ERROR_LINE = re.compile(r"^freqvi( (em|vae|diffusion|tour))?: error: ")  # freqvi's, or argparse's
+
+
+@st.composite
+def command_lines(draw):
+    """A command line: a command, its budget, generated options (some malformed), perhaps junk."""
+    command = draw(st.sampled_from(sorted(CLI_OPTIONS)))
+    chosen = draw(st.lists(st.sampled_from(sorted(CLI_OPTIONS[command])), max_size=3))
+    argv = [command, "--quiet", *CLI_BUDGETS[command]]
+    for option in chosen:
+        argv += [option, draw(CLI_OPTIONS[command][option])]
+    for option in draw(st.lists(st.sampled_from(PLACE_OPTIONS[command]), max_size=2, unique=True)):
+        argv += [option, "@" + draw(st.sampled_from(PLACES[option]))]
+    if command != "tour" and "--checkpoint" in argv and draw(st.booleans()):
+        argv.append("--resume")
+    argv += draw(st.sampled_from([[], [], ["--bogus"], ["extra"], ["--seed"], ["-x", "1"]]))
+    return argv
+
+
+def _cli_files(folder) -> None:
+    """The files ``--data`` and the output options may name, in ``folder``."""
+    grid = np.random.default_rng(0).uniform(size=(20, 3))
+    np.savetxt(folder / "rows.csv", grid, delimiter=",", header="a,b,c", comments="")
+    (folder / "latin1.csv").write_bytes("x\xe9,y\n1,2\n3,4\n5,6\n".encode("latin-1"))
+    (folder / "nan.csv").write_text("a,b\n" + "\n".join(["0.5,nan", *["0.1,0.2"] * 10]) + "\n")
+    (folder / "three.csv").write_text("a,b\n0.1,0.2\n0.3,0.4\n0.5,0.6\n")
+    (folder / "empty.csv").write_text("")
+    np.save(folder / "ints.npy", np.arange(40).reshape(20, 2))
+    (folder / "folder").mkdir()
+
+
+def check_command_line(folder, argv) -> None:
+    """``main(argv)`` returns 0, or 1/2 with a freqvi or argparse error as its last line; never raises."""
+    argv = [str(folder / a[1:]) if a.startswith("@") else a for a in argv]
+    out_first = [] if argv[0] == "em" else ["--out", str(folder / "out")]  # overridden by a later --out
+    out, err = io.StringIO(), io.StringIO()
+    stages = []  # the tour's stages take a minute: recorded, not run, once its checks have passed
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.object(tour, "run_tour", lambda out, **kw: stages.append(kw) or out / "report.html"):
+        status = main([argv[0], *out_first, *argv[1:]])
+    lines = err.getvalue().splitlines()
+    assert "Traceback" not in err.getvalue(), err.getvalue()
+    if status == 0:
+        assert out.getvalue(), argv
+        return
+    assert status in (1, 2), (status, argv, err.getvalue())
+    assert lines and ERROR_LINE.match(lines[-1]), (argv, lines)
+
+
+@given(command_lines())
+@_profile(15)
+def test_command_lines(tmp_path_factory, argv):
+    folder = tmp_path_factory.mktemp("cli")
+    _cli_files(folder)
+    check_command_line(folder, argv)
+
+
+@pytest.mark.slow
+@given(command_lines())
+@_profile(250)
+def test_command_lines_long(tmp_path_factory, argv):
+    folder = tmp_path_factory.mktemp("cli")
+    _cli_files(folder)
+    check_command_line(folder, argv)
+
+
+# ----- a refused call on a user's plain functions: Pyro's parameter store as it was ------------------------
+def _plain_pair():
+    """``_user_pair``'s functions, no parameters made yet: the first call makes them from its data."""
+    pyro.clear_param_store()
+    model, guide = _user_pair()
+    pyro.clear_param_store()
+    return model, guide
+
+
+@pytest.mark.parametrize("refused", [
+    lambda m, g: freqvi.fit(m, GOOD.float(), g, num_steps=2, progress=False, data_plate_name="rows"),
+    lambda m, g: freqvi.fit(m, GOOD[:4], g, num_steps=2, progress=False, loss="iwae", num_particles=0),
+    lambda m, g: freqvi.em(m, GOOD.float(), g, max_iter=2, progress=False, data_plate_name="rows"),
+], ids=["fit-float32-bad-plate", "fit-four-rows-bad-particles", "em-float32-bad-plate"])
+def test_a_refused_call_leaves_pyros_parameter_store_as_it_was(refused):
+    """The refused call ran the functions on its own data (float32, or 4 rows), which made their parameters
+    in that dtype and size; left in the store, they would be what the next, correct call fits. The
+    reference: the same correct fit without the refused call before it, bit for bit."""
+    model, guide = _plain_pair()
+    with pytest.raises(freqvi.errors.FreqviInputError):
+        refused(model, guide)
+    assert dict(pyro.get_param_store().items()) == {}
+    after = freqvi.fit(model, GOOD, guide, num_steps=5, progress=False, seed=0).elbo
+    fitted = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    model, guide = _plain_pair()
+    reference = freqvi.fit(model, GOOD, guide, num_steps=5, progress=False, seed=0).elbo
+    assert after == reference
+    for name, value in pyro.get_param_store().items():
+        assert fitted[name].dtype == torch.float64 and torch.equal(fitted[name], value.detach()), name
+
+
+def test_a_refused_call_restores_existing_store_parameters_in_place():
+    model, guide = _user_pair()
+    store = pyro.get_param_store()
+    live = {name: p for name, p in store.named_parameters()}
+    before = _state(None)
+    _refused(lambda: freqvi.fit(model, GOOD.float(), guide, num_steps=2, progress=False,
+                                data_plate_name="rows"))
+    assert _unchanged(before, _state(None))
+    assert all(p is live[name] for name, p in store.named_parameters())  # the same tensors, optimisers' too

@@ -178,7 +178,7 @@ def test_the_console_command_runs_on_one_thread_and_takes_threads(caller_threads
     assert seen == [1, 2]
     assert torch.get_num_threads() == caller_threads
     assert main(["--quiet", "--threads", "0"]) == 2
-    assert "num_threads must be a positive integer; got 0" in capsys.readouterr().err
+    assert "argument --threads: expected an integer >= 1; got '0'" in capsys.readouterr().err
 
 
 def test_a_drivers_warning_points_at_its_caller_not_at_the_wrapper(caller_threads):

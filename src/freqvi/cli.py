@@ -11,18 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import textwrap
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import freqvi
 from freqvi import plots, reporting
+from freqvi.cli_options import check_outputs, count, path, real, seed, widths
 from freqvi.datasets import load_array, load_digits, load_iris, load_moons, load_swiss_roll
-from freqvi.errors import FreqviError, FreqviInputError, FreqviWarning
+from freqvi.errors import DegenerateDataWarning, FreqviError, FreqviInputError, FreqviWarning
 from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
 from freqvi.infer.em import M_STEPS
 from freqvi.infer.evaluation import amortization_gap, elbo_terms
@@ -31,10 +35,12 @@ from freqvi.models import VAE, GaussianDiffusion, GaussianMixture
 from freqvi.models.diffusion import SAMPLERS
 from freqvi.models.gaussian_mixture import COVARIANCE_TYPES
 from freqvi.models.noise_schedule import SCHEDULES
-from freqvi.models.vae import LIKELIHOODS
+from freqvi.models.vae import LIKELIHOODS, MIN_NOISE_SCALE
 
 DEFAULT_COMMAND = "em"
-EXIT_ERROR = 2
+EXIT_ERROR = 2  # input refused: argparse's status for usage errors
+EXIT_FAILURE = 1  # a run that failed
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 
 Subparsers = argparse._SubParsersAction  # what ArgumentParser.add_subparsers() returns
 
@@ -49,41 +55,41 @@ def add_em_command(subparsers: Subparsers) -> None:
         "the weights, means and covariances, the log-likelihood, the iterations and the time. "
         "Data: the embedded iris measurements (150 x 4) unless --data is given.",
     )
-    em.add_argument("--data", metavar="PATH", type=Path,
+    em.add_argument("--data", metavar="PATH", type=path,
                     help="a .npy or .csv file, one observation per row (CSV: numeric, optional "
                     "header row); default: iris")
-    em.add_argument("--components", metavar="K", type=int, default=3,
+    em.add_argument("--components", metavar="K", type=count(), default=3,
                     help="mixture components (default: %(default)s)")
     em.add_argument("--covariance", choices=COVARIANCE_TYPES, default="full",
                     help="covariance structure of each component (default: %(default)s)")
-    em.add_argument("--max-iter", metavar="N", type=int, default=1000,
+    em.add_argument("--max-iter", metavar="N", type=count(), default=1000,
                     help="most EM iterations (default: %(default)s)")
-    em.add_argument("--tol", type=float, default=1e-5,
+    em.add_argument("--tol", type=real(inclusive=True), default=1e-5,
                     help="stop when the log-likelihood per observation changes by less than "
                     "this (default: %(default)s)")
-    em.add_argument("--seed", type=int, default=0,
+    em.add_argument("--seed", type=seed, default=0,
                     help="random seed of the k-means++ initialisation (default: %(default)s)")
     em.add_argument("--m-step", choices=M_STEPS, default="auto",
                     help="closed_form (sufficient statistics) or gradient (Adam on Q); "
                     "auto (default) takes the closed form")
     em.add_argument("--full", action="store_true",
                     help="print full covariance matrices, not only their diagonals")
-    em.add_argument("--json", metavar="PATH", type=Path,
+    em.add_argument("--json", metavar="PATH", type=path,
                     help="also write the estimates and metrics to this JSON file")
     em.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_threads_argument(em)
+    _add_checkpoint_arguments(em, 100, "EM iterations")
     em.set_defaults(run=run_em)
 
 
 def run_em(args: argparse.Namespace) -> int:
     """Fits the mixture that ``args`` describes, prints the report and writes ``--json``."""
     x, data_name = _load_data(args.data)
-    if args.json is not None:
-        _check_writable(args.json)
     model = GaussianMixture(args.components, x.shape[1], args.covariance)
     with intra_op_threads(entries=step_entries(x)):
         result = freqvi.em(model, x, m_step=args.m_step, max_iter=args.max_iter, tol=args.tol,
-                           seed=args.seed, progress=not args.quiet)
+                           seed=args.seed, progress=not args.quiet, **_checkpointing(args))
+        _stop_if_interrupted(result, args)
         loglik = freqvi.log_likelihood(model, x)
         report = em_report(data_name, x, model, result, loglik, args)
         print(format_em_report(report, full=args.full))
@@ -172,11 +178,6 @@ def _row(values: Sequence[float]) -> str:
     return " ".join(f"{v:>10.5g}" for v in values)
 
 
-def _check_writable(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise FreqviInputError(f"--json: directory {str(path.parent)!r} does not exist.")
-
-
 def _write_json(report: dict, path: Path) -> None:
     try:
         path.write_text(json.dumps(report, indent=2) + "\n")
@@ -207,11 +208,11 @@ def add_vae_command(subparsers: Subparsers) -> None:
         "given, whose rows are then "
         f"split at random (seed 0) into {1 - VAE_TEST_FRACTION:.0%} train and {VAE_TEST_FRACTION:.0%} test.",
     )
-    vae.add_argument("--data", metavar="PATH", type=Path,
+    vae.add_argument("--data", metavar="PATH", type=path,
                      help="a .npy or .csv file, one observation per row; default: the digits")
-    vae.add_argument("--latent-dim", metavar="Q", type=int, default=8,
+    vae.add_argument("--latent-dim", metavar="Q", type=count(), default=8,
                      help="latent dimension (default: %(default)s)")
-    vae.add_argument("--hidden", metavar="H1,H2", type=_widths, default=(128, 64),
+    vae.add_argument("--hidden", metavar="H1,H2", type=widths, default=(128, 64),
                      help="hidden widths of the encoder, the decoder mirrors them (default: 128,64)")
     vae.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli",
                      help="p(x | z) (default: %(default)s)")
@@ -221,63 +222,94 @@ def add_vae_command(subparsers: Subparsers) -> None:
                      "levels in [0, 1] (grey: under the Bernoulli likelihood a cross-entropy, not a "
                      "log-likelihood; --likelihood continuous_bernoulli is a density on them); "
                      "not with --data")
+    vae.add_argument("--min-noise-scale", metavar="S", type=real(inclusive=True), default=MIN_NOISE_SCALE,
+                     help="gaussian likelihood: the floor of each column's noise scale, which alone bounds "
+                     "the likelihood on a constant column (default: %(default)s, a variance of 1e-6)")
     vae.add_argument("--estimator", choices=VAE_ESTIMATORS, default="mean_field",
                      help="ELBO estimator: mean_field (analytic KL), trace, iwae, dreg, stl "
                      "(default: %(default)s)")
-    vae.add_argument("--particles", metavar="K", type=int, default=10,
+    vae.add_argument("--particles", metavar="K", type=count(), default=10,
                      help="importance samples of iwae and dreg (default: %(default)s)")
-    vae.add_argument("--steps", metavar="N", type=int, default=3000,
+    vae.add_argument("--steps", metavar="N", type=count(), default=3000,
                      help="most training steps (default: %(default)s)")
-    vae.add_argument("--batch-size", metavar="B", type=int, default=128,
+    vae.add_argument("--batch-size", metavar="B", type=count(), default=128,
                      help="observations per step (default: %(default)s)")
-    vae.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (default: %(default)s)")
-    vae.add_argument("--patience", metavar="P", type=int, default=5,
+    vae.add_argument("--lr", type=real(), default=2e-3, help="Adam's learning rate (default: %(default)s)")
+    vae.add_argument("--patience", metavar="P", type=count(), default=5,
                      help="stop after P held-out evaluations (every 200 steps) without a new best "
                      "(default: %(default)s)")
-    vae.add_argument("--num-samples", metavar="K", type=int, default=1000,
+    vae.add_argument("--num-samples", metavar="K", type=count(), default=1000,
                      help="importance samples per observation for the log-likelihood (default: %(default)s)")
-    vae.add_argument("--gap-steps", metavar="N", type=int, default=500,
+    vae.add_argument("--gap-steps", metavar="N", type=count(), default=500,
                      help="Adam steps of the per-point guides (amortisation gap) (default: %(default)s)")
     _add_run_arguments(vae, Path("vae-out"))
+    _add_checkpoint_arguments(vae, 1000, "training steps")
     vae.set_defaults(run=run_vae)
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     """``--out``, ``--seed`` and ``--quiet``, shared by the commands that write a folder."""
-    parser.add_argument("--out", metavar="DIR", type=Path, default=out,
+    parser.add_argument("--out", metavar="DIR", type=path, default=out,
                         help="output folder, created if missing (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_threads_argument(parser)
 
 
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser, every: int, unit: str) -> None:
+    """``--checkpoint``, ``--checkpoint-every`` and ``--resume``: the driver's ``checkpoint=``/``resume=``."""
+    parser.add_argument("--checkpoint", metavar="PATH", type=path,
+                        help=f"write the run's state to this file every --checkpoint-every {unit}, at the "
+                        "end and on Ctrl-C, so that --resume can continue it (default: no checkpoint)")
+    parser.add_argument("--checkpoint-every", metavar="N", type=count(), default=every,
+                        help=f"{unit} between checkpoint writes (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in --checkpoint PATH (run with the same options; a "
+                        "larger --steps or --max-iter goes further): the result is that of an uninterrupted "
+                        "run, bit for bit on CPU")
+
+
+def _checkpointing(args: argparse.Namespace) -> dict:
+    """The driver's checkpoint options that ``args`` asks for."""
+    if args.checkpoint is None:
+        return {}
+    return {"checkpoint": args.checkpoint, "checkpoint_every": args.checkpoint_every,
+            "resume": args.checkpoint if args.resume else None}
+
+
+def _stop_if_interrupted(result: freqvi.FitResult | freqvi.EMResult, args: argparse.Namespace) -> None:
+    """Ends the command after a fit that Ctrl-C interrupted, before its evaluation, saying how to go on."""
+    if not result.interrupted:
+        return
+    if args.checkpoint is None:
+        raise KeyboardInterrupt("nothing was saved; give --checkpoint PATH to keep an interrupted run")
+    raise KeyboardInterrupt(f"rerun with --resume to continue from the checkpoint {str(args.checkpoint)!r}")
+
+
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", metavar="N", type=int,
+    parser.add_argument("--threads", metavar="N", type=count(),
                         help=f"torch's intra-op threads (default: ${ENV_VAR} if set, else one for small "
                         "data, as freqvi's drivers choose)")
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text!r}") from None
 
 
 def run_vae(args: argparse.Namespace) -> int:
     """Fits the VAE that ``args`` describes, evaluates it, prints a summary and writes ``--out``."""
     train, test, labels, data_name = _vae_data(args.data, args.pixels)
     _make_folder(args.out)
-    torch.manual_seed(args.seed)  # the networks' initial weights: without it each run starts elsewhere
-    model = VAE(train.shape[1], args.latent_dim, args.hidden, args.likelihood)
+    torch.manual_seed(args.seed)  # the initial weights (torch's own seed differs from process to process)
+    model = VAE(train.shape[1], args.latent_dim, args.hidden, args.likelihood,
+                min_noise_scale=args.min_noise_scale)
     model.check_data(train)
-    model.check_data(test)
+    with warnings.catch_warnings():  # the held-out rows are scored, not fitted: refusals only
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        model.check_data(test)
     with intra_op_threads(entries=step_entries(train, args.batch_size)):
         options = {"num_particles": args.particles} if args.estimator in ("iwae", "dreg") else {}
         result = freqvi.fit(model, train, loss=args.estimator, lr=args.lr, num_steps=args.steps,
                             batch_size=min(args.batch_size, len(train)), seed=args.seed,
                             progress=not args.quiet, validation_data=test, eval_every=VAE_EVAL_EVERY,
-                            patience=args.patience, **options)
+                            patience=args.patience, **options, **_checkpointing(args))
+        _stop_if_interrupted(result, args)
         report = vae_report(data_name, train, test, model, result, args)
         pictures = _vae_pictures(model, test, labels, args.out)
         report["pictures"] = [p.name for p in pictures]
@@ -479,40 +511,44 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
     )
     diffusion.add_argument("--dataset", choices=tuple(DIFFUSION_DATA), default="moons",
                            help="embedded data (default: %(default)s)")
-    diffusion.add_argument("--data", metavar="PATH", type=Path,
+    diffusion.add_argument("--data", metavar="PATH", type=path,
                            help="a .npy or .csv file, one observation per row, instead of --dataset")
-    diffusion.add_argument("--diffusion-steps", metavar="T", type=int, default=1000,
+    diffusion.add_argument("--diffusion-steps", metavar="T", type=count(), default=1000,
                            help="steps of the chain (default: %(default)s)")
     diffusion.add_argument("--schedule", choices=SCHEDULES, default="linear",
                            help="noise schedule (default: %(default)s)")
-    diffusion.add_argument("--hidden", metavar="H1,H2,...", type=_widths, default=(128, 128, 128),
+    diffusion.add_argument("--hidden", metavar="H1,H2,...", type=widths, default=(128, 128, 128),
                            help="hidden widths of the denoiser (default: 128,128,128)")
     diffusion.add_argument("--estimator", choices=tuple(DIFFUSION_ESTIMATORS), default="importance",
                            help="training objective: the time-subsampled ELBO with t uniform or importance-"
                            "sampled, Ho et al.'s simple loss (not a bound), or the full-chain Trace_ELBO "
                            "(default: %(default)s)")
-    diffusion.add_argument("--steps", metavar="N", type=int, default=5000,
+    diffusion.add_argument("--steps", metavar="N", type=count(), default=5000,
                            help="training steps (default: %(default)s)")
-    diffusion.add_argument("--batch-size", metavar="B", type=int, default=256,
+    diffusion.add_argument("--batch-size", metavar="B", type=count(), default=256,
                            help="observations per step (default: %(default)s)")
-    diffusion.add_argument("--lr", type=float, default=2e-3,
+    diffusion.add_argument("--lr", type=real(), default=2e-3,
                            help="Adam's learning rate (default: %(default)s)")
-    diffusion.add_argument("--ema-decay", metavar="D", type=float, default=0.999,
+    diffusion.add_argument("--ema-decay", metavar="D", type=real(inclusive=True, below=1.0), default=0.999,
                            help="keep an exponential moving average of the weights (freqvi.EMA, with "
                            "warm-up), evaluate and sample it; 0: the last iterate (default: %(default)s)")
-    diffusion.add_argument("--samples", metavar="M", type=int, default=1000,
+    diffusion.add_argument("--samples", metavar="M", type=count(), default=1000,
                            help="model draws for the energy distance and the pictures (default: %(default)s)")
     diffusion.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
                            help="ancestral (exact draws) or ddim (deterministic) (default: %(default)s)")
-    diffusion.add_argument("--ddim-steps", metavar="K", type=int, default=50,
+    diffusion.add_argument("--ddim-steps", metavar="K", type=count(), default=50,
                            help="steps of the ddim sampler (default: %(default)s)")
     _add_run_arguments(diffusion, Path("diffusion-out"))
+    _add_checkpoint_arguments(diffusion, 1000, "training steps")
     diffusion.set_defaults(run=run_diffusion)
 
 
 def run_diffusion(args: argparse.Namespace) -> int:
     """Fits the diffusion model that ``args`` describes, evaluates it, prints a summary, writes ``--out``."""
     average = freqvi.EMA(decay=args.ema_decay) if args.ema_decay else None  # checked before any work
+    if args.sampler == "ddim" and args.ddim_steps > args.diffusion_steps:
+        raise FreqviInputError(f"--ddim-steps takes at most the chain's --diffusion-steps "
+                               f"({args.diffusion_steps}) steps; got {args.ddim_steps}.")
     if args.data is None:
         load = DIFFUSION_DATA[args.dataset]
         (train, test), data_name = (load("train"), load("test")), args.dataset
@@ -524,7 +560,9 @@ def run_diffusion(args: argparse.Namespace) -> int:
         model = GaussianDiffusion(train.shape[1], args.diffusion_steps, args.schedule, hidden=args.hidden)
         result = freqvi.fit(model, train, lr=args.lr, num_steps=args.steps,
                             batch_size=min(args.batch_size, len(train)), seed=args.seed,
-                            progress=not args.quiet, average=average, **DIFFUSION_ESTIMATORS[args.estimator])
+                            progress=not args.quiet, average=average, **DIFFUSION_ESTIMATORS[args.estimator],
+                            **_checkpointing(args))
+        _stop_if_interrupted(result, args)
         ddim = {"method": "ddim", "num_steps": args.ddim_steps} if args.sampler == "ddim" else {}
         samples = model.sample(args.samples, seed=args.seed, **ddim)
         report = diffusion_report(data_name, train, test, model, result, samples, args)
@@ -657,8 +695,14 @@ def _with_default_command(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``freqvi`` command; returns the exit status.
 
-    Errors that freqvi raises on purpose are printed as one line,
-    ``freqvi: error: <message>``, on stderr, with exit status 2.
+    Every option's value is checked as the command line is parsed: a bad one is a usage error
+    (argparse's usage line and message, exit status 2). The places the command writes to are checked
+    next (``freqvi.cli_options.check_outputs``), then the command runs. Errors that freqvi raises
+    on purpose are printed as one line, ``freqvi: error: <message>``, on stderr: exit status 2 for
+    input that freqvi refused (:class:`~freqvi.errors.FreqviInputError`), 1 for a run that failed
+    (another :class:`~freqvi.errors.FreqviError`, e.g. a diverged fit or a checkpoint that cannot be
+    written). Ctrl-C prints ``freqvi: interrupted`` and returns 130. Warnings are printed before that
+    line, one per line, ``freqvi: warning: <message>``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -670,16 +714,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ArviZ (imported lazily for importance sampling) warns once a day about its refactor.
         warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
         try:
+            check_outputs(args)
             with intra_op_threads(args.threads):
-                return args.run(args)
+                status = args.run(args)
         except FreqviError as exc:
-            print(f"freqvi: error: {_error_message(exc)}", file=sys.stderr)
-            return EXIT_ERROR
-        except KeyboardInterrupt:
-            print("freqvi: interrupted", file=sys.stderr)
-            return 130
-        finally:
-            _print_warnings(caught)
+            status, last = _failure_status(exc), f"freqvi: error: {_error_message(exc)}"
+        except KeyboardInterrupt as exc:
+            status, last = EXIT_INTERRUPTED, "freqvi: interrupted" + (f": {exc}" if str(exc) else "")
+        else:
+            last = None
+    with _ctrl_c_ignored():  # a second Ctrl-C while the first is reported
+        _print_warnings(caught)
+        if last is not None:
+            print(last, file=sys.stderr)
+    return status
+
+
+@contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """Ignores Ctrl-C in the block (main thread only, where handlers can be set), then restores it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _failure_status(exc: FreqviError) -> int:
+    """2 for input freqvi refused (a usage error, as argparse's), 1 for a run that failed."""
+    return EXIT_ERROR if isinstance(exc, FreqviInputError) else EXIT_FAILURE
 
 
 def _exit_status(exc: SystemExit) -> int:
@@ -700,8 +766,9 @@ def _error_message(exc: FreqviError) -> str:
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
-    for warning in caught:
-        print(f"freqvi: warning: {warning.message}", file=sys.stderr)
+    """Each distinct warning once (the data's checks run more than once: by the command, by the driver)."""
+    for message in dict.fromkeys(str(warning.message) for warning in caught):
+        print(f"freqvi: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ class UnestimableParetoKWarning(ImportanceSamplingWarning):
     """PSIS k-hat cannot be estimated (too few draws, or tied weights): the tails are not diagnosed."""
 
 
+class DegenerateDataWarning(FreqviWarning):
+    """The data are degenerate for the model (a constant column): only a floor on a variance bounds the
+    likelihood there, so the estimate at that place is the floor, not a value the data chose."""
+
+
 class FitInterruptedWarning(FreqviWarning):
     """A :func:`~freqvi.fit` or :func:`~freqvi.em` run was interrupted (Ctrl-C) and returned the result of
     the steps or iterations it had taken."""

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
 
@@ -289,28 +290,42 @@ def check_init(init, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.T
 
 @contextmanager
 def kept_on_refusal(model) -> Iterator[None]:
-    """Puts the parameters and buffers of ``model``'s modules back as they were, values and dtypes, if the
-    block raises a :class:`~freqvi.errors.FreqviInputError`: a refused call leaves the model as it found
-    it, also when
-    the refusal comes after the model has run on the data (which moves it to the data's dtype).
+    """Puts the parameters back as they were, values and dtypes, if the block raises a
+    :class:`~freqvi.errors.FreqviInputError`: a refused call leaves the model as it found it, also when
+    the refusal comes after the model has run on the data (which moves it to the data's dtype, or
+    creates its parameters from the refused data).
 
-    ``model`` is what a driver was given: a ``torch.nn.Module`` (a freqvi model), a ``(model, guide)``
-    pair, or a bound method of a module; anything else (a plain function, whose parameters live in
-    Pyro's store and are not converted) is left alone. Tensors created during the block stay.
+    Two places hold parameters. The modules of ``model`` (what a driver was given: a
+    ``torch.nn.Module``, a ``(model, guide)`` pair, or a bound method of a module): their parameters and
+    buffers are restored; tensors a module created during the block stay. Pyro's parameter store (where
+    a plain function's ``pyro.param`` lives): the parameters it held are restored in place, and those
+    created during the block, from the refused data, are removed, so that the next call creates them
+    afresh (a module's own entries excepted, which stay with their module).
     """
     parts = model if isinstance(model, tuple) else (model,)
     modules = {id(m): m for m in (getattr(p, "__self__", p) for p in parts) if isinstance(m, torch.nn.Module)}
     parameters = [(p, p.detach().clone()) for m in modules.values() for p in m.parameters()]
     buffers = [(m, name, b.clone()) for m in modules.values() for name, b in m.named_buffers()]
+    stored = [(name, p, p.detach().clone()) for name, p in pyro.get_param_store().named_parameters()]
     try:
         yield
     except FreqviInputError:
         with torch.no_grad():  # a dtype conversion keeps parameter objects but replaces buffers
-            for parameter, value in parameters:
+            for parameter, value in [*parameters, *((p, v) for _, p, v in stored)]:
                 parameter.data = value
             for module, name, value in buffers:
                 module.get_buffer(name).data = value
+        _remove_new_store_entries({name for name, _, _ in stored}, modules.values())
         raise
+
+
+def _remove_new_store_entries(kept: set[str], modules) -> None:
+    """Deletes the entries of Pyro's parameter store not in ``kept``, except the parameters of ``modules``."""
+    owned = {id(p) for m in modules for p in m.parameters()}
+    store = pyro.get_param_store()
+    for name, unconstrained in list(store.named_parameters()):
+        if name not in kept and id(unconstrained) not in owned:
+            del store[name]
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
+from freqvi.errors import FreqviInputError
 from freqvi.estimators.diffusion import (
     DiffusionObjective,
     ForwardProcess,
@@ -86,6 +87,28 @@ class TimeSubsampledELBO(DiffusionObjective):
         self._weight = torch.zeros(0, dtype=torch.float64)  # their decayed counts
         self._adapting = True
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The importance law's running sums, float64 ``(T,)`` each (empty before the first step): what
+        :func:`freqvi.fit`'s checkpoints save, so that a resumed run draws the steps ``t`` an
+        uninterrupted one does."""
+        return {"second_moment": self._second_moment.clone(), "weight": self._weight.clone()}
+
+    def load_state_dict(self, state) -> None:
+        """Restores :meth:`state_dict`, checked first.
+
+        :raises FreqviInputError: unless ``state`` holds ``second_moment`` and ``weight``, non-negative
+            finite float64 vectors of one length.
+        """
+        fields = state if isinstance(state, dict) else {}
+        second, weight = fields.get("second_moment"), fields.get("weight")
+        vectors = all(isinstance(v, torch.Tensor) and v.dtype == torch.float64 and v.dim() == 1
+                      and bool(torch.isfinite(v).all()) and bool((v >= 0).all()) for v in (second, weight))
+        if not (vectors and second.shape == weight.shape):
+            found = {k: _describe(fields.get(k)) for k in ("second_moment", "weight")}
+            raise FreqviInputError("the time-subsampled ELBO's state must hold second_moment and weight, "
+                                   f"non-negative finite float64 vectors of one length; got {found}.")
+        self._second_moment, self._weight = second.clone(), weight.clone()
+
     @contextmanager
     def frozen(self) -> Iterator[TimeSubsampledELBO]:
         """A context in which gradient draws leave the importance law as it is, so that they are
@@ -142,3 +165,10 @@ class TimeSubsampledELBO(DiffusionObjective):
             self._weight = torch.zeros(num_steps, dtype=torch.float64)
         self._second_moment.mul_(self.decay).index_add_(0, t - 1, quad.double().square())
         self._weight.mul_(self.decay).index_add_(0, t - 1, torch.ones_like(quad, dtype=torch.float64))
+
+
+def _describe(value) -> str:
+    """``"float64 (20,)"`` for a tensor, the type's name for anything else."""
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
+    return type(value).__name__

@@ -25,7 +25,6 @@ import random
 import re
 import stat
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -263,7 +262,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
             f"run code when loaded, so it was refused ({_first_line(exc)}): it is tampered with or "
             "not a freqvi checkpoint."
         ) from None
-    except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # torch's unpickler, fed foreign bytes, raises any type (an IndexError)
         raise FreqviInputError(
             f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {exc}): it is truncated, "
             "tampered with or not a freqvi checkpoint."

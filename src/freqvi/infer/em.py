@@ -30,6 +30,7 @@ from freqvi.infer.checkpoint import (
     stable_name,
 )
 from freqvi.infer.devices import move_to, on_device, resolve_device
+from freqvi.infer.information import BoundaryWarning
 from freqvi.infer.mean_field_cavi import MeanFieldTables, cavi_applies
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.run_state import deferred_interrupts
@@ -342,7 +343,22 @@ def em(
     elif not result.converged:
         warnings.warn(_not_converged_message(result, max_iter, tol / batches.n, score_tol / batches.n),
                       ConvergenceWarning, stacklevel=2)
+    _warn_on_floor(pair)
     return result
+
+
+def _warn_on_floor(pair: Pair) -> None:
+    """Warns if the fit ended with a variance on the model's floor (``on_boundary()``, e.g. a mixture's
+    ``reg_covar``): degenerate data, where only the floor bounds the likelihood."""
+    floored = getattr(pair.owner, "on_boundary", None)
+    where = floored() if floored is not None else []
+    if where:
+        warnings.warn(
+            f"em ended on the floor of the variances: {where}. The data are degenerate there (a constant "
+            "column, or identical rows in a component): without the floor the likelihood has no maximum "
+            "(maximize_likelihood refuses such data), so those variances are the floor, not estimates. "
+            "Drop the constant columns, or fit fewer components.",
+            BoundaryWarning, stacklevel=3)
 
 
 def _judge(result: EMResult, step: _EMStep, change: float, m_converged: bool, ascended: bool,

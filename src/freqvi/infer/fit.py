@@ -18,7 +18,7 @@ from pyro.optim import PyroOptim
 from pyro.poutine.trace_struct import Trace
 from tqdm.auto import tqdm
 
-from freqvi.errors import FitInterruptedWarning, FreqviError, FreqviInputError
+from freqvi.errors import DegenerateDataWarning, FitInterruptedWarning, FreqviError, FreqviInputError
 from freqvi.estimators import get_estimator
 from freqvi.infer.averaging import EMA, Averager, Polyak, as_average
 from freqvi.infer.batches import BatchSource, InMemoryBatches, make_batches
@@ -192,7 +192,9 @@ def fit(
         steps (and after the step that ends ``checkpoint_seconds`` since the last write,
         if given), at the end and on interruption (Ctrl-C or SIGTERM, see below):
         parameters, optimiser state, step, history, every random generator's state
-        and the minibatch order. Writes are atomic. The path is checked before any work
+        and the minibatch order; with ``validation_data``, also the held-out evaluations so far
+        (those every ``eval_every`` steps: the one that ends a run comes after its checkpoint) and
+        the best parameters. Writes are atomic. The path is checked before any work
         (a regular file or nothing, in a writable folder) and locked while the run lasts:
         a second run writing it, or a failed write, is a :class:`~freqvi.errors.CheckpointError`.
     :param resume: a checkpoint to continue from: build the model and guide as for
@@ -290,15 +292,20 @@ def fit(
     if held_out is not None:
         rows = batch_size and min(batch_size, held_out[0].shape[0])
         checked = InMemoryBatches(held_out, rows, data_plate_name)
-        with torch.random.fork_rng():  # adding validation data leaves the training draws as they were
+        # adding validation data leaves the training draws as they were; held-out rows are scored, not
+        # fitted, so a degenerate column among them says nothing about the estimate
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateDataWarning)
             _check_pair(pair, checked)
         keeper = _BestParameters(names)
 
     result = FitResult(loss=elbo, average=average)
     settings = {**_settings(elbo, batch_size, batches.n), **averager.settings()}
-    run = RunState(params, optimizer, batches, result, settings, group, averager)
+    if keeper is not None:  # a resumed run must evaluate the same rows after the same steps
+        settings["validation"] = {"rows": held_out[0].shape[0], "eval_every": eval_every}
+    run = RunState(params, optimizer, batches, result, settings, group, averager, keeper, elbo)
     if checkpoint is not None or resume is not None:
-        run.check_checkpointable(checkpoint, validation_data)
+        run.check_checkpointable(checkpoint)
     first = run.restore(resume) if resume is not None else 0
     clock = _Clock(max_time, max_cpu_time)
     bar = tqdm(range(first, num_steps), initial=first, total=num_steps,
@@ -325,7 +332,8 @@ def fit(
                 result.stop_reason = "terminated" if terminated else wanted or "stopped by another process"
             elif result.converged or step + 1 == num_steps:
                 result.stop_reason = "converged" if result.converged else "num_steps"
-            if keeper is not None and ((step + 1) % eval_every == 0 or result.stop_reason):
+            scheduled = keeper is not None and (step + 1) % eval_every == 0
+            if scheduled:
                 _validate(result, keeper, averager, pair, elbo, held_out, step + 1)
                 if not result.stop_reason and _patience_spent(result, patience):
                     result.stop_reason, result.stopped_early = "patience", True
@@ -341,6 +349,10 @@ def fit(
                 raise KeyboardInterrupt(f"fit terminated after step {step + 1}"
                                         + (f"; checkpoint in {str(checkpoint)!r}" if checkpoint else ""))
             if result.stop_reason:
+                # the last evaluation, off the schedule: after the checkpoint, which holds the scheduled
+                # ones only, so that a resumed run evaluates where an uninterrupted one does
+                if keeper is not None and not scheduled:
+                    _validate(result, keeper, averager, pair, elbo, held_out, step + 1)
                 break
     bar.close()
     take_step.require_progress()
@@ -477,6 +489,36 @@ class _BestParameters:
         with torch.no_grad():
             for tensor, best in zip(self.tensors, self.best, strict=True):
                 tensor.copy_(best)
+
+    def state(self, result: FitResult) -> dict:
+        """The held-out evaluations so far and the best parameters, for a checkpoint."""
+        return {"steps": list(result.validation_steps), "elbo": list(result.validation_elbo),
+                "best_step": result.best_step, "best": [b.cpu() for b in self.best]}
+
+    def load(self, state, result: FitResult, step: int, where: str) -> None:
+        """Restores :meth:`state` into the keeper and ``result``, checked first against the run resumed at
+        ``step``: evaluation steps increasing within ``(0, step]``, one finite ELBO each, the best step
+        their argmax, one finite tensor per parameter of its shape and dtype.
+
+        :raises FreqviInputError: naming what ``where`` (the checkpoint) holds and what was expected.
+        """
+        fields = state if isinstance(state, dict) else {}
+        steps, values, best_step, best = (fields.get(k) for k in ("steps", "elbo", "best_step", "best"))
+        ordered = isinstance(steps, list) and all(type(s) is int and 0 < s <= step for s in steps) \
+            and steps == sorted(set(steps))
+        finite = ordered and isinstance(values, list) and len(values) == len(steps) \
+            and all(type(v) is float and math.isfinite(v) for v in values)
+        argmax = finite and best_step == (steps[values.index(max(values))] if steps else None)
+        tensors = argmax and isinstance(best, list) and len(best) == (len(self.tensors) if steps else 0) \
+            and all(isinstance(b, torch.Tensor) and b.shape == t.shape and b.dtype == t.dtype
+                    and bool(torch.isfinite(b).all()) for b, t in zip(best, self.tensors, strict=False))
+        if not tensors:
+            raise FreqviInputError(
+                f"{where} holds a held-out evaluation history that does not fit this run (steps "
+                f"{steps!r}); expected increasing steps up to {step}, a finite ELBO each, the best of them "
+                "and its parameters. It was edited, or written by another run or version.")
+        result.validation_steps[:], result.validation_elbo[:], result.best_step = steps, values, best_step
+        self.best = [b.to(t.device) for b, t in zip(best, self.tensors, strict=False)]
 
 
 def _validate(result: FitResult, keeper: _BestParameters, averager: Averager, pair, elbo: ELBO, held_out,

@@ -25,19 +25,24 @@ class RunState:
         every process's generators and position in its data are saved, by process 0 only.
     :param averager: the run's :class:`~freqvi.infer.averaging.Averager`; a run that averages saves the
         average beside the raw parameters and restores both.
+    :param keeper: a run with ``validation_data``: what keeps the best held-out parameters
+        (``state(result)``/``load(state, result, step, where)``); its evaluations so far and best
+        parameters are saved and restored with the rest.
+    :param loss: the run's estimator; one with state of its own (``state_dict()``/``load_state_dict()``,
+        e.g. the importance law of :class:`~freqvi.estimators.TimeSubsampledELBO`) has it saved and
+        restored too.
     """
 
     def __init__(self, params: dict[str, torch.Tensor], optimizer, batches, result, settings: dict,
-                 group=None, averager=None):
+                 group=None, averager=None, keeper=None, loss=None):
         self.params, self.optimizer, self.batches, self.result = params, optimizer, batches, result
-        self.settings, self.group, self.averager = settings, group, averager
+        self.settings, self.group, self.averager, self.keeper = settings, group, averager, keeper
+        self.loss = loss if hasattr(loss, "state_dict") and hasattr(loss, "load_state_dict") else None
 
-    def check_checkpointable(self, checkpoint, validation_data) -> None:
+    def check_checkpointable(self, checkpoint) -> None:
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise FreqviInputError("checkpoints need a torch optimiser: pass optim by name or as a "
                                    "torch.optim.Optimizer, not a pyro.optim wrapper.")
-        if validation_data is not None:
-            raise FreqviInputError("checkpoint/resume and validation_data cannot be combined yet.")
         reason = self.batches.resumable()
         if reason is not None:
             raise FreqviInputError(f"checkpoint/resume: {reason}.")
@@ -60,6 +65,10 @@ class RunState:
         }
         if self.averager is not None and self.averager.average is not None:
             state["average"] = self.averager.state()
+        if self.keeper is not None:
+            state["validation"] = self.keeper.state(self.result)
+        if self.loss is not None:
+            state["estimator"] = self.loss.state_dict()
         shapes = {stable_name(n): list(p.shape) for n, p in self.params.items()}
         save_checkpoint(path, state, {"kind": "fit", "settings": self.settings, "shapes": shapes})
 
@@ -69,6 +78,14 @@ class RunState:
         self._check(metadata, path)
         if self.averager is not None and self.averager.average is not None:  # checked before any copy
             self.averager.load(state.get("average"), f"checkpoint {str(path)!r}")
+        if self.keeper is not None:  # checked before any copy; the step is a checked counter
+            self.keeper.load(state.get("validation"), self.result, state["step"], f"checkpoint {str(path)!r}")
+        if self.loss is not None:  # checked before any copy
+            try:
+                self.loss.load_state_dict(state.get("estimator"))
+            except FreqviInputError as exc:
+                raise FreqviInputError(f"checkpoint {str(path)!r}: {exc} It was edited, or written by "
+                                       "another run or version.") from None
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(state["params"][stable_name(name)])

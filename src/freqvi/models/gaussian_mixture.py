@@ -116,21 +116,30 @@ class GaussianMixture(LatentVariableModel):
             raise FreqviInputError("init['covariances'] must be positive definite.")
         return init
 
-    def check_bounded(self, x: torch.Tensor) -> None:
-        """Refuses data on which the likelihood has no maximum without ``reg_covar``'s floor (as in
-        :func:`~freqvi.maximize_likelihood`): a component's covariance can then shrink onto them and the
-        likelihood grow without bound. That is, for ``"diag"``, a constant column; for ``"spherical"``,
-        identical rows; for ``"full"``, rows on a lower-dimensional affine subspace (centred rank < d).
+    def degeneracy(self, x: torch.Tensor) -> str:
+        """Where ``x`` is degenerate for this covariance type, in words; ``""`` where it is not.
+
+        Degenerate data let a component's covariance shrink onto them, so that without
+        ``reg_covar``'s floor the likelihood has no maximum: for ``"diag"``, a constant column; for
+        ``"spherical"``, identical rows; for ``"full"``, rows on a lower-dimensional affine subspace
+        (centred rank < d). :meth:`check_bounded` refuses such data; :func:`freqvi.em` fits them with
+        the floor and warns (:meth:`on_boundary`).
         """
-        centred = x - x.mean(0)
         if self.covariance == "diag":
             flat = (x == x[:1]).all(0).nonzero().flatten().tolist()
-            where = f"columns {flat} are constant" if flat else ""
-        elif self.covariance == "spherical":
-            where = "every row is the same" if bool((x == x[:1]).all()) else ""
-        else:
-            rank = int(torch.linalg.matrix_rank(centred))
-            where = f"the centred rows span {rank} of {self.dim} dimensions" if rank < self.dim else ""
+            return f"columns {flat} are constant" if flat else ""
+        if self.covariance == "spherical":
+            return "every row is the same" if bool((x == x[:1]).all()) else ""
+        rank = int(torch.linalg.matrix_rank(x - x.mean(0)))
+        return f"the centred rows span {rank} of {self.dim} dimensions" if rank < self.dim else ""
+
+    def check_bounded(self, x: torch.Tensor) -> None:
+        """Refuses data on which the likelihood has no maximum without ``reg_covar``'s floor (as in
+        :func:`~freqvi.maximize_likelihood`), as :meth:`degeneracy` finds them.
+
+        :raises FreqviInputError: naming the degenerate columns or rows.
+        """
+        where = self.degeneracy(x)
         if where:
             raise FreqviInputError(
                 f"the data are degenerate for a {self.covariance}-covariance mixture ({where}): without a "
@@ -139,19 +148,32 @@ class GaussianMixture(LatentVariableModel):
             )
 
     def on_boundary(self) -> list[str]:
-        """Components whose covariance has an eigenvalue on the ``reg_covar`` floor (to 1e-3).
+        """The components whose covariance has an eigenvalue on the ``reg_covar`` floor (to 1e-3), each
+        with the columns where the floored directions lie (for ``"diag"``, the floored columns; for
+        ``"full"``, those with a share in the span of the floored eigenvectors, the norm of their unit
+        vector's projection on it above a tenth of the largest; for ``"spherical"``, all).
 
-        There the likelihood would rise if the variance could fall further: the
-        estimate is on the boundary of the constrained space, not at a maximum.
+        There the likelihood would rise if the variance could fall further: the estimate is on the
+        boundary of the constrained space (the data are degenerate in that component: a constant
+        column, or identical rows), not at a maximum; its value is the floor, not an estimate.
         """
         if self.reg_covar == 0:
             return []
-        cov = self.covariances.detach()
-        smallest = torch.linalg.eigvalsh(cov)[..., 0] if self.covariance == "full" \
-            else cov.reshape(self.n_components, -1).min(-1).values
-        floored = (smallest <= self.reg_covar * (1 + 1e-3)).nonzero().flatten().tolist()
-        return [f"covariances[{k}] (an eigenvalue on the reg_covar floor {self.reg_covar:g})"
-                for k in floored]
+        cov, limit = self.covariances.detach(), self.reg_covar * (1 + 1e-3)
+        floored = []
+        for k in range(self.n_components):
+            if self.covariance == "full":  # the columns with a share in the floored eigenvectors' span
+                values, vectors = torch.linalg.eigh(cov[k])
+                share = vectors[:, values <= limit].square().sum(-1).sqrt()
+                columns = (share > 0.1 * share.max()).nonzero().flatten().tolist() if share.max() > 0 else []
+            elif self.covariance == "diag":
+                columns = (cov[k] <= limit).nonzero().flatten().tolist()
+            else:
+                columns = list(range(self.dim)) if cov[k] <= limit else []
+            if columns:
+                floored.append(f"covariances[{k}] (an eigenvalue on the reg_covar floor {self.reg_covar:g}, "
+                               f"along columns {columns})")
+        return floored
 
     def _set_values(self, values: dict[str, torch.Tensor]) -> None:
         self._set("weights", values["weights"], constraints.simplex)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import warnings
 from collections.abc import Sequence
 
 import pyro
@@ -14,7 +16,7 @@ from pyro.nn import PyroParam, pyro_method
 from torch import nn
 from torch.nn.functional import softplus
 
-from freqvi.errors import FreqviInputError
+from freqvi.errors import DegenerateDataWarning, FreqviInputError
 from freqvi.guides.amortized import SCALE_FLOOR, AmortizedNormal
 from freqvi.models.base import LatentVariableModel
 from freqvi.validation import (
@@ -31,6 +33,8 @@ from freqvi.validation import (
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 #: The Gaussian likelihood's scale: one per coordinate, or one shared (``noise=``).
 NOISE_TYPES = ("diagonal", "isotropic")
+#: The default floor of that scale (``min_noise_scale=``): a variance of 1e-6, scikit-learn's ``reg_covar``.
+MIN_NOISE_SCALE = 1e-3
 
 
 def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -66,6 +70,18 @@ class GaussianEncoder(nn.Module):
         return loc, softplus(raw_scale) + SCALE_FLOOR
 
 
+def _floored_scale(shape: tuple[int, ...], init: float, floor: float) -> PyroParam:
+    """A scale parameter ``floor + exp(u)`` (``exp(u)`` for ``floor = 0``) of ``shape``, starting at ``init``.
+
+    :raises FreqviInputError: unless ``init`` is a finite number above ``floor``.
+    """
+    init = check_positive_float(init, "init_noise_scale")
+    if init <= floor:
+        raise FreqviInputError(f"init_noise_scale must be above min_noise_scale = {floor:g}; got {init!r}.")
+    constraint = constraints.greater_than(floor) if floor else constraints.positive
+    return PyroParam(torch.full(shape, init), constraint)
+
+
 class VAE(LatentVariableModel):
     r"""Variational autoencoder: a deep latent Gaussian model and its amortised guide.
 
@@ -83,7 +99,14 @@ class VAE(LatentVariableModel):
     * ``"continuous_bernoulli"``: the normalised density on ``[0, 1]`` (Loaiza-Ganem and
       Cunningham 2019) with logits :math:`f`;
     * ``"gaussian"``: :math:`\mathcal N(f, \sigma^2)` with a learned ``noise_scale``
-      :math:`\sigma`, per dimension (``noise="diagonal"``) or one scalar (``"isotropic"``).
+      :math:`\sigma`, per dimension (``noise="diagonal"``) or one scalar (``"isotropic"``),
+      :math:`\sigma = \sigma_{\min} + e^{u}` over its free coordinate :math:`u`. The floor
+      :math:`\sigma_{\min}` (``min_noise_scale``) plays the part of scikit-learn's ``reg_covar``: on
+      a constant column (a pixel that is always 0) the likelihood grows without bound as that
+      :math:`\sigma \to 0`, by :math:`-\log \sigma` per row; the floor bounds it at
+      :math:`-\log \sigma_{\min} - \tfrac12 \log 2\pi` per row, and :math:`\sigma` there converges
+      to :math:`\sigma_{\min}`. :meth:`check_data` warns of such columns
+      (:class:`~freqvi.errors.DegenerateDataWarning`).
 
     The decoder :math:`\theta` is estimated by maximum likelihood through the ELBO; the
     encoder :math:`\phi` (a :class:`GaussianEncoder` ``data_dim -> hidden -> latent_dim``
@@ -101,14 +124,19 @@ class VAE(LatentVariableModel):
     :param hidden: the encoder's hidden widths, input side first; the decoder mirrors them.
     :param likelihood: one of :data:`~freqvi.models.vae.LIKELIHOODS`.
     :param noise: the Gaussian likelihood's scale, one of :data:`~freqvi.models.vae.NOISE_TYPES`.
-    :param init_noise_scale: its initial value.
+    :param init_noise_scale: its initial value, above ``min_noise_scale``.
+    :param min_noise_scale: the floor :math:`\sigma_{\min} \ge 0` of the Gaussian likelihood's scale,
+        in the data's units; the default ``1e-3`` is a variance of ``1e-6``, scikit-learn's
+        ``reg_covar`` default. ``0`` removes it (then a constant column makes the likelihood
+        unbounded).
+    :raises FreqviInputError: for a bad size, width, likelihood, noise type or scale.
     """
 
     exact_guide = False
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (128, 64),
                  likelihood: str = "bernoulli", *, noise: str = "diagonal", init_noise_scale: float = 1.0,
-                 name: str | None = None):
+                 min_noise_scale: float = MIN_NOISE_SCALE, name: str | None = None):
         super().__init__(name=name)
         self.data_dim = check_positive_int(data_dim, "data_dim")
         self.latent_dim = check_positive_int(latent_dim, "latent_dim")
@@ -116,10 +144,10 @@ class VAE(LatentVariableModel):
         self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
         self.noise = check_choice(noise, "noise", NOISE_TYPES)
         self.decoder = mlp((self.latent_dim, *reversed(self.hidden), self.data_dim))
+        self.min_noise_scale = check_positive_float(min_noise_scale, "min_noise_scale", allow_zero=True)
         if self.likelihood == "gaussian":
             shape = (self.data_dim,) if self.noise == "diagonal" else ()
-            scale = check_positive_float(init_noise_scale, "init_noise_scale")
-            self.noise_scale = PyroParam(torch.full(shape, scale), constraints.positive)
+            self.noise_scale = _floored_scale(shape, init_noise_scale, self.min_noise_scale)
         encoder = GaussianEncoder(self.data_dim, self.latent_dim, self.hidden)
         self.guide = AmortizedNormal(self.model, encoder, data_plate=self.data_plate)
 
@@ -135,7 +163,33 @@ class VAE(LatentVariableModel):
 
     def check_data(self, x: torch.Tensor) -> None:
         """Raises :class:`~freqvi.errors.FreqviInputError` unless ``x`` is ``(n, data_dim)``,
-        finite and, for the two Bernoulli likelihoods, inside their support ``[0, 1]``."""
+        finite and, for the two Bernoulli likelihoods, inside their support ``[0, 1]``; for the
+        Gaussian likelihood, warns (:class:`~freqvi.errors.DegenerateDataWarning`) of the columns on
+        which only ``min_noise_scale`` bounds it: constant ones (with one scale per column) or all of
+        them when every row is the same (one shared scale)."""
+        self._check_values(x)
+        if self.likelihood == "gaussian" and x.shape[0] > 1:
+            self._warn_constant_columns(x)
+
+    def _warn_constant_columns(self, x: torch.Tensor) -> None:
+        constant = (x == x[:1]).all(0)
+        if self.noise == "isotropic" and not constant.all():
+            return
+        columns = constant.nonzero().flatten().tolist()
+        if not columns:
+            return
+        floor = self.min_noise_scale
+        bound = -math.log(floor) - 0.5 * math.log(2 * math.pi) if floor else math.inf  # max of log N(x; x, s)
+        shown = columns if len(columns) <= 20 else [*columns[:20], "..."]
+        warnings.warn(DegenerateDataWarning(
+            f"columns {shown} of the data ({len(columns)} of {self.data_dim}) are constant: there the "
+            f"Gaussian likelihood grows as the noise scale falls, bounded only by min_noise_scale = "
+            f"{self.min_noise_scale:g} (at most {bound:.4g} nats per row and column), so the scale there "
+            "is the floor, not an estimate, and the log-likelihood counts that bound. Drop those columns, "
+            "or choose min_noise_scale (the data's resolution, e.g. half a grey level)."), stacklevel=3)
+
+    def _check_values(self, x: torch.Tensor) -> None:
+        """:meth:`check_data`'s refusals, without its warning (the model's own check at every trace)."""
         check_matrix(x, self.data_dim)
         check_finite(x, "data")
         if self.likelihood != "gaussian" and ((x < 0) | (x > 1)).any():
@@ -162,7 +216,7 @@ class VAE(LatentVariableModel):
         with pyro.plate(self.data_plate, x.shape[0]) as i:
             obs = x[i]
             if is_validation_enabled():  # fit checks the data once, then steps with validation off
-                self.check_data(obs)
+                self._check_values(obs)
             z = pyro.sample("latent", dist.Normal(x.new_zeros(()), 1.0).expand([self.latent_dim]).to_event(1))
             pyro.sample("obs", self.decode(z), obs=obs)
 
@@ -170,7 +224,7 @@ class VAE(LatentVariableModel):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder's ``(loc, scale)`` of :math:`q_\\phi(z \\mid x)`, each ``(n, latent_dim)``."""
         self._prepare(x)
-        self.check_data(x)
+        self._check_values(x)
         return self.guide.encoder(x)
 
     @torch.no_grad()
