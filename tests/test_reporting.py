@@ -1,5 +1,6 @@
 """freqvi.reporting: the numbers of a report with their units and standard errors, and what k-hat says."""
 
+import json
 import math
 import warnings
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import freqvi
+from freqvi import reporting
 from freqvi.infer.log_likelihood import LogLikelihood
 from freqvi.models import FactorAnalysis
 from freqvi.reporting import held_out, importance_estimate, pareto_k_text, with_errors
@@ -63,3 +65,16 @@ def test_pareto_k_text_on_real_estimates_that_k_hat_cannot_judge():
     assert "errors can be trusted" not in text  # no verdict without k-hat
     # factor analysis's guide is its exact posterior: every weight is the same
     assert pareto_k_text(importance_estimate(exact, 30)).startswith("constant importance weights")
+
+
+def test_reports_are_strict_json_with_null_for_what_is_not_finite():
+    """An unestimable k-hat is NaN: written as ``NaN`` the file is not JSON and strict parsers refuse it."""
+    report = {"pareto_k_max": float("nan"), "bound": float("inf"),
+              "values": torch.tensor([1.5, float("nan")]), "count": np.int64(3),
+              "nested": [{"x": np.float32(0.25)}]}
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads(reporting.to_json(report), parse_constant=refuse) == {
+        "pareto_k_max": None, "bound": None, "values": [1.5, None], "count": 3, "nested": [{"x": 0.25}]}

@@ -9,7 +9,6 @@ Later subcommands (``vae``, ``diffusion``, ``tour``) are added the same way.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import signal
 import sys
@@ -180,7 +179,7 @@ def _row(values: Sequence[float]) -> str:
 
 def _write_json(report: dict, path: Path) -> None:
     try:
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        path.write_text(reporting.to_json(report))
     except OSError as exc:
         raise FreqviError(f"cannot write {str(path)!r}: {exc.strerror or exc}.") from None
 

@@ -21,8 +21,10 @@ Each report's JSON carries this legend under ``"conventions"`` (:func:`conventio
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import torch
 
 #: The unit each key suffix stands for.
@@ -128,3 +130,22 @@ def pareto_k_text(entry: dict, item: str = "observation") -> str:
     if unestimable:
         text += f"; k-hat not estimable for {unestimable:.1%} of {item}s (tied or too few weights)"
     return text
+
+
+def to_json(report: dict) -> str:
+    """``report`` as strict JSON (RFC 8259), indented: tensors and arrays as lists, NumPy scalars as
+    numbers, and a number that is not finite (an unestimable k-hat's NaN) as ``null``, since ``NaN``
+    and ``Infinity`` are not JSON and strict parsers (JavaScript's, ``jq``) refuse the whole file."""
+    return json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n"
+
+
+def _finite_or_null(value):
+    if isinstance(value, torch.Tensor | np.ndarray | np.generic):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -16,7 +16,6 @@ the figures (PNG) and every number in ``metrics.json``.
 from __future__ import annotations
 
 import html
-import json
 import math
 import time
 from collections.abc import Callable
@@ -389,7 +388,7 @@ def run_tour(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = 
               "threads": threads, "versions": versions}
     metrics = {**header, "sections": {s.title: s.metrics for s in sections},
                "conventions": reporting.conventions()}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+    (out / "metrics.json").write_text(reporting.to_json(metrics))
     (out / "report.md").write_text(render_markdown(sections, header))
     report = out / "report.html"
     report.write_text(render_html(sections, header))
@@ -483,11 +482,3 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, lines, *, hline=None
     ax.legend(fontsize="small")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
-
-
-def _json_default(value):
-    if isinstance(value, torch.Tensor | np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
