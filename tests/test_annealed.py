@@ -23,8 +23,9 @@ from test_proposals import (
     random_effects,
 )
 
+import freqvi
 from freqvi.errors import FreqviInputError
-from freqvi.infer.annealed import annealed_log_likelihood, bidirectional_log_likelihood
+from freqvi.infer.annealed import AnnealedLogLikelihood, annealed_log_likelihood, bidirectional_log_likelihood
 
 
 def prior_guide(x):
@@ -79,13 +80,88 @@ def test_its_likelihood_estimates_are_unbiased():
     assert ratio.std() > 1e-3 and abs(ratio.mean() - 1) < 4 * ratio.std() / math.sqrt(len(x))
 
 
+def shared_mean(x):
+    """m ~ N(0, 1) shared by every row (outside the data plate), z_i ~ N(m, 1), x_i ~ N(z_i, 1)."""
+    m = pyro.sample("m", dist.Normal(x.new_zeros(()), 1.0))
+    with pyro.plate("data", len(x)) as i:
+        z = pyro.sample("z", dist.Normal(m, 1.0))
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=x[i])
+
+
+def shared_mean_guide(x):
+    pyro.sample("m", dist.Normal(x.new_zeros(()), 1.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(x / 2, 0.7))
+
+
+def method_ais(model, x, guide, **options):
+    return freqvi.log_likelihood(model, x, guide, method="ais", **options)
+
+
+@pytest.mark.parametrize("route", [annealed_log_likelihood, method_ais], ids=["function", "method"])
 @pytest.mark.parametrize("model, guide, message", [
-    (random_effects, AutoNormal(random_effects), "auxiliary draw or a point mass"),
-    (mixed_model, discrete_guide, "site 'k' is discrete"),
-])
-def test_what_it_cannot_anneal_is_refused(model, guide, message):
+    (random_effects, lambda: AutoNormal(random_effects), "site 'z_unconstrained' is an auxiliary draw or a point mass"),
+    (mixed_model, lambda: discrete_guide, "site 'k' is discrete"),
+    (shared_mean, lambda: shared_mean_guide, r"site\(s\) \['m'\] lie outside the data plate 'data'"),
+    (random_effects, lambda: None, "(starts its chains at draws of the guide|needs a guide)"),
+], ids=["autoguide", "discrete", "global", "no guide"])
+def test_what_it_cannot_anneal_is_refused(route, model, guide, message):
+    """Before any transition: the refusals of AIS through either entry point."""
     with pytest.raises(FreqviInputError, match=message):
-        annealed_log_likelihood(model, counts(10).double(), guide)
+        route(model, counts(10).double(), guide())
+
+
+def test_method_ais_routes_to_annealed_importance_sampling():
+    """log_likelihood(method="ais") is annealed_log_likelihood: the same draws give the same numbers, and
+    its options reach the chains."""
+    x = counts(40)
+    options = dict(num_temperatures=12, num_chains=5, leapfrog_steps=3, step_size=0.2, seed=3)
+    direct = annealed_log_likelihood(poisson_lognormal, x, laplace_guide, **options)
+    routed = freqvi.log_likelihood(poisson_lognormal, x, laplace_guide, method="ais", **options)
+    assert isinstance(routed, AnnealedLogLikelihood) and isinstance(routed, freqvi.LogLikelihood)
+    torch.testing.assert_close(routed.per_observation, direct.per_observation, rtol=0, atol=0)
+    assert routed.standard_error == direct.standard_error and routed.acceptance_rate == direct.acceptance_rate
+    settings = routed.settings
+    assert (settings.num_temperatures, settings.num_chains, settings.leapfrog_steps, settings.step_size) == \
+        (12, 5, 3, 0.2)
+    assert routed.method == "ais" and routed.num_samples == routed.num_chains == 5
+    assert settings.evaluations_per_observation == 12 * 5 * 4
+    fewer = freqvi.log_likelihood(poisson_lognormal, x, laplace_guide, method="ais", **{**options, "seed": 4,
+                                                                                       "num_temperatures": 6})
+    assert fewer.settings.num_temperatures == 6 and not torch.equal(fewer.per_observation, routed.per_observation)
+
+
+def test_its_result_reads_like_the_importance_result():
+    """Per-observation estimates, their standard errors (which sum in quadrature to the total's), effective
+    sample sizes between 1 and K, the acceptance rate and the CPU time, as importance sampling's result."""
+    x = counts(30)
+    ais = freqvi.log_likelihood(poisson_lognormal, x, laplace_guide, method="ais", num_temperatures=20, seed=0)
+    importance = freqvi.log_likelihood(poisson_lognormal, x, laplace_guide, num_samples=200, seed=0)
+    for result, k in ((ais, 16), (importance, 200)):
+        assert result.per_observation.shape == result.per_observation_se.shape == (30,)
+        assert result.effective_sample_size.shape == (30,)
+        assert ((result.effective_sample_size >= 1 - 1e-9) & (result.effective_sample_size <= k + 1e-9)).all()
+        assert result.standard_error == pytest.approx(float(result.per_observation_se.square().sum().sqrt()))
+        assert result.total == pytest.approx(float(result.per_observation.sum()))
+        assert result.cpu_seconds_per_observation > 0 and result.num_samples == k
+    assert 0 < ais.acceptance_rate <= 1 and ais.pareto_k is None and ais.proposal == "guide"
+    assert "annealed importance sampling" in repr(ais) and "20 temperatures x 16 chains" in repr(ais)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "ais", "num_samples": 100}, r"num_samples: option\(s\) of importance sampling.*num_chains"),
+    ({"method": "ais", "proposal": "student_t"}, "proposal: option"),
+    ({"method": "ais", "chunk_size": 10}, "chunk_size: option"),
+    ({"num_chains": 8}, r"num_chains: option\(s\) of annealed importance sampling, but method='auto'"),
+    ({"method": "importance", "num_temperatures": 10, "leapfrog_steps": 2},
+     "leapfrog_steps, num_temperatures: option"),
+    ({"method": "ais", "num_temperatures": 0}, "num_temperatures"),
+    ({"method": "ais", "step_size": -0.1}, "step_size"),
+])
+def test_an_option_of_another_method_is_refused(options, message):
+    """Not silently ignored: a num_chains with importance sampling would do nothing the caller meant."""
+    with pytest.raises(FreqviInputError, match=message):
+        freqvi.log_likelihood(poisson_lognormal, counts(10), laplace_guide, **options)
 
 
 @pytest.mark.parametrize("option, message", [
