@@ -286,3 +286,47 @@ def test_readme_poisson_lognormal_every_estimate_within_three_standard_errors():
     for estimate in estimates:
         assert 0 < estimate.standard_error < 1
         assert abs(estimate.total - exact) < 3 * estimate.standard_error, estimate
+
+
+@pytest.fixture(scope="module")
+def digits_vae():
+    """The tour's VAE (latent 8), trained as the tour trains it, from torch's seed 0 (about 9 CPU s)."""
+    from freqvi.datasets import load_digits
+    from freqvi.models import VAE
+
+    train = (load_digits("train") > 0.5).float()
+    torch.manual_seed(0)
+    model = VAE(64, latent_dim=8)
+    freqvi.fit(model, train[:-200], loss="mean_field", lr=2e-3, num_steps=4000, batch_size=128, seed=0,
+               progress=False, validation_data=train[-200:], eval_every=400)
+    return model, (load_digits("test") > 0.5).float()
+
+
+@pytest.mark.slow
+def test_digits_vae_ais_agrees_with_the_default_importance_estimate(digits_vae):
+    """The issue's acceptance, on the first 100 test images: AIS at its defaults and importance sampling
+    with the default proposal (K = 1000) within 0.1 nats per image (benchmarks/ais_temperatures.py
+    measures it on every test image), and each within 4 of their joint standard errors of the other."""
+    model, test = digits_vae
+    test = test[:100]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImportanceSamplingWarning)  # k-hat is the benchmark's to report
+        importance = freqvi.log_likelihood(model, test, num_samples=1000, seed=1)
+    ais = freqvi.log_likelihood(model, test, method="ais", seed=1)
+    assert importance.proposal == "student-t(df=3)" and 0.5 < ais.acceptance_rate < 1
+    assert abs(ais.total - importance.total) / len(test) < 0.1
+    assert abs(ais.total - importance.total) < 4 * math.hypot(ais.standard_error, importance.standard_error)
+
+
+@pytest.mark.slow
+def test_digits_vae_bidirectional_gap_on_simulated_images(digits_vae):
+    """Images drawn from the fitted VAE with their latents: at the default settings the bidirectional gap
+    is below 0.2 nats per image (the issue's bar) on 30 images, and the bounds are ordered within noise."""
+    model, _ = digits_vae
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        z = torch.randn(30, 8, generator=g)
+        x = torch.bernoulli(model.decode(z).mean, generator=g)
+    bounds = bidirectional_log_likelihood(model, x, None, {"latent": z}, seed=2)
+    noise = math.hypot(bounds.lower.standard_error, bounds.upper.standard_error)
+    assert -3 * noise < bounds.gap < 0.2 * len(x)
