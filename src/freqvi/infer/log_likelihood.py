@@ -479,7 +479,10 @@ def _warn_on_pareto_k(result: LogLikelihood, what: str) -> None:
         else:  # already widened: what is left is a guide far from the posterior, or annealing
             remedy = (f"the {result.proposal} proposal built on the guide is still too far from the "
                       "posterior there (heavy-tailed weights); more samples do not cure that: fit the guide "
-                      "closer to the posterior, or use freqvi.infer.annealed.annealed_log_likelihood.")
+                      "closer to the posterior" + (
+                          "." if result.joint else  # AIS anneals each observation's latents alone
+                          ", or use method='ais' (annealed importance sampling, which moves each draw "
+                          "towards the posterior; for a guide that draws the model's latents directly)."))
         warnings.warn(
             f"{heavy} of {len(result.pareto_k)} {what} have PSIS k-hat > {PARETO_K_THRESHOLD} "
             f"(max {result.max_pareto_k:.2f}): their importance-sampling estimates cannot be trusted: "
