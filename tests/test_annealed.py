@@ -150,6 +150,7 @@ def test_its_result_reads_like_the_importance_result():
         assert result.cpu_seconds_per_observation > 0 and result.num_samples == k
     assert 0 < ais.acceptance_rate <= 1 and ais.pareto_k is None and ais.proposal == "guide"
     assert "annealed importance sampling" in repr(ais) and "20 temperatures x 16 chains" in repr(ais)
+    assert freqvi.log_likelihood(poisson_lognormal, x, laplace_guide, seed=0).num_samples == 1000  # default
 
 
 @pytest.mark.parametrize("options, message", [
