@@ -14,8 +14,8 @@ batches of 128, ``--steps`` steps, seed 0), then:
   seconds per image;
 * on ``--simulated`` images drawn from the fitted VAE with their latents,
   :func:`freqvi.infer.annealed.bidirectional_log_likelihood` at the same settings: the lower
-  (forward) and upper (reverse) bounds per image and their gap, which bounds the error of
-  either on data like these,
+  (forward) and upper (reverse) bounds per image and their gap, with its standard error, which
+  bounds the error of either on data like these,
 
 so that a user sees what more temperatures buy. CPU time is :func:`time.process_time`
 (one thread). Run: ``python benchmarks/ais_temperatures.py --temperatures 100 1000 10000``.
@@ -24,6 +24,7 @@ so that a user sees what more temperatures buy. CPU time is :func:`time.process_
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import warnings
 
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--temperatures", type=int, nargs="+", default=[100, 1000])
     args = parser.parse_args()
     torch.set_num_threads(1)
+    import arviz  # noqa: F401  (log_likelihood imports it on first use: not a cost of the first row)
+
     model = trained_vae(args.steps)
     test = (load_digits("test") > 0.5).float()[:args.images]
     n = len(test)
@@ -77,17 +80,19 @@ def main() -> None:
     x, z = simulated(model, args.simulated)
     print(f"\n{'temperatures':>12} {'AIS nats/image':>15} {'s.e.':>7} {'minus IS':>9} {'acceptance':>10} "
           f"{'CPU s/image':>12} | {args.simulated} simulated: {'lower':>9} {'upper':>9} {'gap/image':>9} "
-          f"{'CPU s/image':>12}")
+          f"{'s.e.':>7} {'CPU s/image':>12}")
     for temperatures in args.temperatures:
         settings = dict(num_temperatures=temperatures, num_chains=args.chains)
         ais = freqvi.log_likelihood(model, test, method="ais", seed=1, **settings)
         start = time.process_time()
         bounds = bidirectional_log_likelihood(model, x, None, {"latent": z}, seed=2, **settings)
         bmc_cpu = (time.process_time() - start) / len(x)
+        gap_se = math.hypot(bounds.lower.standard_error, bounds.upper.standard_error)
         print(f"{temperatures:12d} {ais.total / n:15.4f} {ais.standard_error / n:7.4f} "
               f"{(ais.total - ll.total) / n:9.4f} {ais.acceptance_rate:10.3f} "
               f"{ais.cpu_seconds_per_observation:12.4f} | {'':>13}{bounds.lower.total / len(x):9.4f} "
-              f"{bounds.upper.total / len(x):9.4f} {bounds.gap / len(x):9.4f} {bmc_cpu:12.4f}", flush=True)
+              f"{bounds.upper.total / len(x):9.4f} {bounds.gap / len(x):9.4f} {gap_se / len(x):7.4f} "
+              f"{bmc_cpu:12.4f}", flush=True)
 
 
 if __name__ == "__main__":
