@@ -1,21 +1,24 @@
 """The ``freqvi`` console command, called in-process through :func:`freqvi.cli.main`."""
 
+import argparse
 import json
 import re
 
 import numpy as np
 import pytest
 import torch
+from report_keys import standard_error_keys
 from scipy.stats import multivariate_normal
 
 import freqvi
-from freqvi.cli import main
-from freqvi.datasets import load_iris, load_moons
-from freqvi.models import GaussianMixture
+from freqvi.cli import diffusion_report, main, vae_report
+from freqvi.datasets import load_digits, load_iris, load_moons
+from freqvi.infer.diffusion import diffusion_bound
+from freqvi.models import VAE, GaussianDiffusion, GaussianMixture
 
 
 def _printed_log_likelihood(out: str) -> float:
-    match = re.search(r"^log-likelihood\s+(\S+) total", out, re.MULTILINE)
+    match = re.search(r"^log-likelihood\s+(\S+) nats total", out, re.MULTILINE)
     assert match, out
     return float(match.group(1))
 
@@ -58,7 +61,12 @@ def test_json_holds_estimates_and_metrics(tmp_path, capsys):
     assert main(argv) == 0
     out, err = capsys.readouterr()
     report = json.loads(path.read_text())
-    assert set(report) == {"command", "data", "model", "estimates", "log_likelihood", "fit"}
+    assert set(report) == {"command", "data", "model", "estimates", "log_likelihood", "fit", "conventions"}
+    ll = report["log_likelihood"]  # exact for a mixture: no Monte-Carlo error
+    assert ll["method"] == "exact" and ll["monte_carlo_standard_error_total"] == 0
+    assert ll["mean_per_observation"] == pytest.approx(ll["total"] / 150)
+    assert standard_error_keys(report) == [(("log_likelihood",), "monte_carlo", "total"),
+                                           (("log_likelihood",), "monte_carlo", "per_observation")]
     assert set(report["estimates"]) == {"weights", "locs", "covariances"}
     assert np.asarray(report["estimates"]["covariances"]).shape == (3, 4)
     assert report["data"] == {"name": "iris", "n": 150, "dim": 4, "dtype": "float32"}
@@ -115,17 +123,102 @@ def test_vae_writes_metrics_and_pictures(tmp_path, capsys):
     assert main([*VAE_QUICK, "--latent-dim", "2", "--out", str(out_dir)]) == 0
     out, _ = capsys.readouterr()
     report = json.loads((out_dir / "metrics.json").read_text())
-    assert report["data"] == {"name": "digits", "n_train": 1500, "n_test": 297, "dim": 64}
+    assert report["data"] == {"name": "digits", "n_train": 1500, "n_test": 297, "dim": 64, "pixels": "binary"}
     assert report["model"]["latent_dim"] == 2 and report["fit"]["num_steps"] == 30
     ll, terms = report["test_log_likelihood"], report["test_elbo"]
-    assert ll["num_samples"] == 50 and ll["mean_per_observation"] > terms["elbo_per_observation"]
-    assert terms["elbo_per_observation"] == pytest.approx(
+    assert ll["num_samples"] == 50 and ll["mean_per_observation"] > terms["mean_per_observation"]
+    assert terms["mean_per_observation"] == pytest.approx(
         terms["reconstruction_per_observation"] - terms["kl_per_observation"])
     assert sorted(report["pictures"]) == ["latent.png", "reconstructions.png", "samples.png"]
     assert all((out_dir / name).read_bytes()[:4] == b"\x89PNG" for name in report["pictures"])
-    assert f"{ll['mean_per_observation']:.3f} per test observation" in out
-    # grey levels under a Bernoulli likelihood: the report says the number is a cross-entropy
-    assert not ll["normalised"] and "a cross-entropy, not a log-likelihood" in out
+    # the default digits are binary: the Bernoulli likelihood is a density and the number a log-likelihood
+    assert ll["normalised"] and "cross-entropy" not in out and "(binarised at 0.5)" in out
+    assert f"{ll['mean_per_observation']:.3f} nats per image (Monte-Carlo s.e. " in out
+    assert ll["proposal"] == "student-t(df=3)" and "from the proposal student-t(df=3)" in out
+    assert "PSIS k-hat" in out
+
+
+def test_vae_report_keys_name_their_units(tmp_path, capsys):
+    """Every standard error in metrics.json is of a known kind and sits beside a number of its unit; the
+    per-observation ones are the totals' over the number of observations, as printed."""
+    out_dir = tmp_path / "run"
+    assert main([*VAE_QUICK, "--out", str(out_dir)]) == 0
+    out, _ = capsys.readouterr()
+    report = json.loads((out_dir / "metrics.json").read_text())
+    assert set(report["conventions"]) == {"units", "standard_errors"}
+    found = standard_error_keys(report)
+    for section, n in (("test_log_likelihood", 297), ("test_elbo", 297), ("amortization_gap", 10)):
+        entry = report[section]
+        assert ((section,), "monte_carlo", "per_observation") in found
+        assert ((section,), "sampling", "per_observation") in found
+        assert entry["mean_per_observation"] == pytest.approx(entry["total"] / n)
+        assert entry["monte_carlo_standard_error_per_observation"] == pytest.approx(
+            entry["monte_carlo_standard_error_total"] / n)
+        assert (f"(Monte-Carlo s.e. {entry['monte_carlo_standard_error_per_observation']:.3f}; s.e. "
+                f"{entry['sampling_standard_error_per_observation']:.3f} over the {n} test images)") in out
+
+
+def test_vae_runs_with_one_seed_agree(tmp_path):
+    """--seed also sets the networks' initial weights: two runs give the same numbers."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out_dir in runs:
+        assert main([*VAE_QUICK, "--gap-steps", "1", "--seed", "3", "--out", str(out_dir)]) == 0
+    first, second = (json.loads((out_dir / "metrics.json").read_text()) for out_dir in runs)
+    assert first["test_log_likelihood"]["total"] == second["test_log_likelihood"]["total"]
+    assert first["fit"]["validation_elbo_total"] == second["fit"]["validation_elbo_total"]
+
+
+def test_vae_grey_levels_are_an_explicit_option(tmp_path, capsys):
+    assert main([*VAE_QUICK, "--pixels", "grey", "--out", str(tmp_path)]) == 0
+    out, _ = capsys.readouterr()
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["data"]["pixels"] == "grey" and not report["test_log_likelihood"]["normalised"]
+    assert "(grey levels in [0, 1])" in out and "a cross-entropy, not a log-likelihood" in out
+
+
+@pytest.fixture(scope="module")
+def small_vae():
+    """A VAE fitted for 30 steps on 300 binarised training digits, and 60 test digits."""
+    train, test = load_digits("train", binarize=True)[:300], load_digits("test", binarize=True)[:60]
+    model = VAE(64, 2, hidden=(16,))
+    result = freqvi.fit(model, train, loss="mean_field", lr=2e-3, num_steps=30, batch_size=128, seed=0,
+                        progress=False)
+    return model, train, test, result
+
+
+def _vae_args(seed: int) -> argparse.Namespace:
+    return argparse.Namespace(num_samples=50, seed=seed, gap_steps=20, estimator="mean_field", lr=2e-3,
+                              batch_size=128, pixels=None)
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.FreqviWarning")
+def test_vae_monte_carlo_standard_errors_match_the_spread_over_seeds(small_vae):
+    """The Monte-Carlo s.e. per observation against an independent estimate of it: the standard deviation
+    of the report's mean per observation over 24 seeds (the same fit, new draws). A s.e. of the total, or
+    the spread over observations, beside a per-observation mean is off by a factor 60 or about 20."""
+    model, train, test, result = small_vae
+    reports = [vae_report("digits", train, test, model, result, _vae_args(seed)) for seed in range(24)]
+    for section in ("test_log_likelihood", "test_elbo", "amortization_gap"):
+        means = np.array([r[section]["mean_per_observation"] for r in reports])
+        reported = np.array([r[section]["monte_carlo_standard_error_per_observation"] for r in reports])
+        ratio = means.std(ddof=1) / np.sqrt(np.mean(reported ** 2))
+        # the sample s.d. of 24 draws has relative s.e. 1/sqrt(2 * 23); 4 of them on the log scale
+        assert abs(np.log(ratio)) < 4 / np.sqrt(2 * 23), (section, ratio)
+
+
+@pytest.mark.filterwarnings("ignore::freqvi.errors.FreqviWarning")
+def test_vae_sampling_standard_errors_recomputed(small_vae):
+    """The sampling s.e. of the report against NumPy's on the per-observation values of the same draws."""
+    model, train, test, result = small_vae
+    report = vae_report("digits", train, test, model, result, _vae_args(3))
+    ll = freqvi.log_likelihood(model, test, num_samples=50, seed=3)
+    values = ll.per_observation.double().numpy()
+    assert report["test_log_likelihood"]["sampling_standard_error_per_observation"] == pytest.approx(
+        values.std(ddof=1) / np.sqrt(len(values)), rel=1e-9)
+    # the total is summed in float64, the per-observation values are kept in the data's float32
+    assert report["test_log_likelihood"]["total"] == pytest.approx(values.sum(), rel=1e-6)
+    assert report["test_log_likelihood"]["monte_carlo_standard_error_total"] == pytest.approx(
+        ll.standard_error, rel=1e-9)
 
 
 @pytest.mark.parametrize("values", ["binary", "grey"])
@@ -136,7 +229,8 @@ def test_vae_on_a_users_file(tmp_path, capsys, values):
     assert main([*VAE_QUICK, "--data", str(path), "--out", str(tmp_path), "--estimator", "iwae",
                  "--particles", "3"]) == 0
     out, _ = capsys.readouterr()
-    assert ("cross-entropy" in out) == (values == "grey")
+    assert ("cross-entropy" in out) == (values == "grey")  # a user's file is used as it is
+    assert "nats per observation" in out
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["data"] == {"name": str(path), "n_train": 40, "n_test": 10, "dim": 9}
     assert report["fit"]["estimator"] == "iwae"
@@ -154,7 +248,9 @@ def _above_one(tmp_path):
     lambda tmp_path: (["--latent-dim", "0"], "latent_dim must be an integer >= 1"),
     lambda tmp_path: (["--data", str(tmp_path / "missing.npy")], "does not exist"),
     lambda tmp_path: (["--hidden", "16,0"], "hidden width must be an integer >= 1"),
-], ids=["above-one", "zero-latent-dim", "missing-file", "zero-width"])
+    lambda tmp_path: (["--pixels", "grey", "--data", str(_above_one(tmp_path)[0][1])],
+                      "--pixels grey applies to the embedded digits"),
+], ids=["above-one", "zero-latent-dim", "missing-file", "zero-width", "pixels-with-data"])
 def test_vae_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, bad_input):
     argv, message = bad_input(tmp_path)
     assert main([*VAE_QUICK, "--out", str(tmp_path / "out"), *argv]) == 2
@@ -183,7 +279,30 @@ def test_diffusion_writes_metrics_and_pictures(tmp_path, capsys):
     assert ed["num_points"] == 200 and ed["samples_vs_test"] > ed["test_half_vs_half"] > 0
     assert sorted(report["pictures"]) == ["forward_noising.png", "samples.png"]
     assert all((out_dir / name).read_bytes()[:4] == b"\x89PNG" for name in report["pictures"])
-    assert f"{nll['nats_per_dim']:.4f} nats/dim" in out
+    se = nll["sampling_standard_error_nats_per_dim"]
+    assert f"{nll['nats_per_dim']:.4f} nats/dim (s.e. {se:.4f} over the 2000 test points)" in out
+    assert "an upper bound on their NLL" in out
+    assert nll["sampling_standard_error_bits_per_dim"] == pytest.approx(
+        nll["sampling_standard_error_nats_per_dim"] / np.log(2))
+    assert standard_error_keys(report) == [(("test_nll_bound",), "sampling", "nats_per_dim"),
+                                           (("test_nll_bound",), "sampling", "bits_per_dim")]
+
+
+def test_diffusion_standard_error_recomputed():
+    """The bound's sampling s.e. per dimension against NumPy's on the per-observation bounds of the same
+    draws."""
+    train, test = load_moons("train")[:200], load_moons("test")[:100]
+    torch.manual_seed(0)
+    model = GaussianDiffusion(2, 20, hidden=(16,))
+    result = freqvi.fit(model, train, loss="time_subsampled", num_steps=5, seed=0, progress=False)
+    args = argparse.Namespace(seed=4, schedule="linear", hidden=(16,), estimator="time_subsampled", lr=0.01,
+                              batch_size=200, ema_decay=0.0, sampler="ancestral")
+    report = diffusion_report("moons", train, test, model, result, model.sample(50, seed=0), args)
+    values = diffusion_bound(model, test, seed=4).per_observation.double().numpy() / 2  # nats per dimension
+    nll = report["test_nll_bound"]
+    assert nll["nats_per_dim"] == pytest.approx(values.mean(), rel=1e-9)
+    assert nll["sampling_standard_error_nats_per_dim"] == pytest.approx(
+        values.std(ddof=1) / np.sqrt(len(values)), rel=1e-9)
 
 
 def test_diffusion_on_a_users_file(tmp_path):

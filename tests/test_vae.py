@@ -261,6 +261,17 @@ def test_digits_loader_and_its_fixed_split():
         load_digits("validation")
 
 
+def test_binarised_digits_are_the_raw_pixels_above_8_of_16():
+    everything, labels = load_digits("all", return_labels=True, binarize=True)
+    np.testing.assert_array_equal(everything.numpy(), (datasets.load_digits().data > 8).astype(np.float32))
+    test = load_digits("test", dtype=torch.float64, binarize=True)
+    grey = load_digits("test", torch.float64)
+    assert test.dtype == torch.float64 and torch.equal(test, (grey > 0.5).double())
+    assert torch.equal(labels, load_digits("all", return_labels=True)[1])
+    with pytest.raises(FreqviInputError, match=r"binarize must be True or False; got 0\.5"):
+        load_digits(binarize=0.5)
+
+
 def test_pictures_are_written(tmp_path, digits):
     x_test = digits[1]
     labels = load_digits("test", return_labels=True)[1]

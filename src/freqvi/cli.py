@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 import freqvi
-from freqvi import plots
+from freqvi import plots, reporting
 from freqvi.datasets import load_array, load_digits, load_iris, load_moons, load_swiss_roll
 from freqvi.errors import FreqviError, FreqviInputError, FreqviWarning
 from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
@@ -102,8 +103,10 @@ def em_report(data_name: str, x: torch.Tensor, model: GaussianMixture, result: f
               loglik: freqvi.LogLikelihood, args: argparse.Namespace) -> dict:
     """The fit as a JSON-ready dict: data, model, estimates, log-likelihood and fit metrics.
 
-    Estimates keep scikit-learn's shapes: ``weights`` ``(K,)``, ``locs`` ``(K, d)``,
-    ``covariances`` ``(K, d, d)`` full, ``(K, d)`` diag, ``(K,)`` spherical.
+    Numbers follow :mod:`freqvi.reporting`'s convention (units in the keys, legend under
+    ``"conventions"``); the log-likelihood is of the fitted data, exact for a mixture (its
+    Monte-Carlo standard error is then 0). Estimates keep scikit-learn's shapes: ``weights``
+    ``(K,)``, ``locs`` ``(K, d)``, ``covariances`` ``(K, d, d)`` full, ``(K, d)`` diag, ``(K,)`` spherical.
     """
     n, dim = x.shape
     return {
@@ -112,11 +115,12 @@ def em_report(data_name: str, x: torch.Tensor, model: GaussianMixture, result: f
         "model": {"class": type(model).__name__, "n_components": model.n_components, "dim": dim,
                   "covariance": model.covariance},
         "estimates": {k: v.tolist() for k, v in model.estimates().items()},
-        "log_likelihood": {"total": loglik.total, "mean_per_observation": loglik.total / n,
+        "log_likelihood": {**reporting.held_out(loglik.total, loglik.standard_error, None, n),
                            "method": loglik.method},
         "fit": {"num_iter": result.num_iter, "converged": result.converged, "m_step": result.m_step,
                 "wall_time": result.wall_time, "seed": args.seed, "max_iter": args.max_iter,
-                "tol": args.tol, "objective_trace": result.log_likelihood},
+                "tol": args.tol, "objective_trace_total": result.log_likelihood},
+        "conventions": reporting.conventions(),
     }
 
 
@@ -130,7 +134,10 @@ def format_em_report(report: dict, full: bool = False) -> str:
         "",
         *_format_components(report["estimates"], model["covariance"], full),
         "",
-        f"log-likelihood  {ll['total']:.4f} total, {ll['mean_per_observation']:.6f} per observation",
+        f"log-likelihood  {ll['total']:.4f} nats total, {ll['mean_per_observation']:.6f} nats per "
+        "observation " + ("(exact)" if ll["method"] == "exact" else
+           f"({ll['method']}; Monte-Carlo s.e. {ll['monte_carlo_standard_error_total']:.4f} of the total, "
+           f"{ll['monte_carlo_standard_error_per_observation']:.6f} per observation)"),
         f"iterations      {fit['num_iter']} of at most {fit['max_iter']}",
         f"converged       {'yes' if fit['converged'] else 'no'} (tolerance {fit['tol']:g} per observation)",
         f"M-step          {fit['m_step']}",
@@ -182,6 +189,7 @@ VAE_ESTIMATORS = ("mean_field", "trace", "iwae", "dreg", "stl")
 VAE_TEST_FRACTION = 0.2
 VAE_EVAL_EVERY = 200
 AMORTIZATION_GAP_POINTS = 10
+VAE_PIXELS = ("binary", "grey")
 
 
 def add_vae_command(subparsers: Subparsers) -> None:
@@ -191,10 +199,12 @@ def add_vae_command(subparsers: Subparsers) -> None:
         help="fit a variational autoencoder and write its held-out metrics and pictures",
         description="Fit a VAE by maximum likelihood through the ELBO (freqvi.fit, early stopping on "
         "the held-out ELBO), then evaluate it on held-out data: the log-likelihood by importance "
-        "sampling with the encoder as proposal (standard error, PSIS k-hat), the ELBO's "
-        "reconstruction and KL terms, the amortisation gap. Writes metrics.json, "
+        "sampling from a Student-t proposal built on the encoder (freqvi.log_likelihood's default; "
+        "Monte-Carlo and sampling standard errors, PSIS k-hat), the ELBO's reconstruction and KL "
+        "terms, the amortisation gap, each in nats per observation. Writes metrics.json, "
         "reconstructions.png, samples.png and, for --latent-dim 2, latent.png to --out. Data: the "
-        "embedded 8x8 digits (train 1,500 / test 297) unless --data is given, whose rows are then "
+        "embedded 8x8 digits (train 1,500 / test 297) binarised at 0.5 (--pixels) unless --data is "
+        "given, whose rows are then "
         f"split at random (seed 0) into {1 - VAE_TEST_FRACTION:.0%} train and {VAE_TEST_FRACTION:.0%} test.",
     )
     vae.add_argument("--data", metavar="PATH", type=Path,
@@ -205,6 +215,12 @@ def add_vae_command(subparsers: Subparsers) -> None:
                      help="hidden widths of the encoder, the decoder mirrors them (default: 128,64)")
     vae.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli",
                      help="p(x | z) (default: %(default)s)")
+    vae.add_argument("--pixels", choices=VAE_PIXELS,
+                     help="the embedded digits binarised at 0.5 (binary, the default: the Bernoulli "
+                     "likelihood is then a probability and the log-likelihood a log-likelihood) or as grey "
+                     "levels in [0, 1] (grey: under the Bernoulli likelihood a cross-entropy, not a "
+                     "log-likelihood; --likelihood continuous_bernoulli is a density on them); "
+                     "not with --data")
     vae.add_argument("--estimator", choices=VAE_ESTIMATORS, default="mean_field",
                      help="ELBO estimator: mean_field (analytic KL), trace, iwae, dreg, stl "
                      "(default: %(default)s)")
@@ -250,8 +266,9 @@ def _widths(text: str) -> tuple[int, ...]:
 
 def run_vae(args: argparse.Namespace) -> int:
     """Fits the VAE that ``args`` describes, evaluates it, prints a summary and writes ``--out``."""
-    train, test, labels, data_name = _vae_data(args.data)
+    train, test, labels, data_name = _vae_data(args.data, args.pixels)
     _make_folder(args.out)
+    torch.manual_seed(args.seed)  # the networks' initial weights: without it each run starts elsewhere
     model = VAE(train.shape[1], args.latent_dim, args.hidden, args.likelihood)
     model.check_data(train)
     model.check_data(test)
@@ -269,13 +286,26 @@ def run_vae(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vae_data(path: Path | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
-    """Train and test rows, the test labels (digits only) and the data's name."""
+def _vae_data(path: Path | None,
+              pixels: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
+    """Train and test rows, the test labels (digits only) and the data's name.
+
+    The digits are binarised unless ``pixels`` is ``"grey"``; a user's file is used as it is.
+    """
     if path is None:
-        train = load_digits("train")
-        test, labels = load_digits("test", return_labels=True)
+        binarize = _digit_pixels(pixels) == "binary"
+        train = load_digits("train", binarize=binarize)
+        test, labels = load_digits("test", return_labels=True, binarize=binarize)
         return train, test, labels, "digits"
+    if pixels is not None:
+        raise FreqviInputError(f"--pixels {pixels} applies to the embedded digits; --data {path} is used as "
+                               "it is (binarise it beforehand for a Bernoulli log-likelihood).")
     return (*_split_file(path, "vae"), None, str(path))
+
+
+def _digit_pixels(pixels: str | None) -> str:
+    """``--pixels`` as given, or its default for the digits."""
+    return VAE_PIXELS[0] if pixels is None else pixels
 
 
 def _split_file(path: Path, command: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,37 +328,46 @@ def _make_folder(path: Path) -> None:
 
 def vae_report(data_name: str, train: torch.Tensor, test: torch.Tensor, model: VAE, result: freqvi.FitResult,
                args: argparse.Namespace) -> dict:
-    """The fit and its held-out evaluation as a JSON-ready dict; totals and means per test observation."""
+    """The fit and its held-out evaluation as a JSON-ready dict, in :mod:`freqvi.reporting`'s convention.
+
+    ``test_log_likelihood``: :func:`freqvi.log_likelihood` of the test rows (importance sampling,
+    ``proposal="auto"``: a Student-t on the encoder), in nats: the total and the mean per test
+    observation, each with its Monte-Carlo standard error, the mean's sampling standard error
+    over the test observations, the proposal used and PSIS :math:`\\hat k` (the share above 0.7).
+    ``test_elbo`` likewise (:func:`~freqvi.infer.evaluation.elbo_terms`), with its terms per
+    observation; ``amortization_gap`` on the first ``AMORTIZATION_GAP_POINTS`` test rows.
+    """
     n_test = len(test)
     loglik = freqvi.log_likelihood(model, test, num_samples=args.num_samples, seed=args.seed)
     terms = elbo_terms(model, test, num_samples=100, seed=args.seed)
     gap = amortization_gap(model, test[:AMORTIZATION_GAP_POINTS], model.guide, num_steps=args.gap_steps,
                            seed=args.seed)
+    points = len(gap.encoder_elbo)
     return {
         "command": "vae",
-        "data": {"name": data_name, "n_train": len(train), "n_test": n_test, "dim": train.shape[1]},
+        "data": {"name": data_name, "n_train": len(train), "n_test": n_test, "dim": train.shape[1],
+                 **({"pixels": _digit_pixels(getattr(args, "pixels", None))}
+                    if data_name == "digits" else {})},
         "model": {"class": "VAE", "data_dim": model.data_dim, "latent_dim": model.latent_dim,
                   "hidden": list(model.hidden), "likelihood": model.likelihood},
         "test_log_likelihood": {
-            "total": loglik.total, "mean_per_observation": loglik.total / n_test,
-            "standard_error": loglik.standard_error, "num_samples": loglik.num_samples,
-            "pareto_k_max": loglik.max_pareto_k,
+            **reporting.importance_estimate(loglik, n_test),
             # Bernoulli on grey levels scores a cross-entropy, not a normalised density
             "normalised": model.likelihood != "bernoulli" or bool(((test == 0) | (test == 1)).all()),
-            "pareto_k_fraction_above_0.7": loglik.num_heavy_tailed / n_test,
-            "pareto_k_fraction_unestimable": loglik.num_unestimable / n_test,
         },
-        "test_elbo": {"elbo_per_observation": terms.elbo / n_test,
+        "test_elbo": {**reporting.held_out(terms.elbo, terms.standard_error, terms.per_observation, n_test),
                       "reconstruction_per_observation": terms.reconstruction / n_test,
-                      "kl_per_observation": terms.kl / n_test, "standard_error": terms.standard_error,
-                      "analytic_kl": terms.analytic_kl},
-        "amortization_gap": {"num_points": len(gap.encoder_elbo), "mean_per_observation":
-                             gap.gap / len(gap.encoder_elbo), "standard_error": gap.standard_error},
+                      "kl_per_observation": terms.kl / n_test, "analytic_kl": terms.analytic_kl,
+                      "num_samples": terms.num_samples},
+        "amortization_gap": {**reporting.held_out(gap.gap, gap.standard_error,
+                                                  gap.optimized_elbo - gap.encoder_elbo, points),
+                             "num_points": points, "optimisation_steps": args.gap_steps},
         "fit": {"estimator": args.estimator, "num_steps": result.num_steps, "best_step": result.best_step,
                 "stopped_early": result.stopped_early, "wall_time": result.wall_time,
                 "seconds_per_step": result.wall_time / result.num_steps, "seed": args.seed, "lr": args.lr,
                 "batch_size": args.batch_size, "validation_steps": result.validation_steps,
-                "validation_elbo": result.validation_elbo},
+                "validation_elbo_total": result.validation_elbo},
+        "conventions": reporting.conventions(),
     }
 
 
@@ -345,30 +384,44 @@ def _vae_pictures(model: VAE, test: torch.Tensor, labels: torch.Tensor | None, o
 
 
 def format_vae_report(report: dict, out: Path) -> str:
-    """The report of :func:`vae_report` as plain text."""
+    """The report of :func:`vae_report` as plain text: every number with its unit and standard errors."""
     data, model, fit = report["data"], report["model"], report["fit"]
     ll, terms, gap = report["test_log_likelihood"], report["test_elbo"], report["amortization_gap"]
+    item = "image" if "pixels" in data else "observation"
+    pixels = {"binary": " (binarised at 0.5)", "grey": " (grey levels in [0, 1])"}.get(data.get("pixels"), "")
     lines = [
-        f"data            {data['name']}: {data['n_train']} train, {data['n_test']} test, "
+        f"data            {data['name']}{pixels}: {data['n_train']} train, {data['n_test']} test, "
         f"dim = {data['dim']}",
         f"model           VAE(data_dim={model['data_dim']}, latent_dim={model['latent_dim']}, "
         f"hidden={tuple(model['hidden'])}, likelihood={model['likelihood']!r})",
         f"fit             {fit['estimator']}, {fit['num_steps']} steps, best held-out ELBO at step "
         f"{fit['best_step']}{' (stopped early)' if fit['stopped_early'] else ''}, {fit['wall_time']:.1f} s",
-        f"log-likelihood  {ll['mean_per_observation']:.3f} per test observation (SE of the total "
-        f"{ll['standard_error']:.3f}, K = {ll['num_samples']}, max PSIS k-hat {ll['pareto_k_max']:.2f}"
-        + (f", k-hat not estimable for {ll['pareto_k_fraction_unestimable']:.0%}: tied or too few weights"
-           if ll["pareto_k_fraction_unestimable"] else "") + ")"
+        f"log-likelihood  {_held_out_text(ll, item, data['n_test'])}"
         + ("" if ll["normalised"] else "; a cross-entropy, not a log-likelihood: the Bernoulli likelihood "
            "is normalised on binary data only (binarise the data, or use --likelihood "
            "continuous_bernoulli)"),
-        f"ELBO            {terms['elbo_per_observation']:.3f} = reconstruction "
+        _indented(f"importance sampling, K = {ll['num_samples']} draws per {item} from the proposal "
+                  f"{ll['proposal']} built on the encoder; {reporting.pareto_k_text(ll, item)}"),
+        f"ELBO            {_held_out_text(terms, item, data['n_test'])} = reconstruction "
         f"{terms['reconstruction_per_observation']:.3f} - KL {terms['kl_per_observation']:.3f}",
-        f"amortisation    {gap['mean_per_observation']:.3f} nats per observation on {gap['num_points']} "
-        f"test points (SE {gap['standard_error'] / gap['num_points']:.3f})",
+        f"amortisation    {_held_out_text(gap, item, gap['num_points'])}",
+        _indented(f"the ELBO gained by optimising each of the {gap['num_points']} test {item}s' Gaussian "
+                  f"for {gap['optimisation_steps']} steps"),
         f"written to      {out}: metrics.json{''.join(', ' + p for p in report['pictures'])}",
     ]
     return "\n".join(lines)
+
+
+def _indented(text: str) -> str:
+    """``text`` wrapped to continuation lines of a report, under its values' column."""
+    return textwrap.fill(text, width=110, initial_indent=" " * 16, subsequent_indent=" " * 16)
+
+
+def _held_out_text(entry: dict, item: str, n: int) -> str:
+    """A :func:`freqvi.reporting.held_out` entry as text: the mean per ``item``, its two standard errors."""
+    return reporting.with_errors(entry["mean_per_observation"], f"nats per {item}", [
+        ("Monte-Carlo", entry["monte_carlo_standard_error_per_observation"]),
+        (f"over the {n} test {item}s", entry.get("sampling_standard_error_per_observation", math.nan))])
 
 
 # ----- the tour subcommand ---------------------------------------------------------------------
@@ -483,19 +536,29 @@ def run_diffusion(args: argparse.Namespace) -> int:
 
 def diffusion_report(data_name: str, train: torch.Tensor, test: torch.Tensor, model: GaussianDiffusion,
                      result: freqvi.FitResult, samples: torch.Tensor, args: argparse.Namespace) -> dict:
-    """The fit and its held-out evaluation as a JSON-ready dict."""
+    """The fit and its held-out evaluation as a JSON-ready dict, in :mod:`freqvi.reporting`'s convention.
+
+    ``test_nll_bound``: :func:`~freqvi.infer.diffusion.diffusion_bound` of the test rows, an upper
+    bound on their negative log-likelihood (a density's, so it can be negative), in nats and bits
+    per dimension, each with its sampling standard error over the test rows; the fitted Gaussian's
+    exact NLL beside it.
+    """
     bound = diffusion_bound(model, test, seed=args.seed)
     report = {
         "command": "diffusion",
         "data": {"name": data_name, "n_train": len(train), "n_test": len(test), "dim": train.shape[1]},
         "model": {"class": "GaussianDiffusion", "num_steps": model.num_steps, "schedule": args.schedule,
                   "hidden": list(args.hidden), "reverse_variance": model.reverse_variance_type},
-        "test_nll_bound": {"nats_per_dim": bound.nats_per_dim, "bits_per_dim": bound.bits_per_dim,
-                           "standard_error_nats_per_dim": bound.standard_error,
+        "test_nll_bound": {"nats_per_dim": bound.nats_per_dim,
+                           "sampling_standard_error_nats_per_dim": bound.standard_error,
+                           "bits_per_dim": bound.bits_per_dim,
+                           "sampling_standard_error_bits_per_dim": bound.standard_error / math.log(2),
+                           "num_observations": len(test),
                            "gaussian_nats_per_dim": _gaussian_baseline(train, test)},
         "fit": {"estimator": args.estimator, "num_steps": result.num_steps, "wall_time": result.wall_time,
                 "seconds_per_step": result.wall_time / result.num_steps, "seed": args.seed, "lr": args.lr,
                 "batch_size": args.batch_size, "ema_decay": args.ema_decay},
+        "conventions": reporting.conventions(),
     }
     if train.shape[1] == 2:
         half = min(len(samples), len(test) // 2)
@@ -530,6 +593,13 @@ def _diffusion_pictures(model: GaussianDiffusion, test: torch.Tensor, samples: t
                              title="samples from the model")]
 
 
+def _bound_text(nll: dict) -> str:
+    """The bound in nats per dimension with its sampling standard error."""
+    return reporting.with_errors(nll["nats_per_dim"], "nats/dim", [
+        (f"over the {nll['num_observations']} test points", nll["sampling_standard_error_nats_per_dim"])],
+        digits=4)
+
+
 def format_diffusion_report(report: dict, out: Path) -> str:
     """The report of :func:`diffusion_report` as plain text."""
     data, model, fit, nll = report["data"], report["model"], report["fit"], report["test_nll_bound"]
@@ -539,9 +609,12 @@ def format_diffusion_report(report: dict, out: Path) -> str:
         f"model           GaussianDiffusion(T={model['num_steps']}, schedule={model['schedule']!r}, "
         f"hidden={tuple(model['hidden'])})",
         f"fit             {fit['estimator']}, {fit['num_steps']} steps, {fit['wall_time']:.1f} s",
-        f"NLL bound       {nll['nats_per_dim']:.4f} nats/dim ({nll['bits_per_dim']:.4f} bits/dim, SE "
-        f"{nll['standard_error_nats_per_dim']:.4f}); fitted Gaussian "
-        + ("degenerate" if nll["gaussian_nats_per_dim"] is None else f"{nll['gaussian_nats_per_dim']:.4f}"),
+        f"NLL bound       {_bound_text(nll)} = {nll['bits_per_dim']:.4f} bits/dim (s.e. "
+        f"{nll['sampling_standard_error_bits_per_dim']:.4f})",
+        "                the full-chain negative ELBO of the test points: an upper bound on their NLL",
+        "fitted Gaussian " + ("degenerate (singular covariance)" if nll["gaussian_nats_per_dim"] is None
+                              else f"{nll['gaussian_nats_per_dim']:.4f} nats/dim (its exact NLL on the test "
+                              "points)"),
     ]
     if "energy_distance" in report:
         ed = report["energy_distance"]

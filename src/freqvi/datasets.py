@@ -21,6 +21,8 @@ DIGITS_SPLITS = ("train", "test", "all")
 #: Training images of :func:`load_digits`; the other 297 of the 1,797 are the test split.
 DIGITS_TRAIN_SIZE = 1500
 _DIGITS_SPLIT_SEED = 0
+#: Intensity (in ``[0, 1]``) above which :func:`load_digits` with ``binarize=True`` sets a pixel to 1.
+DIGITS_THRESHOLD = 0.5
 #: Points of :func:`load_moons` and :func:`load_swiss_roll` in each of the train and test splits.
 TOY_SPLIT_SIZE = 2000
 TOY_NOISE = {"moons": 0.1, "swiss_roll": 0.5}
@@ -60,7 +62,8 @@ def _sklearn_data_file(name: str) -> Path | None:
 
 
 def load_digits(split: str = "train", dtype: torch.dtype = torch.float32,
-                return_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_labels: bool = False, *,
+                binarize: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The 8x8 handwritten digits of the UCI repository, as scikit-learn embeds them.
 
     1,797 images, each a row of 64 pixel intensities in ``0..16`` (row-major),
@@ -71,9 +74,17 @@ def load_digits(split: str = "train", dtype: torch.dtype = torch.float32,
 
     :param split: ``"train"``, ``"test"`` or ``"all"``.
     :param return_labels: also return the digits ``0..9``, an int64 tensor ``(n,)``.
+    :param binarize: pixels above one half (intensity above 8 of 16) become 1, the others 0
+        (:data:`DIGITS_THRESHOLD`): binary images, on which a Bernoulli likelihood is a
+        normalised probability and :math:`\\log p(x)` a log-likelihood (on grey levels it is a
+        cross-entropy). The tour and ``freqvi vae`` use this binarisation.
     :returns: the images, shape ``(n, 64)`` (and the labels).
+    :raises FreqviInputError: for an unknown ``split``, a ``dtype`` that is not a floating
+        torch dtype, or a ``binarize`` that is not a bool.
     """
     split = check_choice(split, "split", DIGITS_SPLITS)
+    if not isinstance(binarize, bool):
+        raise FreqviInputError(f"binarize must be True or False; got {binarize!r}.")
     path = _sklearn_data_file("digits.csv.gz")
     if path is not None:
         table = np.loadtxt(path, delimiter=",")
@@ -87,7 +98,10 @@ def load_digits(split: str = "train", dtype: torch.dtype = torch.float32,
         order = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(pixels))
         rows = order[:DIGITS_TRAIN_SIZE] if split == "train" else order[DIGITS_TRAIN_SIZE:]
         pixels, labels = pixels[rows], labels[rows]
-    x = torch.as_tensor(pixels / 16.0, dtype=_check_dtype(dtype))
+    pixels = pixels / 16.0
+    if binarize:
+        pixels = (pixels > DIGITS_THRESHOLD).astype(pixels.dtype)
+    x = torch.as_tensor(pixels, dtype=_check_dtype(dtype))
     return (x, torch.as_tensor(labels, dtype=torch.int64)) if return_labels else x
 
 

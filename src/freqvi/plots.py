@@ -84,9 +84,10 @@ def forward_noising(model, x: torch.Tensor, path: str | Path | None = None, *,
                     seed: int = 0) -> Path | Figure:
     r"""The forward chain on a batch: :math:`x_t \sim q(x_t \mid x_0)` at each of ``steps`` (those <= T).
 
-    2-D data: one scatter per ``t``. Images (``h * w`` columns, values in ``[-1, 1]``): one row of
-    up to 10 images per ``t``. ``model`` needs ``q_sample(x0, t, eps)`` and ``num_steps``
-    (:class:`~freqvi.models.GaussianDiffusion`); one noise draw ``eps`` serves every ``t``.
+    2-D data: one scatter per ``t``, on common square axes that hold every point. Images (``h * w``
+    columns, values in ``[-1, 1]``): one row of up to 10 images per ``t``. ``model`` needs
+    ``q_sample(x0, t, eps)`` and ``num_steps`` (:class:`~freqvi.models.GaussianDiffusion`); one noise
+    draw ``eps`` serves every ``t``.
     """
     steps = [t for t in steps if t <= model.num_steps] or [model.num_steps]
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
@@ -95,10 +96,14 @@ def forward_noising(model, x: torch.Tensor, path: str | Path | None = None, *,
         grid = torch.cat([(n[:10] + 1) / 2 for n in noised])
         return image_grid(grid, path, image_shape=image_shape, columns=min(10, len(x)),
                           title=f"forward noising, one row per t in {steps}")
-    fig = Figure(figsize=(2.4 * len(steps), 2.6))
-    for ax, t, points in zip(fig.subplots(1, len(steps), squeeze=False)[0], steps, noised, strict=True):
+    # one square frame for every panel, wide enough that no point (nor its marker) falls outside it
+    reach = 1.05 * max(float(points.abs().max()) for points in noised)
+    fig = Figure(figsize=(2.4 * len(steps), 2.9))
+    axes = fig.subplots(1, len(steps), squeeze=False, sharex=True, sharey=True)[0]
+    for ax, t, points in zip(axes, steps, noised, strict=True):
         ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=2)
-        ax.set(title=f"t = {t}", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), xticks=[], yticks=[])
+        ax.set(title=f"t = {t}", xlim=(-reach, reach), ylim=(-reach, reach), aspect="equal", xlabel="$x_1$")
+    axes[0].set_ylabel("$x_2$")
     return _save(fig, path)
 
 
@@ -113,7 +118,8 @@ def samples_vs_data(samples: torch.Tensor, data: torch.Tensor,
     axes = fig.subplots(1, 2, sharex=True, sharey=True)
     for ax, points, title in ((axes[0], data, "held-out data"), (axes[1], samples, "model samples")):
         ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=3)
-        ax.set(title=f"{title} (n = {len(points)})", aspect="equal")
+        ax.set(title=f"{title} (n = {len(points)})", aspect="equal", xlabel="$x_1$")
+    axes[0].set_ylabel("$x_2$")
     return _save(fig, path)
 
 

@@ -281,6 +281,9 @@ def em(
             with torch.random.fork_rng():  # the recorded distributions, without drawing on the generators
                 posterior = None if online else step.e_step(batches.first(), fit_local=False)
         first = result.num_iter + 1
+        # exact, or with common random numbers: a smooth function of the parameters, shown as it is
+        objective_name = ("log-likelihood" if step.exact
+                          else "ELBO (common draws)" if step.drawn else "ELBO")
         bar = tqdm(range(first, max_iter + 1), initial=first - 1, total=max_iter, disable=not progress,
                    desc="em", unit="iter")
         for it in bar:
@@ -296,7 +299,7 @@ def em(
                     raise FreqviError(f"iteration {it}: the objective is {value}; the fit diverged.")
             result.log_likelihood.append(value)
             result.num_iter = it
-            bar.set_postfix(loglik=f"{value:.6g}")
+            bar.set_postfix_str(f"{objective_name} {value:.6g}", refresh=False)
             _judge(result, step, step.fitted - previous, m_converged, ascended, tol, score_tol)
             stop = result.stop_reason != "max_iter"
             if checkpoint is not None and (it % checkpoint_every == 0 or stop

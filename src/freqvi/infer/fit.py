@@ -35,6 +35,8 @@ from freqvi.traces import check_pair, max_plate_nesting, param_names, unconstrai
 from freqvi.validation import as_data, check_positive_float, check_positive_int, check_seed
 
 _VALIDATION_SEED = 20_231_117
+#: Accepted steps whose one-draw ELBO estimates the progress bar averages (:func:`progress_text`).
+PROGRESS_WINDOW = 100
 
 
 @dataclass
@@ -163,7 +165,8 @@ def fit(
     :param tol: stop when the mean ELBO of the last ``window`` steps changes by
         less than ``tol`` times its magnitude from the window before.
     :param seed: seeds Python's, NumPy's and torch's generators first.
-    :param progress: show a tqdm progress bar.
+    :param progress: show a tqdm progress bar, with the mean of the last 100 steps' ELBO estimates
+        and its standard error (:func:`~freqvi.infer.fit.progress_text`).
     :param validation_data: held-out observations (an array or tuple like ``data``).
         Every ``eval_every`` steps and after the last, the estimator's ELBO on them
         is evaluated (no gradient, always the same random numbers, so that successive
@@ -377,8 +380,24 @@ def _record(result: FitResult, bar, step: int, value: float | None, clock: _Cloc
         result.refused_steps += 1
         return
     result.elbo.append(-value)
-    if step % 10 == 0:
-        bar.set_postfix(elbo=f"{-value:.4g}")
+    if step % 10 == 0 and not bar.disable:
+        bar.set_postfix_str(progress_text(result.elbo), refresh=False)
+
+
+def progress_text(elbo: Sequence[float], window: int = PROGRESS_WINDOW) -> str:
+    r"""The progress bar's summary of a run's ELBO estimates: the mean of the last ``window`` and its
+    standard error, :math:`\bar v \pm s / \sqrt m` over those :math:`m` values.
+
+    One step's estimate is a single noisy draw (a diffusion model's, of one random time step per
+    observation, jumps by thousands of nats): their running mean is what follows the parameters.
+    E.g. ``ELBO -2184.3 ± 3.7 (mean ± s.e. of the last 100 steps)``.
+    """
+    last = elbo[-window:]
+    mean = math.fsum(last) / len(last)
+    if len(last) < 2:
+        return f"ELBO {mean:.5g} (one step)"
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in last) / (len(last) - 1))
+    return f"ELBO {mean:.5g} ± {sd / math.sqrt(len(last)):.2g} (mean ± s.e. of the last {len(last)} steps)"
 
 
 class _Clock:
