@@ -142,8 +142,9 @@ FIT_OPTIONS = {"loss": st.one_of(values, st.sampled_from(["iwae", "trace", "reny
                "clip_norm": values, "max_retries": counts, "patience": counts, "eval_every": counts,
                "max_time": values, "max_cpu_time": values, "on_step": values, "jit": values,
                "num_observations": counts, "validation_data": data(), "checkpoint_seconds": values}
-LL_OPTIONS = {"method": values, "num_samples": counts, "chunk_size": counts, "seed": values,
-              "data_plate_name": values}
+LL_OPTIONS = {"method": st.one_of(values, st.just("ais")), "num_samples": counts, "chunk_size": counts,
+              "seed": values, "data_plate_name": values, "num_temperatures": counts, "num_chains": counts,
+              "leapfrog_steps": counts, "step_size": values}
 MLE_OPTIONS = {"max_iter": counts, "tol": values, "data_plate_name": values}
 INFO_OPTIONS = {"method": values, "num_samples": counts, "seed": values, "data_plate_name": values}
 BOOTSTRAP_OPTIONS = {"num_replicates": counts, "kind": values, "num_workers": counts, "seed": values,

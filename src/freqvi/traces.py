@@ -139,6 +139,12 @@ def data_plate(model_trace: Trace, name: str, num_data: int):
     )
 
 
+def outside_data_plate(sites: dict[str, dict], frame) -> list[str]:
+    """The names of ``sites`` (trace sites, by name) that do not sit inside the data plate ``frame``."""
+    return sorted(name for name, site in sites.items()
+                  if not any(f.name == frame.name for f in site["cond_indep_stack"]))
+
+
 def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...]):
     """Runs model and guide once and checks that their latent sites agree.
 

@@ -32,12 +32,13 @@ from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import sum_rightmost
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites
 
 from freqvi.errors import FreqviInputError
-from freqvi.estimators.particles import Arrangement
-from freqvi.infer.log_likelihood import _on_rows, outside_data_plate
-from freqvi.infer.pair import resolve_pair
+from freqvi.infer.log_likelihood_result import LogLikelihood
+from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.threads import thread_policy
+from freqvi.infer.vectorize import check_particles
+from freqvi.infer.weights import arrange, on_rows, summarize
 from freqvi.traces import (
     check_pair,
     data_plate,
@@ -45,54 +46,99 @@ from freqvi.traces import (
     is_point_mass,
     latent_sites,
     max_plate_nesting,
+    outside_data_plate,
     trace,
 )
 from freqvi.validation import as_data, check_positive_float, check_positive_int, check_seed
 
 
-@dataclass
-class AnnealedLogLikelihood:
-    """What :func:`annealed_log_likelihood` returns.
+@dataclass(frozen=True)
+class AnnealingSettings:
+    """The settings of annealed importance sampling, and its cost.
 
-    :ivar total: :math:`\\sum_i \\log \\hat p(x_i)`.
-    :ivar per_observation: :math:`\\log \\hat p(x_i)`, shape ``(n,)``.
-    :ivar standard_error: Monte-Carlo standard error of ``total`` across chains (delta method).
-    :ivar per_observation_se: the same per observation, shape ``(n,)``.
-    :ivar effective_sample_size: :math:`(\\sum_k w_k)^2 / \\sum_k w_k^2` per observation, shape ``(n,)``.
-    :ivar acceptance_rate: the share of HMC proposals accepted, over all transitions.
-    :ivar cpu_seconds_per_observation: the process time spent, divided by ``n``.
+    Each observation costs ``num_temperatures x num_chains x (leapfrog_steps + 1)``
+    evaluations of the model's and the guide's log densities and of their gradients.
+
+    :ivar num_temperatures: ``T``, the transitions of each chain.
+    :ivar num_chains: ``K``, independent chains per observation.
+    :ivar leapfrog_steps: leapfrog steps per Hamiltonian Monte Carlo transition.
+    :ivar step_size: the leapfrog step on the unconstrained space (unit mass).
     """
 
-    total: float
-    per_observation: torch.Tensor
-    standard_error: float
-    per_observation_se: torch.Tensor
-    effective_sample_size: torch.Tensor
-    acceptance_rate: float
-    num_temperatures: int
-    num_chains: int
-    leapfrog_steps: int
-    cpu_seconds_per_observation: float
+    num_temperatures: int = 100
+    num_chains: int = 16
+    leapfrog_steps: int = 5
+    step_size: float = 0.1
+
+    @classmethod
+    def checked(cls, **given) -> AnnealingSettings:
+        """The settings ``given`` by name (the defaults for those left out or ``None``), checked.
+
+        :raises ~freqvi.errors.FreqviInputError: for a count that is not a positive integer or a
+            step size that is not a finite positive number.
+        """
+        settings = {name: value for name, value in given.items() if value is not None}
+        counts = {name: check_positive_int(settings[name], name) for name in
+                  ("num_temperatures", "num_chains", "leapfrog_steps") if name in settings}
+        if "step_size" in settings:
+            counts["step_size"] = float(check_positive_float(settings["step_size"], "step_size"))
+        return cls(**counts)
+
+    @property
+    def evaluations_per_observation(self) -> int:
+        """Log-density-and-gradient evaluations per observation, the unit of the cost."""
+        return self.num_temperatures * self.num_chains * (self.leapfrog_steps + 1)
+
+
+@dataclass(repr=False)
+class AnnealedLogLikelihood(LogLikelihood):
+    """What annealed importance sampling returns: a :class:`~freqvi.LogLikelihood` with ``method="ais"``.
+
+    ``num_samples`` is the number of chains ``K``; ``per_observation_se`` and
+    ``effective_sample_size`` are across them; ``pareto_k`` is ``None`` (with the
+    default 16 chains PSIS cannot fit a tail: the standard errors and effective sample
+    sizes are the diagnostics).
+
+    :ivar acceptance_rate: the share of HMC proposals accepted, over all transitions.
+    :ivar settings: the :class:`AnnealingSettings` it ran with.
+    """
+
+    acceptance_rate: float = math.nan
+    settings: AnnealingSettings | None = None
+
+    @property
+    def num_chains(self) -> int:
+        """``K``, the chains per observation (``num_samples``)."""
+        return self.num_samples
 
     def __repr__(self) -> str:
         """One line: the total, its standard error, the settings and the diagnostics."""
+        settings = self.settings
         return (f"log-likelihood {self.total:.4f} nats (annealed importance sampling, s.e. "
-                f"{self.standard_error:.4f}, {self.num_temperatures} temperatures x {self.num_chains} chains "
-                f"x {self.leapfrog_steps} leapfrog steps, acceptance {self.acceptance_rate:.2f}, smallest "
-                f"ESS {float(self.effective_sample_size.min()):.1f}, {self.cpu_seconds_per_observation:.2g} "
-                "CPU s per observation)")
+                f"{self.standard_error:.4f}, {settings.num_temperatures} temperatures x {self.num_chains} "
+                f"chains x {settings.leapfrog_steps} leapfrog steps, acceptance {self.acceptance_rate:.2f}, "
+                f"smallest ESS {float(self.effective_sample_size.min()):.1f}, "
+                f"{self.cpu_seconds_per_observation:.2g} CPU s per observation)")
 
 
-def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = 100, num_chains: int = 16,
-                            leapfrog_steps: int = 5, step_size: float = 0.1, data_plate_name: str = "data",
+_DEFAULT = AnnealingSettings()
+
+
+@thread_policy
+def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = _DEFAULT.num_temperatures,
+                            num_chains: int = _DEFAULT.num_chains,
+                            leapfrog_steps: int = _DEFAULT.leapfrog_steps,
+                            step_size: float = _DEFAULT.step_size, data_plate_name: str = "data",
                             seed: int | None = None, _start: dict | None = None) -> AnnealedLogLikelihood:
     r"""The log-likelihood :math:`\sum_i \log p(x_i)` by annealed importance sampling from the guide.
 
-    See :mod:`freqvi.infer.annealed` for the estimator. The temperatures follow
+    The same as :func:`freqvi.log_likelihood` with ``method="ais"``. See
+    :mod:`freqvi.infer.annealed` for the estimator. The temperatures follow
     Grosse et al.'s (2015) sigmoid schedule, :math:`\beta_t \propto \sigma(8t/T - 4)`,
     rescaled to run from 0 to 1. The cost per observation is ``num_temperatures x
     num_chains x (leapfrog_steps + 1)`` evaluations of the model's and the guide's log
-    densities and their gradients.
+    densities and their gradients (:class:`AnnealingSettings`); the result states the
+    CPU seconds it took per observation.
 
     :param num_temperatures: ``T``, the transitions of each chain.
     :param num_chains: ``K``, independent chains per observation (the standard error
@@ -101,15 +147,14 @@ def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = 
     :param step_size: the leapfrog step on the unconstrained space (unit mass).
     :param _start: private, for :func:`bidirectional_log_likelihood`: exact posterior
         draws to run the reverse chain from.
-    :raises FreqviInputError: for a guide that is not a density over the model's
-        latents drawn directly (auxiliary draws, point masses), a discrete latent, a
-        latent outside the data plate or a model latent the guide lacks (naming the
-        site), a subsampled data plate, or non-positive settings.
+    :raises ~freqvi.errors.FreqviInputError: for a guide that is not a density over the
+        model's latents drawn directly (auxiliary draws, point masses), a discrete latent,
+        a latent outside the data plate or a model latent the guide lacks (naming the
+        site), a subsampled data plate, a pair that does not broadcast over the chains,
+        or non-positive settings.
     """
-    settings = [check_positive_int(value, name) for value, name in
-                ((num_temperatures, "num_temperatures"), (num_chains, "num_chains"),
-                 (leapfrog_steps, "leapfrog_steps"))]
-    step_size = check_positive_float(step_size, "step_size")
+    settings = AnnealingSettings.checked(num_temperatures=num_temperatures, num_chains=num_chains,
+                                         leapfrog_steps=leapfrog_steps, step_size=step_size)
     seed = check_seed(seed)
     data = as_data(data)
     pair = resolve_pair(model, guide)
@@ -117,18 +162,32 @@ def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = 
         pyro.set_rng_seed(seed)
     model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
     frame = data_plate(model_trace, data_plate_name, data[0].shape[0])
+    return anneal(pair, data, frame, (model_trace, guide_trace), settings, start=_start)
+
+
+def anneal(pair: Pair, data: tuple, frame, traces: tuple[Trace, Trace], settings: AnnealingSettings,
+           start: dict | None = None) -> AnnealedLogLikelihood:
+    """Annealed importance sampling of a pair already checked (:func:`~freqvi.traces.check_pair`'s
+    ``traces``, the data plate's ``frame``): forward from the guide, or, from ``start`` (exact posterior
+    draws), reverse, returning the upper bound of :func:`bidirectional_log_likelihood`.
+
+    :raises ~freqvi.errors.FreqviInputError: where the pair cannot be annealed (see
+        :func:`annealed_log_likelihood`), before any transition.
+    """
+    model_trace, guide_trace = traces
     _check_annealable(model_trace, guide_trace, frame)
-    start = time.process_time()
-    chains = _Chains(pair, data, frame, max_plate_nesting(model_trace) + 1, num_chains)
-    if _start is None:
-        log_w, acceptance = chains.anneal(_schedule(num_temperatures), float(step_size), leapfrog_steps)
-        return _estimate(log_w, acceptance, settings, (time.process_time() - start) / frame.size)
-    chains.start_at(_start)
-    betas = _schedule(num_temperatures).flip(0)  # from the posterior (1) back to the guide (0)
-    minus_log_w, acceptance = chains.anneal(betas, float(step_size), leapfrog_steps)
-    reverse = _estimate(minus_log_w, acceptance, settings, (time.process_time() - start) / frame.size)
-    reverse.total, reverse.per_observation = -reverse.total, -reverse.per_observation  # -log mean of 1 / w
-    return reverse
+    dims = max_plate_nesting(model_trace) + 1
+    check_particles(pair.model, pair.guide, data, settings.num_chains, dims - 1,
+                    "annealed importance sampling")
+    began = time.process_time()
+    chains = _Chains(pair, data, frame, dims, settings.num_chains)
+    betas = _schedule(settings.num_temperatures)
+    if start is not None:
+        chains.start_at(start)
+        betas = betas.flip(0)  # from the posterior (1) back to the guide (0)
+    log_w, acceptance = chains.anneal(betas, settings.step_size, settings.leapfrog_steps)
+    return _estimate(log_w, acceptance, settings, (time.process_time() - began) / frame.size,
+                     reverse=start is not None)
 
 
 @dataclass
@@ -153,9 +212,12 @@ class BidirectionalBounds:
                 f"(reverse AIS) nats, gap {self.gap:.4f}")
 
 
+@thread_policy
 def bidirectional_log_likelihood(model, data, guide, latents: dict[str, torch.Tensor], *,
-                                 num_temperatures: int = 100, num_chains: int = 16, leapfrog_steps: int = 5,
-                                 step_size: float = 0.1, data_plate_name: str = "data",
+                                 num_temperatures: int = _DEFAULT.num_temperatures,
+                                 num_chains: int = _DEFAULT.num_chains,
+                                 leapfrog_steps: int = _DEFAULT.leapfrog_steps,
+                                 step_size: float = _DEFAULT.step_size, data_plate_name: str = "data",
                                  seed: int | None = None) -> BidirectionalBounds:
     r"""Bidirectional Monte Carlo (Grosse et al. 2015) for data simulated from the model.
 
@@ -169,8 +231,8 @@ def bidirectional_log_likelihood(model, data, guide, latents: dict[str, torch.Te
     AIS (:func:`annealed_log_likelihood`) the lower one. Their gap bounds either's error.
 
     :param latents: the simulated latent values, one entry per latent site of the model.
-    :raises FreqviInputError: as :func:`annealed_log_likelihood`, and where ``latents`` do
-        not name the model's latent sites.
+    :raises ~freqvi.errors.FreqviInputError: as :func:`annealed_log_likelihood`, and where
+        ``latents`` do not name the model's latent sites.
     """
     options = dict(num_temperatures=num_temperatures, num_chains=num_chains, leapfrog_steps=leapfrog_steps,
                    step_size=step_size, data_plate_name=data_plate_name)
@@ -217,7 +279,7 @@ class _Chains:
 
     def __init__(self, pair, data, frame, dims: int, k: int):
         self.data, self.frame, self.dims, self.k = data, frame, dims, k
-        self.model, self.guide = (_on_rows(program, frame.name, k, dims, None)
+        self.model, self.guide = (on_rows(program, frame.name, k, dims)
                                   for program in (pair.model, pair.guide))
         with torch.no_grad():
             self.sites = latent_sites(trace(self.guide, *data))
@@ -240,13 +302,9 @@ class _Chains:
         given = Trace()
         for name, value in z.items():
             given.add_node(name, type="sample", is_observed=False, value=value, infer={})
-        guide_tr = trace(poutine.replay(self.guide, trace=given), *self.data)
-        model_tr = prune_subsample_sites(trace(poutine.replay(self.model, trace=guide_tr), *self.data))
-        guide_tr = prune_subsample_sites(guide_tr)
-        model_tr.compute_log_prob()
-        guide_tr.compute_log_prob()
-        self.arrangement = Arrangement(model_tr, guide_tr, self.k, self.dims, self.frame.name)
-        log_p = self.arrangement.model_parts(model_tr)[0]
+        self.arrangement = arrange(self.model, poutine.replay(self.guide, trace=given), self.data, self.k,
+                                   self.dims, self.frame.name)
+        log_p = self.arrangement.model_parts(self.arrangement.model_trace)[0]
         log_q = log_p - self.arrangement.parts({})[0][0]
         log_det = sum(self._per_observation(name, transform.log_abs_det_jacobian(u[name], z[name]))
                       for name, transform in self.transforms.items())
@@ -307,11 +365,16 @@ class _Chains:
         return log_w, accepted / (len(betas) - 1)
 
 
-def _estimate(log_w: torch.Tensor, acceptance: float, settings, cpu: float) -> AnnealedLogLikelihood:
-    k = log_w.shape[0]
-    per_obs = torch.logsumexp(log_w, 0) - math.log(k)
-    w = torch.exp(log_w - log_w.max(0).values)
-    se = w.std(0, correction=1) / (math.sqrt(k) * w.mean(0)) if k > 1 else torch.full_like(per_obs, math.inf)
-    ess = w.sum(0).square() / w.square().sum(0)
-    return AnnealedLogLikelihood(float(per_obs.sum()), per_obs, float(se.square().sum().sqrt()), se, ess,
-                                 acceptance, *settings, cpu)
+def _estimate(log_w: torch.Tensor, acceptance: float, settings: AnnealingSettings, cpu: float,
+              reverse: bool) -> AnnealedLogLikelihood:
+    """The result from the chains' log weights ``(K, n)``; ``reverse``: the weights are reverse AIS's,
+    :math:`1 / \\hat p`, and the estimate is minus their log mean."""
+    summary = summarize(log_w)
+    sign = -1.0 if reverse else 1.0
+    per_obs = sign * summary.log_mean
+    return AnnealedLogLikelihood(
+        total=float(per_obs.sum()), per_observation=per_obs,
+        standard_error=float(summary.standard_error.square().sum().sqrt()), pareto_k=None, method="ais",
+        num_samples=settings.num_chains, proposal="guide", per_observation_se=summary.standard_error,
+        effective_sample_size=summary.effective_sample_size, cpu_seconds_per_observation=cpu,
+        acceptance_rate=acceptance, settings=settings)

@@ -19,7 +19,6 @@ from freqvi.infer.log_likelihood import (
     PARETO_K_THRESHOLD,
     ImportanceWeights,
     exact_route,
-    outside_data_plate,
     pareto_k_hat,
 )
 from freqvi.infer.pair import Pair, resolve_pair
@@ -32,6 +31,7 @@ from freqvi.traces import (
     data_plate,
     latent_sites,
     max_plate_nesting,
+    outside_data_plate,
     param_names,
     trace,
 )

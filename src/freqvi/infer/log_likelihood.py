@@ -1,9 +1,10 @@
-"""``log_likelihood``: the fitted model's log-likelihood, exact or importance-sampled."""
+"""``log_likelihood``: the fitted model's log-likelihood, exact, importance-sampled or annealed."""
 
 from __future__ import annotations
 
 import functools
 import math
+import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,10 +22,13 @@ from pyro.poutine.util import prune_subsample_sites
 from freqvi.errors import FreqviInputError, ImportanceSamplingWarning, UnestimableParetoKWarning
 from freqvi.estimators.particles import Arrangement
 from freqvi.handlers import SubsamplePlate
+from freqvi.infer.annealed import AnnealingSettings, anneal
+from freqvi.infer.log_likelihood_result import PARETO_K_THRESHOLD, LogLikelihood
 from freqvi.infer.pair import Pair, resolve_pair
 from freqvi.infer.proposals import Proposal, as_proposal, choose_proposal
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
+from freqvi.infer.weights import arrange, on_rows, summarize
 from freqvi.traces import (
     check_model,
     check_pair,
@@ -32,91 +36,16 @@ from freqvi.traces import (
     data_plate,
     latent_sites,
     max_plate_nesting,
+    outside_data_plate,
     trace,
 )
 from freqvi.validation import as_data, check_choice, check_positive_int, check_seed
 
-METHODS = ("auto", "exact", "importance")
-PARETO_K_THRESHOLD = 0.7
-
-
-@dataclass
-class LogLikelihood:
-    """What :func:`log_likelihood` returns.
-
-    :ivar total: :math:`\\ell = \\sum_i \\log p(x_i)` (:math:`\\log p(x_1, \\ldots, x_n)` when ``joint``).
-    :ivar per_observation: :math:`\\log p(x_i)`, shape ``(n,)``; ``None`` when ``joint``.
-    :ivar standard_error: Monte-Carlo standard error of ``total`` (0 when exact).
-    :ivar pareto_k: PSIS :math:`\\hat k` per observation, shape ``(n,)`` (``(1,)``, of the joint
-        weight, when ``joint``); ``None`` when exact. ``-inf`` where the weights are
-        constant (an exact proposal), NaN where :math:`\\hat k` cannot be estimated
-        (see ``pareto_k_note``), which is not evidence of heavy tails.
-    :ivar method: ``"exact"`` or ``"importance"``.
-    :ivar num_samples: importance samples per observation (0 when exact).
-    :ivar joint: whether a latent site outside the data plate (a global latent, an
-        autoguide's joint draw) couples the observations, so that only the total exists.
-    :ivar pareto_k_note: why :math:`\\hat k` could not be estimated, where it could not.
-    :ivar proposal: the importance proposal used, by name (``"guide"``,
-        ``"student-t(df=3)"``, ...; see :mod:`freqvi.infer.proposals`); ``None`` when exact.
-    """
-
-    total: float
-    per_observation: torch.Tensor | None
-    standard_error: float
-    pareto_k: np.ndarray | None
-    method: str
-    num_samples: int = 0
-    joint: bool = False
-    pareto_k_note: str | None = None
-    proposal: str | None = None
-
-    def __repr__(self) -> str:
-        """One line: the total, its standard error and method, and what k-hat says."""
-        text = f"log-likelihood {self.total:.4f} nats ({self.method}"
-        if self.method == "importance":
-            text += (f", proposal {self.proposal}, s.e. {self.standard_error:.4f}, K = {self.num_samples}, "
-                     f"max PSIS k-hat {self.max_pareto_k:.2f}")
-            text += f", {self.num_heavy_tailed} above 0.7" if self.num_heavy_tailed else ""
-            text += f", {self.num_unestimable} not estimable" if self.num_unestimable else ""
-        text += ")"
-        return text + ("; the total only: " + _NO_PER_OBSERVATION if self.joint else "")
-
-    @property
-    def max_pareto_k(self) -> float:
-        """The largest :math:`\\hat k` that could be estimated (NaN if none could, or exact)."""
-        if self.pareto_k is None or np.isnan(self.pareto_k).all():
-            return math.nan
-        return float(np.nanmax(self.pareto_k))
-
-    @property
-    def num_heavy_tailed(self) -> int:
-        """How many entries of ``pareto_k`` exceed 0.7 (0 when exact)."""
-        return 0 if self.pareto_k is None else int((self.pareto_k > PARETO_K_THRESHOLD).sum())
-
-    @property
-    def num_unestimable(self) -> int:
-        """How many entries of ``pareto_k`` could not be estimated (0 when exact)."""
-        return 0 if self.pareto_k is None else int(np.isnan(self.pareto_k).sum())
-
-    def to_inference_data(self, name: str = "obs"):
-        """``per_observation`` as ArviZ's ``log_likelihood`` group (one chain, one draw).
-
-        ``name`` is the observed variable's name in that group.
-
-        :raises FreqviInputError: when ``joint`` (no per-observation values exist).
-        """
-        import arviz as az  # deferred: importing ArviZ is slow
-
-        if self.per_observation is None:
-            raise FreqviInputError(_NO_PER_OBSERVATION)
-        return az.from_dict(log_likelihood={name: self.per_observation.detach().numpy()[None, None]})
-
-
-_NO_PER_OBSERVATION = (
-    "this model has latent sites outside the data plate (a global latent, or an autoguide's joint "
-    "draw), which couple the observations: log p(x_i) of single observations do not exist, only the "
-    "total log p(x_1, ..., x_n)."
-)
+METHODS = ("auto", "exact", "importance", "ais")
+#: Importance samples per observation by default.
+NUM_SAMPLES = 1000
+#: The options of ``method="ais"`` (:class:`~freqvi.infer.annealed.AnnealingSettings`).
+AIS_OPTIONS = frozenset({"num_temperatures", "num_chains", "leapfrog_steps", "step_size"})
 
 
 @thread_policy
@@ -125,16 +54,21 @@ def log_likelihood(
     data,
     guide=None,
     *,
-    num_samples: int = 1000,
+    num_samples: int | None = None,
     method: str = "auto",
     chunk_size: int | None = None,
     data_plate_name: str = "data",
     seed: int | None = None,
     proposal: str | Proposal = "auto",
+    num_temperatures: int | None = None,
+    num_chains: int | None = None,
+    leapfrog_steps: int | None = None,
+    step_size: float | None = None,
 ) -> LogLikelihood:
     r"""The log-likelihood :math:`\ell(\theta) = \log \int p(x_{1..n}, z; \theta)\,dz`.
 
-    Routes, in the order ``method="auto"`` tries them:
+    Routes, in the order ``method="auto"`` tries them (annealed importance sampling,
+    the costliest, runs only when asked for):
 
     * **exact**, by the model's closed-form marginal (a freqvi model's
       ``log_marginal``: log-sum-exp for mixtures, the Gaussian integral for
@@ -158,6 +92,19 @@ def log_likelihood(
       of the model's latent values. Latent sites of the model that the guide lacks
       are drawn from the model's prior, which then cancels from the weight.
 
+    * **ais**, annealed importance sampling (Neal 2001) from the guide to each
+      observation's posterior along a geometric path of ``num_temperatures``
+      temperatures, with Hamiltonian Monte Carlo transitions (``leapfrog_steps``
+      leapfrog steps of ``step_size``), ``num_chains`` chains per observation
+      (:mod:`freqvi.infer.annealed`; the same as
+      :func:`~freqvi.infer.annealed.annealed_log_likelihood`). Its result is an
+      :class:`~freqvi.infer.annealed.AnnealedLogLikelihood`: per-observation estimates,
+      their standard errors and effective sample sizes across chains, the acceptance
+      rate and the CPU seconds per observation. It needs a guide that draws each of the
+      model's latent sites directly, continuous and inside the data plate; others are
+      refused. Where the guide is far from the posterior (heavy-tailed importance
+      weights), more temperatures buy accuracy that more importance samples cannot.
+
     Latent sites outside the data plate (a global latent, crossed random effects,
     an autoguide's joint draw) couple the observations: then the estimate is of the
     total, :math:`\log \frac1K \sum_k w_k` with the joint weight
@@ -179,23 +126,40 @@ def log_likelihood(
     3%). The result's ``proposal`` names the one used. A guide equal to the exact
     posterior gives exact, zero-variance weights only as ``proposal="guide"``.
 
-    :param num_samples: ``K``, importance samples per observation.
+    :param method: ``"auto"``, ``"exact"``, ``"importance"`` or ``"ais"``.
+    :param num_samples: ``K``, importance samples per observation (default 1000;
+        importance sampling only: AIS's draws are its ``num_chains``).
     :param proposal: ``"auto"``, ``"guide"``, ``"student_t"``, ``"mixture"`` or a
         :class:`~freqvi.infer.proposals.Proposal`.
     :param chunk_size: samples drawn at once (default: bounded to ~4 million
-        log-density entries per chunk).
-    :raises FreqviInputError: for a guide that puts a point mass on a model latent
-        (``AutoDelta``): it is no proposal (see ``freqvi.traces.check_proposal``);
-        for an unknown ``proposal``, or a Student-t or mixture proposal of a guide with
-        a site it cannot widen (a discrete or non-Normal draw), naming the site.
+        log-density entries per chunk); importance sampling only.
+    :param num_temperatures: AIS only (default 100): the transitions of each chain.
+    :param num_chains: AIS only (default 16): chains per observation.
+    :param leapfrog_steps: AIS only (default 5): leapfrog steps per HMC transition.
+    :param step_size: AIS only (default 0.1): the leapfrog step, on the unconstrained space.
+    :raises ~freqvi.errors.FreqviInputError: for an option of one method given to another
+        (``num_samples`` with ``method="ais"``, ``num_chains`` without it, ...); for
+        ``method="ais"`` without a guide, or with one it cannot anneal (see
+        :func:`~freqvi.infer.annealed.annealed_log_likelihood`); for a guide that puts a
+        point mass on a model latent (``AutoDelta``): it is no proposal (see
+        ``freqvi.traces.check_proposal``); for an unknown ``proposal``, or a Student-t or
+        mixture proposal of a guide with a site it cannot widen (a discrete or non-Normal
+        draw), naming the site.
     """
     check_choice(method, "method", METHODS)
-    num_samples = check_positive_int(num_samples, "num_samples")
+    annealing = _check_method_options(
+        method, num_samples=num_samples, chunk_size=chunk_size, proposal=proposal,
+        num_temperatures=num_temperatures, num_chains=num_chains, leapfrog_steps=leapfrog_steps,
+        step_size=step_size)
+    num_samples = check_positive_int(NUM_SAMPLES if num_samples is None else num_samples, "num_samples")
     proposal = as_proposal(proposal)
     data = as_data(data)
     seed = check_seed(seed)
     chunk_size = None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
     pair = resolve_pair(model, guide, require_guide=False)
+    if method == "ais" and pair.guide is None:
+        raise FreqviInputError("annealed importance sampling starts its chains at draws of the guide: pass "
+                               "guide=... (a guide that draws each of the model's latent sites).")
     if seed is not None:
         pyro.set_rng_seed(seed)
     if pair.guide is not None:
@@ -204,6 +168,8 @@ def log_likelihood(
         model_trace = check_model(pair.model, data)
     n = data[0].shape[0]
     frame = data_plate(model_trace, data_plate_name, n)
+    if method == "ais":
+        return anneal(pair, data, frame, (model_trace, guide_trace), annealing)
     exact = exact_route(pair, model_trace)
     if method == "exact" and exact is None:
         raise FreqviInputError(
@@ -218,6 +184,7 @@ def log_likelihood(
                              joint=joint)
     if pair.guide is None:
         raise FreqviInputError("importance sampling needs a guide as proposal: pass guide=...")
+    began = time.process_time()
     check_proposal(pair.guide, guide_trace, *data)
     coupled = bool(outside_data_plate({**latent_sites(model_trace), **latent_sites(guide_trace)}, frame))
     proposal = choose_proposal(proposal, guide_trace, joint=coupled)
@@ -228,13 +195,32 @@ def log_likelihood(
                     "log_likelihood's importance sampling")
     with torch.no_grad():
         weights = ImportanceWeights.draw(pair, data, frame, dims, _chunks(num_samples, chunk), coupled)
-    return _importance_estimate(weights.columns(), weights.offset(), weights.joint, str(proposal))
+    result = _importance_estimate(weights.columns(), weights.offset(), weights.joint, str(proposal))
+    result.cpu_seconds_per_observation = (time.process_time() - began) / n
+    return result
 
 
-def outside_data_plate(sites: dict[str, dict], frame) -> list[str]:
-    """The names of ``sites`` that do not sit inside the data plate ``frame``."""
-    return sorted(name for name, site in sites.items()
-                  if not any(f.name == frame.name for f in site["cond_indep_stack"]))
+def _check_method_options(method: str, **options) -> AnnealingSettings | None:
+    """Refuses an option given (not ``None``; ``proposal`` not ``"auto"``) to a method that does not use it;
+    returns AIS's settings, checked, when ``method="ais"``.
+
+    :raises ~freqvi.errors.FreqviInputError: naming the option and the method it belongs to.
+    """
+    given = {name for name, value in options.items()
+             if value is not None and not (name == "proposal" and isinstance(value, str) and value == "auto")}
+    ais = {name for name in given if name in AIS_OPTIONS}
+    if method == "ais":
+        misplaced = sorted(given - AIS_OPTIONS)
+        if misplaced:
+            raise FreqviInputError(
+                f"{', '.join(misplaced)}: option(s) of importance sampling, but method='ais': annealed "
+                "importance sampling starts at the guide itself and its draws per observation are its chains "
+                "(num_chains=...); its other options are num_temperatures, leapfrog_steps and step_size.")
+        return AnnealingSettings.checked(**{name: options[name] for name in ais})
+    if ais:
+        raise FreqviInputError(f"{', '.join(sorted(ais))}: option(s) of annealed importance sampling, but "
+                               f"method={method!r}: pass method='ais' with them.")
+    return None
 
 
 def exact_route(pair: Pair, model_trace):
@@ -386,7 +372,7 @@ class ImportanceWeights:
         """
         inside, outside = [], None
         for rows, keep, arrangement in self.blocks:
-            program = _on_rows(model, arrangement.frame.name, arrangement.k, arrangement.dims, rows)
+            program = on_rows(model, arrangement.frame.name, arrangement.k, arrangement.dims, rows)
             tr = trace(poutine.replay(program, trace=arrangement.model_trace), *data)
             tr = prune_subsample_sites(tr)
             tr.compute_log_prob()
@@ -399,21 +385,10 @@ class ImportanceWeights:
         return inside + outside.unsqueeze(-1) / inside.shape[1]
 
 
-def _on_rows(program, plate: str, k: int, dims: int, rows):
-    """``program`` under a plate of ``k`` particles at dim ``-dims``, visiting ``rows`` of ``plate``."""
-    program = pyro.plate("_num_samples", k, dim=-dims)(program)
-    return program if rows is None else SubsamplePlate(plate, rows)(program)
-
-
 def _arranged(pair: Pair, data, frame, dims: int, k: int, rows) -> Arrangement:
     """One guide trace of ``k`` particles and the model replayed on it, over ``rows`` of the plate."""
-    model, guide = (_on_rows(program, frame.name, k, dims, rows) for program in (pair.model, pair.guide))
-    guide_tr = trace(guide, *data)
-    model_tr = prune_subsample_sites(trace(poutine.replay(model, trace=guide_tr), *data))
-    guide_tr = prune_subsample_sites(guide_tr)
-    model_tr.compute_log_prob()
-    guide_tr.compute_log_prob()
-    return Arrangement(model_tr, guide_tr, k, dims, frame.name)
+    model, guide = (on_rows(program, frame.name, k, dims, rows) for program in (pair.model, pair.guide))
+    return arrange(model, guide, data, k, dims, frame.name)
 
 
 def per_observation(site, particle_dim: int, frame) -> torch.Tensor:
@@ -471,24 +446,21 @@ def pareto_k_hat(log_w: torch.Tensor, eps: float, what: str) -> tuple[np.ndarray
 
 def _importance_estimate(log_w: torch.Tensor, offset: float, joint: bool, proposal: str) -> LogLikelihood:
     """The estimate from log weights ``(K, b)``: one column per observation, or one joint column."""
-    k = log_w.shape[0]
-    log_w64 = log_w.double()
-    per_obs = torch.logsumexp(log_w64, 0) - math.log(k)
-    w = torch.exp(log_w64 - log_w64.max(0).values)
-    se_obs = w.std(0, correction=1) / (math.sqrt(k) * w.mean(0)) if k > 1 \
-        else torch.full_like(per_obs, float("inf"))
+    summary = summarize(log_w)
     what = "joint weight(s)" if joint else "observations"
-    pareto_k, note = pareto_k_hat(log_w64, torch.finfo(log_w.dtype).eps, what)
+    pareto_k, note = pareto_k_hat(log_w.double(), torch.finfo(log_w.dtype).eps, what)
     result = LogLikelihood(
-        total=float(per_obs.sum()) + offset,
-        per_observation=None if joint else per_obs.to(log_w.dtype),
-        standard_error=float(se_obs.square().sum().sqrt()),
+        total=float(summary.log_mean.sum()) + offset,
+        per_observation=None if joint else summary.log_mean.to(log_w.dtype),
+        standard_error=float(summary.standard_error.square().sum().sqrt()),
         pareto_k=pareto_k,
         method="importance",
-        num_samples=k,
+        num_samples=log_w.shape[0],
         joint=joint,
         pareto_k_note=note,
         proposal=proposal,
+        per_observation_se=None if joint else summary.standard_error,
+        effective_sample_size=summary.effective_sample_size,
     )
     _warn_on_pareto_k(result, what)
     return result
@@ -507,7 +479,10 @@ def _warn_on_pareto_k(result: LogLikelihood, what: str) -> None:
         else:  # already widened: what is left is a guide far from the posterior, or annealing
             remedy = (f"the {result.proposal} proposal built on the guide is still too far from the "
                       "posterior there (heavy-tailed weights); more samples do not cure that: fit the guide "
-                      "closer to the posterior, or use freqvi.infer.annealed.annealed_log_likelihood.")
+                      "closer to the posterior" + (
+                          "." if result.joint else  # AIS anneals each observation's latents alone
+                          ", or use method='ais' (annealed importance sampling, which moves each draw "
+                          "towards the posterior; for a guide that draws the model's latents directly)."))
         warnings.warn(
             f"{heavy} of {len(result.pareto_k)} {what} have PSIS k-hat > {PARETO_K_THRESHOLD} "
             f"(max {result.max_pareto_k:.2f}): their importance-sampling estimates cannot be trusted: "
