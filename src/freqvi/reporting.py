@@ -117,7 +117,7 @@ def pareto_k_text(entry: dict, item: str = "observation") -> str:
         text = (f"PSIS k-hat above 0.7 for {share:.1%} of {item}s (max {largest:.2f}): their estimates "
                 "cannot be trusted and are likely too low (importance sampling underestimates log p(x) on "
                 "average), so the mean is likely too low by more than its standard error says; annealed "
-                "importance sampling (freqvi.infer.annealed.annealed_log_likelihood) tightens them")
+                "importance sampling, freqvi.log_likelihood(..., method='ais'), checks them")
     elif unestimable == 1:
         return (f"PSIS k-hat could not be estimated for any {item} (tied or too few weights): nothing says "
                 "whether the estimates can be trusted")
