@@ -14,6 +14,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from freqvi.errors import FreqviError, FreqviInputError, FreqviWarning
 from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
 from freqvi.infer.em import M_STEPS
 from freqvi.infer.evaluation import amortization_gap, elbo_terms
+from freqvi.infer.recipes import DIFFUSION, Recipe
 from freqvi.infer.threads import ENV_VAR, intra_op_threads, step_entries
 from freqvi.models import VAE, GaussianDiffusion, GaussianMixture
 from freqvi.models.diffusion import SAMPLERS
@@ -403,9 +405,13 @@ def run_tour_command(args: argparse.Namespace) -> int:
 # ----- the diffusion subcommand ----------------------------------------------------------------
 DIFFUSION_DATA = {"moons": load_moons, "swiss_roll": load_swiss_roll,
                   "digits": lambda split: 2 * load_digits(split) - 1}
-DIFFUSION_ESTIMATORS = {"time_subsampled": {"loss": "time_subsampled"},
-                        "importance": {"loss": "time_subsampled", "time_sampling": "importance"},
-                        "simple": {"loss": "simple"}, "trace": {"loss": "trace"}}
+#: --estimator -> (the estimator's name, its options as the pairs of Recipe.loss_options)
+DIFFUSION_ESTIMATORS = {"time_subsampled": ("time_subsampled", (("time_sampling", "uniform"),)),
+                        "importance": ("time_subsampled", (("time_sampling", "importance"),)),
+                        "simple": ("simple", ()), "trace": ("trace", ())}
+#: --estimator's default: the name of the recipe's estimator
+DIFFUSION_ESTIMATOR = next(name for name, (loss, options) in DIFFUSION_ESTIMATORS.items()
+                           if (loss, options) == (DIFFUSION.loss, DIFFUSION.loss_options))
 
 
 def add_diffusion_command(subparsers: Subparsers) -> None:
@@ -434,17 +440,17 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
                            help="noise schedule (default: %(default)s)")
     diffusion.add_argument("--hidden", metavar="H1,H2,...", type=_widths, default=(128, 128, 128),
                            help="hidden widths of the denoiser (default: 128,128,128)")
-    diffusion.add_argument("--estimator", choices=tuple(DIFFUSION_ESTIMATORS), default="importance",
+    diffusion.add_argument("--estimator", choices=tuple(DIFFUSION_ESTIMATORS), default=DIFFUSION_ESTIMATOR,
                            help="training objective: the time-subsampled ELBO with t uniform or importance-"
                            "sampled, Ho et al.'s simple loss (not a bound), or the full-chain Trace_ELBO "
                            "(default: %(default)s)")
-    diffusion.add_argument("--steps", metavar="N", type=int, default=5000,
+    diffusion.add_argument("--steps", metavar="N", type=int, default=DIFFUSION.num_steps,
                            help="training steps (default: %(default)s)")
-    diffusion.add_argument("--batch-size", metavar="B", type=int, default=256,
+    diffusion.add_argument("--batch-size", metavar="B", type=int, default=DIFFUSION.batch_size,
                            help="observations per step (default: %(default)s)")
-    diffusion.add_argument("--lr", type=float, default=2e-3,
+    diffusion.add_argument("--lr", type=float, default=DIFFUSION.lr,
                            help="Adam's learning rate (default: %(default)s)")
-    diffusion.add_argument("--ema-decay", metavar="D", type=float, default=0.999,
+    diffusion.add_argument("--ema-decay", metavar="D", type=float, default=DIFFUSION.average.decay,
                            help="keep an exponential moving average of the weights (freqvi.EMA, with "
                            "warm-up), evaluate and sample it; 0: the last iterate (default: %(default)s)")
     diffusion.add_argument("--samples", metavar="M", type=int, default=1000,
@@ -459,7 +465,7 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
 
 def run_diffusion(args: argparse.Namespace) -> int:
     """Fits the diffusion model that ``args`` describes, evaluates it, prints a summary, writes ``--out``."""
-    average = freqvi.EMA(decay=args.ema_decay) if args.ema_decay else None  # checked before any work
+    recipe = diffusion_recipe(args)  # the average's decay is checked here, before any work
     if args.data is None:
         load = DIFFUSION_DATA[args.dataset]
         (train, test), data_name = (load("train"), load("test")), args.dataset
@@ -469,9 +475,7 @@ def run_diffusion(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     with intra_op_threads(entries=step_entries(train, args.batch_size)):
         model = GaussianDiffusion(train.shape[1], args.diffusion_steps, args.schedule, hidden=args.hidden)
-        result = freqvi.fit(model, train, lr=args.lr, num_steps=args.steps,
-                            batch_size=min(args.batch_size, len(train)), seed=args.seed,
-                            progress=not args.quiet, average=average, **DIFFUSION_ESTIMATORS[args.estimator])
+        result = recipe.fit(model, train, seed=args.seed, progress=not args.quiet)
         ddim = {"method": "ddim", "num_steps": args.ddim_steps} if args.sampler == "ddim" else {}
         samples = model.sample(args.samples, seed=args.seed, **ddim)
         report = diffusion_report(data_name, train, test, model, result, samples, args)
@@ -479,6 +483,17 @@ def run_diffusion(args: argparse.Namespace) -> int:
         _write_json(report, args.out / "metrics.json")
         print(format_diffusion_report(report, args.out))
     return 0
+
+
+def diffusion_recipe(args: argparse.Namespace) -> Recipe:
+    """:data:`freqvi.infer.recipes.DIFFUSION` with the fields the arguments set (their defaults are its own).
+
+    :raises ~freqvi.errors.FreqviInputError: an ``--ema-decay`` outside [0, 1) (0: no average).
+    """
+    loss, loss_options = DIFFUSION_ESTIMATORS[args.estimator]
+    average = replace(DIFFUSION.average, decay=args.ema_decay) if args.ema_decay else None
+    return replace(DIFFUSION, loss=loss, loss_options=loss_options, lr=args.lr, batch_size=args.batch_size,
+                   num_steps=args.steps, average=average)
 
 
 def diffusion_report(data_name: str, train: torch.Tensor, test: torch.Tensor, model: GaussianDiffusion,

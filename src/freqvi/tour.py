@@ -32,6 +32,7 @@ import freqvi
 from freqvi import plots
 from freqvi.datasets import load_digits, load_iris, load_moons
 from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
+from freqvi.infer.recipes import DIFFUSION
 from freqvi.infer.threads import intra_op_threads
 from freqvi.models import VAE, GaussianDiffusion, GaussianMixture, RandomInterceptLogistic
 
@@ -230,8 +231,7 @@ def diffusion_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Sec
     train, test = load_moons("train"), load_moons("test")
     torch.manual_seed(seed)  # the denoiser's initial weights
     model = GaussianDiffusion(2, num_steps=1000)
-    fit = freqvi.fit(model, train, loss="time_subsampled", lr=2e-3, num_steps=budget.diffusion_steps,
-                     batch_size=256, seed=seed, progress=progress, average="ema")
+    fit = DIFFUSION.fit(model, train, num_steps=budget.diffusion_steps, seed=seed, progress=progress)
     bound = diffusion_bound(model, test, seed=seed)
     gaussian = gaussian_nll_per_dim(train, test)
     half = min(budget.diffusion_samples, len(test) // 2)

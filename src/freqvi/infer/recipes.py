@@ -1,0 +1,73 @@
+r"""Training recipes: the settings of :func:`~freqvi.fit` that one kind of model is trained with.
+
+A recipe names the choices a fit makes besides the model and the data: the estimator and its
+options (for a diffusion model, how the time step :math:`t` is drawn), the parameter average
+kept and left in the model (:mod:`freqvi.infer.averaging`), Adam's learning rate, the
+minibatch size and the number of steps. ``freqvi diffusion``, the tour's diffusion stage and
+tutorial 7 all fit with :data:`DIFFUSION`, so that they cannot drift apart: the command's
+defaults are the recipe's fields, and a caller changes one field with
+:func:`dataclasses.replace` (or ``recipe.fit(..., lr=...)``) rather than restating the rest.
+
+Why here, in the drivers' layer: a recipe is a set of options of the fit driver and names no
+network, so it sits beside :func:`~freqvi.fit`; the models stay free of training choices, and the
+faces (the command, the tour, the tutorials) import the recipe from below as they import ``fit``.
+
+The numbers behind each recipe are measured by ``benchmarks/diffusion_seeds.py`` (diffusion) and
+``benchmarks/vae_averaging.py`` (VAE); each constant's docstring says what was measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from freqvi.infer.averaging import EMA, Polyak
+from freqvi.infer.fit import FitResult, fit
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The options of :func:`~freqvi.fit` one kind of model is trained with.
+
+    :param loss: the estimator's name (:data:`freqvi.estimators.ESTIMATORS`).
+    :param lr: Adam's learning rate.
+    :param batch_size: observations per step (a data set with fewer rows is used whole at every step).
+    :param num_steps: training steps.
+    :param average: the parameter average kept beside the raw parameters, evaluated and left in the
+        model at the end (:class:`~freqvi.EMA`, :class:`~freqvi.Polyak`), or ``None`` for the last
+        iterate.
+    :param loss_options: the estimator's keyword options as ``(name, value)`` pairs (e.g.
+        ``(("time_sampling", "importance"),)``).
+    """
+
+    loss: str
+    lr: float
+    batch_size: int
+    num_steps: int
+    average: EMA | Polyak | None
+    loss_options: tuple[tuple[str, Any], ...] = ()
+
+    def options(self, num_rows: int | None = None) -> dict[str, Any]:
+        """The keyword arguments of :func:`~freqvi.fit` this recipe stands for.
+
+        :param num_rows: the data's number of rows, to cap ``batch_size`` by.
+        """
+        batch = self.batch_size if num_rows is None else min(self.batch_size, num_rows)
+        return {"loss": self.loss, "lr": self.lr, "batch_size": batch, "num_steps": self.num_steps,
+                "average": self.average, **dict(self.loss_options)}
+
+    def fit(self, model, data, guide=None, **options) -> FitResult:
+        """:func:`~freqvi.fit` with this recipe's options; ``options`` add to or override them.
+
+        :param data: an array or a tuple of arrays in memory, as for :func:`~freqvi.fit`; the batch
+            size is capped at its number of rows.
+        :returns: the :class:`~freqvi.FitResult`; the model holds the recipe's average at the end.
+        :raises ~freqvi.errors.FreqviInputError: as :func:`~freqvi.fit`, before any step.
+        """
+        rows = len(data[0] if isinstance(data, tuple) else data)
+        return fit(model, data, guide, **{**self.options(rows), **options})
+
+
+#: The diffusion recipe of ``freqvi diffusion``, the tour and tutorial 7 (MEASUREMENTS PENDING).
+DIFFUSION = Recipe(loss="time_subsampled", lr=2e-3, batch_size=256, num_steps=5000, average=EMA(0.999),
+                   loss_options=(("time_sampling", "importance"),))
