@@ -69,5 +69,5 @@ class Recipe:
 
 
 #: The diffusion recipe of ``freqvi diffusion``, the tour and tutorial 7 (MEASUREMENTS PENDING).
-DIFFUSION = Recipe(loss="time_subsampled", lr=2e-3, batch_size=256, num_steps=5000, average=EMA(0.999),
+DIFFUSION = Recipe(loss="time_subsampled", lr=2e-3, batch_size=256, num_steps=5000, average=EMA(0.9999),
                    loss_options=(("time_sampling", "importance"),))
