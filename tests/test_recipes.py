@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import freqvi
-from freqvi.cli import build_parser, diffusion_recipe, main
+from freqvi.cli import build_parser, diffusion_recipe, main, vae_recipe
 from freqvi.datasets import load_moons
 from freqvi.infer import recipes
-from freqvi.infer.recipes import DIFFUSION, Recipe
+from freqvi.infer.recipes import DIFFUSION, VAE, Recipe
 from freqvi.tour import BUDGETS, diffusion_stage
 
 TUTORIAL = Path(__file__).resolve().parent.parent / "tutorials" / "07_diffusion.ipynb"
@@ -122,3 +122,17 @@ def test_a_recipe_caps_its_batch_at_the_datas_rows():
     torch.manual_seed(0)
     model = freqvi.models.GaussianDiffusion(2, 5, hidden=(4,))
     assert recipe.fit(model, x, progress=False).num_steps == 3
+
+
+def test_the_vae_commands_defaults_are_the_vae_recipe():
+    assert vae_recipe(build_parser().parse_args(["vae"])) == VAE
+
+
+def test_the_vae_command_averages_on_request_and_refuses_a_bad_decay(tmp_path, monkeypatch, capsys):
+    argv = ["vae", "--quiet", "--ema-decay", "0.99", "--estimator", "iwae", "--out", str(tmp_path / "ok")]
+    options = _recorded(monkeypatch, lambda: main(argv))
+    assert options["average"] == freqvi.EMA(0.99) and options["num_particles"] == 10
+    assert options["validation_data"] is not None and options["patience"] == 5  # early stopping kept
+    assert main(["vae", "--quiet", "--ema-decay", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "strictly between 0 and 1; got 1.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any work

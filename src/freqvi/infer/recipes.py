@@ -71,3 +71,9 @@ class Recipe:
 #: The diffusion recipe of ``freqvi diffusion``, the tour and tutorial 7 (MEASUREMENTS PENDING).
 DIFFUSION = Recipe(loss="time_subsampled", lr=2e-3, batch_size=256, num_steps=5000, average=EMA(0.9999),
                    loss_options=(("time_sampling", "importance"),))
+
+
+#: The VAE recipe of ``freqvi vae`` (its defaults; the command adds early stopping on held-out data): the
+#: mean-field ELBO (analytic KL), Adam at ``2e-3``, batches of 128, 3,000 steps, no average.
+#: ``benchmarks/vae_averaging.py`` (MEASUREMENTS PENDING).
+VAE = Recipe(loss="mean_field", lr=2e-3, batch_size=128, num_steps=3000, average=None)
