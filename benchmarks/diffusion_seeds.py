@@ -3,17 +3,18 @@
 The benchmark of issue 21. On two 2-D data sets, :func:`freqvi.datasets.load_moons` and a
 mixture of eight well-separated Gaussians (:func:`gaussian_ring`, centres on a circle of radius
 2, standard deviation 0.15), each seed trains a :class:`~freqvi.models.GaussianDiffusion`
-(T = 1000, linear schedule, default :class:`~freqvi.models.TimeMLP`, batch 256, Adam ``lr=2e-3``,
-one thread) for ``--budget`` CPU seconds in two ways, from the same initial weights:
+(T = 1000, linear schedule, default :class:`~freqvi.models.TimeMLP`, one thread) for ``--budget``
+CPU seconds in two ways, from the same initial weights:
 
-* ``freqvi``: ``freqvi diffusion``'s recipe, :func:`freqvi.fit` with the importance-sampled
-  time-subsampled ELBO and ``average=EMA(0.999)`` (warm-up included), stopped by ``max_cpu_time``.
-  Rows ``freqvi-ema`` (the average fit leaves) and ``freqvi-raw`` (the last iterate of the same
-  run, copied by a callback): a paired comparison of the two at one trajectory;
+* ``freqvi``: the recipe of ``freqvi diffusion``, the tour and tutorial 7,
+  :data:`freqvi.infer.recipes.DIFFUSION` (its estimator, time sampling, average, learning rate and
+  batch size), stopped by ``max_cpu_time`` instead of its step count. Rows ``freqvi-avg`` (the
+  average fit leaves) and ``freqvi-raw`` (the last iterate of the same run, copied by a callback):
+  a paired comparison of the two at one trajectory;
 * ``torch-ema``: a DDPM loop written here (Ho et al. 2020, algorithm 1: ``t ~ U{1..T}``, loss
-  ``mean ||eps - eps_theta(x_t, t)||^2``) with the usual EMA of the weights
-  (:class:`torch.optim.swa_utils.AveragedModel` with ``get_ema_multi_avg_fn(0.999)``), run until
-  its process CPU time reaches the budget.
+  ``mean ||eps - eps_theta(x_t, t)||^2``), batch 256, Adam ``lr=2e-3``, with the usual EMA of the
+  weights (:class:`torch.optim.swa_utils.AveragedModel` with ``get_ema_multi_avg_fn(0.999)``), run
+  until its process CPU time reaches the budget.
 
 Each model is measured on the 2,000 test points: the energy distance
 (:func:`freqvi.infer.diffusion.energy_distance`) between 1,000 ancestral samples and 1,000 test
@@ -36,12 +37,12 @@ import pyro
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-import freqvi
 from freqvi.datasets import load_moons
 from freqvi.infer.diffusion import diffusion_bound, energy_distance
+from freqvi.infer.recipes import DIFFUSION
 from freqvi.models import GaussianDiffusion
 
-BATCH_SIZE, LR, DECAY, NUM_SAMPLES = 256, 2e-3, 0.999, 1000
+BATCH_SIZE, LR, DECAY, NUM_SAMPLES = 256, 2e-3, 0.999, 1000  # the loop's settings; the samples drawn
 
 
 def gaussian_ring(split: str, n: int = 2000) -> torch.Tensor:
@@ -61,7 +62,7 @@ def new_model(seed: int) -> GaussianDiffusion:
 
 
 def freqvi_rows(x: torch.Tensor, seed: int, budget: float) -> dict[str, GaussianDiffusion]:
-    """The EMA left by fit and the last iterate of the same run, as two models."""
+    """The average left by the recipe's fit and the last iterate of the same run, as two models."""
     pyro.clear_param_store()
     model = new_model(seed)
     raw: dict[str, torch.Tensor] = {}
@@ -70,12 +71,12 @@ def freqvi_rows(x: torch.Tensor, seed: int, budget: float) -> dict[str, Gaussian
         for name, p in model.named_parameters():
             raw.setdefault(name, torch.empty_like(p)).copy_(p.detach())
 
-    freqvi.fit(model, x, loss="time_subsampled", time_sampling="importance", lr=LR, batch_size=BATCH_SIZE,
-               num_steps=10**9, max_cpu_time=budget, seed=seed, progress=False, average=freqvi.EMA(DECAY),
-               on_step=keep_iterate)
+    result = DIFFUSION.fit(model, x, num_steps=10**9, max_cpu_time=budget, seed=seed, progress=False,
+                           on_step=keep_iterate)
     last = new_model(seed)
     last.load_state_dict(raw, strict=False)
-    return {"freqvi-ema": model, "freqvi-raw": last}
+    print(f"  seed {seed}  freqvi: {result.num_steps} steps", flush=True)
+    return {"freqvi-avg": model, "freqvi-raw": last}
 
 
 def torch_row(x: torch.Tensor, seed: int, budget: float) -> GaussianDiffusion:
@@ -98,6 +99,7 @@ def torch_row(x: torch.Tensor, seed: int, budget: float) -> GaussianDiffusion:
         loss.backward()
         optimizer.step()
         ema.update_parameters(net)
+    print(f"  seed {seed}  torch:  {int(ema.n_averaged)} steps", flush=True)
     with torch.no_grad():
         for p, q in zip(net.parameters(), ema.module.parameters(), strict=True):
             p.copy_(q)

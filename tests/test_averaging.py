@@ -21,11 +21,11 @@ from simulate import factor_data
 import freqvi
 from freqvi.cli import main
 from freqvi.errors import FreqviInputError
+from freqvi.infer import recipes
 from freqvi.infer.averaging import EMA, Polyak, as_average
 from freqvi.infer.checkpoint import load_checkpoint, stable_name
 from freqvi.infer.fit import _VALIDATION_SEED, fit
 from freqvi.models import FactorAnalysis
-from freqvi.tour import BUDGETS, diffusion_stage
 
 # Named as a module's and a guide's parameters are: sorted with and without instance numbers, the two
 # come in opposite orders, so a mix-up of the orders swaps them.
@@ -254,7 +254,7 @@ DIFFUSION_QUICK = ["diffusion", "--quiet", "--steps", "20", "--diffusion-steps",
 def test_freqvi_diffusion_samples_and_evaluates_the_ema(tmp_path, monkeypatch):
     """The subcommand's model holds the average of the EMA its --ema-decay names, recorded in metrics.json."""
     fits = []
-    monkeypatch.setattr(freqvi, "fit", lambda *args, **options: fits.append(options) or fit(*args, **options))
+    monkeypatch.setattr(recipes, "fit", lambda *args, **given: fits.append(given) or fit(*args, **given))
     assert main([*DIFFUSION_QUICK, "--ema-decay", "0.99", "--out", str(tmp_path / "ema")]) == 0
     assert main([*DIFFUSION_QUICK, "--ema-decay", "0", "--out", str(tmp_path / "raw")]) == 0
     assert [options["average"] for options in fits] == [EMA(decay=0.99), None]
@@ -267,20 +267,3 @@ def test_freqvi_diffusion_refuses_a_decay_outside_0_1(tmp_path, capsys):
     out, err = capsys.readouterr()  # a usage error, as argparse reports one
     assert out == "" and "argument --ema-decay: expected a finite number >= 0 and < 1; got '1.5'" in err
     assert not (tmp_path / "out").exists()  # refused before any work
-
-
-class _Stop(Exception):
-    """Ends a recipe at its fit call, once the call's options are recorded."""
-
-
-def test_the_tours_diffusion_fits_an_ema(tmp_path, monkeypatch):
-    options = {}
-
-    def record(*args, **given):
-        options.update(given)
-        raise _Stop
-
-    monkeypatch.setattr(freqvi, "fit", record)
-    with pytest.raises(_Stop):
-        diffusion_stage(tmp_path, BUDGETS["quick"], seed=0, progress=False)
-    assert as_average(options["average"]) == EMA(decay=0.999)

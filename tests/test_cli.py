@@ -187,7 +187,7 @@ def small_vae():
 
 def _vae_args(seed: int) -> argparse.Namespace:
     return argparse.Namespace(num_samples=50, seed=seed, gap_steps=20, estimator="mean_field", lr=2e-3,
-                              batch_size=128, pixels=None)
+                              batch_size=128, pixels=None, ema_decay=0.0)
 
 
 @pytest.mark.filterwarnings("ignore::freqvi.errors.FreqviWarning")

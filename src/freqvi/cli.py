@@ -17,6 +17,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ from freqvi.errors import DegenerateDataWarning, FreqviError, FreqviInputError, 
 from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
 from freqvi.infer.em import M_STEPS
 from freqvi.infer.evaluation import amortization_gap, elbo_terms
+from freqvi.infer.recipes import DIFFUSION, Recipe
+from freqvi.infer.recipes import VAE as VAE_RECIPE
 from freqvi.infer.threads import ENV_VAR, intra_op_threads, step_entries
 from freqvi.models import VAE, GaussianDiffusion, GaussianMixture
 from freqvi.models.diffusion import SAMPLERS
@@ -224,16 +227,23 @@ def add_vae_command(subparsers: Subparsers) -> None:
     vae.add_argument("--min-noise-scale", metavar="S", type=real(inclusive=True), default=MIN_NOISE_SCALE,
                      help="gaussian likelihood: the floor of each column's noise scale, which alone bounds "
                      "the likelihood on a constant column (default: %(default)s, a variance of 1e-6)")
-    vae.add_argument("--estimator", choices=VAE_ESTIMATORS, default="mean_field",
+    vae.add_argument("--estimator", choices=VAE_ESTIMATORS, default=VAE_RECIPE.loss,
                      help="ELBO estimator: mean_field (analytic KL), trace, iwae, dreg, stl "
                      "(default: %(default)s)")
     vae.add_argument("--particles", metavar="K", type=count(), default=10,
                      help="importance samples of iwae and dreg (default: %(default)s)")
-    vae.add_argument("--steps", metavar="N", type=count(), default=3000,
+    vae.add_argument("--steps", metavar="N", type=count(), default=VAE_RECIPE.num_steps,
                      help="most training steps (default: %(default)s)")
-    vae.add_argument("--batch-size", metavar="B", type=count(), default=128,
+    vae.add_argument("--batch-size", metavar="B", type=count(), default=VAE_RECIPE.batch_size,
                      help="observations per step (default: %(default)s)")
-    vae.add_argument("--lr", type=real(), default=2e-3, help="Adam's learning rate (default: %(default)s)")
+    vae.add_argument("--lr", type=real(), default=VAE_RECIPE.lr,
+                     help="Adam's learning rate (default: %(default)s)")
+    vae.add_argument("--ema-decay", metavar="D", type=real(inclusive=True, below=1.0),
+                     default=VAE_RECIPE.average.decay if VAE_RECIPE.average else 0.0,
+                     help="keep an exponential moving average of the weights (freqvi.EMA, with warm-up), "
+                     "evaluate it for early stopping and keep it; 0: the iterates themselves (default: "
+                     "%(default)s: measured by benchmarks/vae_averaging.py, it raised the held-out ELBO but "
+                     "not the held-out log-likelihood)")
     vae.add_argument("--patience", metavar="P", type=count(), default=5,
                      help="stop after P held-out evaluations (every 200 steps) without a new best "
                      "(default: %(default)s)")
@@ -293,6 +303,7 @@ def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_vae(args: argparse.Namespace) -> int:
     """Fits the VAE that ``args`` describes, evaluates it, prints a summary and writes ``--out``."""
+    recipe = vae_recipe(args)  # the average's decay is checked here, before any work
     train, test, labels, data_name = _vae_data(args.data, args.pixels)
     _make_folder(args.out)
     torch.manual_seed(args.seed)  # the initial weights (torch's own seed differs from process to process)
@@ -303,11 +314,8 @@ def run_vae(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", DegenerateDataWarning)
         model.check_data(test)
     with intra_op_threads(entries=step_entries(train, args.batch_size)):
-        options = {"num_particles": args.particles} if args.estimator in ("iwae", "dreg") else {}
-        result = freqvi.fit(model, train, loss=args.estimator, lr=args.lr, num_steps=args.steps,
-                            batch_size=min(args.batch_size, len(train)), seed=args.seed,
-                            progress=not args.quiet, validation_data=test, eval_every=VAE_EVAL_EVERY,
-                            patience=args.patience, **options, **_checkpointing(args))
+        result = recipe.fit(model, train, seed=args.seed, progress=not args.quiet, validation_data=test,
+                            eval_every=VAE_EVAL_EVERY, patience=args.patience, **_checkpointing(args))
         _stop_if_interrupted(result, args)
         report = vae_report(data_name, train, test, model, result, args)
         pictures = _vae_pictures(model, test, labels, args.out)
@@ -315,6 +323,17 @@ def run_vae(args: argparse.Namespace) -> int:
         _write_json(report, args.out / "metrics.json")
         print(format_vae_report(report, args.out))
     return 0
+
+
+def vae_recipe(args: argparse.Namespace) -> Recipe:
+    """:data:`freqvi.infer.recipes.VAE` with the fields the arguments set (their defaults are its own).
+
+    :raises ~freqvi.errors.FreqviInputError: an ``--ema-decay`` outside [0, 1) (0: no average).
+    """
+    particles = (("num_particles", args.particles),) if args.estimator in ("iwae", "dreg") else ()
+    average = freqvi.EMA(decay=args.ema_decay) if args.ema_decay else None
+    return replace(VAE_RECIPE, loss=args.estimator, loss_options=particles, lr=args.lr,
+                   batch_size=args.batch_size, num_steps=args.steps, average=average)
 
 
 def _vae_data(path: Path | None,
@@ -396,8 +415,8 @@ def vae_report(data_name: str, train: torch.Tensor, test: torch.Tensor, model: V
         "fit": {"estimator": args.estimator, "num_steps": result.num_steps, "best_step": result.best_step,
                 "stopped_early": result.stopped_early, "wall_time": result.wall_time,
                 "seconds_per_step": result.wall_time / result.num_steps, "seed": args.seed, "lr": args.lr,
-                "batch_size": args.batch_size, "validation_steps": result.validation_steps,
-                "validation_elbo_total": result.validation_elbo},
+                "batch_size": args.batch_size, "ema_decay": args.ema_decay,
+                "validation_steps": result.validation_steps, "validation_elbo_total": result.validation_elbo},
         "conventions": reporting.conventions(),
     }
 
@@ -487,9 +506,13 @@ def run_tour_command(args: argparse.Namespace) -> int:
 # ----- the diffusion subcommand ----------------------------------------------------------------
 DIFFUSION_DATA = {"moons": load_moons, "swiss_roll": load_swiss_roll,
                   "digits": lambda split: 2 * load_digits(split) - 1}
-DIFFUSION_ESTIMATORS = {"time_subsampled": {"loss": "time_subsampled"},
-                        "importance": {"loss": "time_subsampled", "time_sampling": "importance"},
-                        "simple": {"loss": "simple"}, "trace": {"loss": "trace"}}
+#: --estimator -> (the estimator's name, its options as the pairs of Recipe.loss_options)
+DIFFUSION_ESTIMATORS = {"time_subsampled": ("time_subsampled", (("time_sampling", "uniform"),)),
+                        "importance": ("time_subsampled", (("time_sampling", "importance"),)),
+                        "simple": ("simple", ()), "trace": ("trace", ())}
+#: --estimator's default: the name of the recipe's estimator
+DIFFUSION_ESTIMATOR = next(name for name, (loss, options) in DIFFUSION_ESTIMATORS.items()
+                           if (loss, options) == (DIFFUSION.loss, DIFFUSION.loss_options))
 
 
 def add_diffusion_command(subparsers: Subparsers) -> None:
@@ -518,17 +541,18 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
                            help="noise schedule (default: %(default)s)")
     diffusion.add_argument("--hidden", metavar="H1,H2,...", type=widths, default=(128, 128, 128),
                            help="hidden widths of the denoiser (default: 128,128,128)")
-    diffusion.add_argument("--estimator", choices=tuple(DIFFUSION_ESTIMATORS), default="importance",
+    diffusion.add_argument("--estimator", choices=tuple(DIFFUSION_ESTIMATORS), default=DIFFUSION_ESTIMATOR,
                            help="training objective: the time-subsampled ELBO with t uniform or importance-"
                            "sampled, Ho et al.'s simple loss (not a bound), or the full-chain Trace_ELBO "
                            "(default: %(default)s)")
-    diffusion.add_argument("--steps", metavar="N", type=count(), default=5000,
+    diffusion.add_argument("--steps", metavar="N", type=count(), default=DIFFUSION.num_steps,
                            help="training steps (default: %(default)s)")
-    diffusion.add_argument("--batch-size", metavar="B", type=count(), default=256,
+    diffusion.add_argument("--batch-size", metavar="B", type=count(), default=DIFFUSION.batch_size,
                            help="observations per step (default: %(default)s)")
-    diffusion.add_argument("--lr", type=real(), default=2e-3,
+    diffusion.add_argument("--lr", type=real(), default=DIFFUSION.lr,
                            help="Adam's learning rate (default: %(default)s)")
-    diffusion.add_argument("--ema-decay", metavar="D", type=real(inclusive=True, below=1.0), default=0.999,
+    diffusion.add_argument("--ema-decay", metavar="D", type=real(inclusive=True, below=1.0),
+                           default=DIFFUSION.average.decay,
                            help="keep an exponential moving average of the weights (freqvi.EMA, with "
                            "warm-up), evaluate and sample it; 0: the last iterate (default: %(default)s)")
     diffusion.add_argument("--samples", metavar="M", type=count(), default=1000,
@@ -544,7 +568,7 @@ def add_diffusion_command(subparsers: Subparsers) -> None:
 
 def run_diffusion(args: argparse.Namespace) -> int:
     """Fits the diffusion model that ``args`` describes, evaluates it, prints a summary, writes ``--out``."""
-    average = freqvi.EMA(decay=args.ema_decay) if args.ema_decay else None  # checked before any work
+    recipe = diffusion_recipe(args)  # the average's decay is checked here, before any work
     if args.sampler == "ddim" and args.ddim_steps > args.diffusion_steps:
         raise FreqviInputError(f"--ddim-steps takes at most the chain's --diffusion-steps "
                                f"({args.diffusion_steps}) steps; got {args.ddim_steps}.")
@@ -557,10 +581,7 @@ def run_diffusion(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     with intra_op_threads(entries=step_entries(train, args.batch_size)):
         model = GaussianDiffusion(train.shape[1], args.diffusion_steps, args.schedule, hidden=args.hidden)
-        result = freqvi.fit(model, train, lr=args.lr, num_steps=args.steps,
-                            batch_size=min(args.batch_size, len(train)), seed=args.seed,
-                            progress=not args.quiet, average=average, **DIFFUSION_ESTIMATORS[args.estimator],
-                            **_checkpointing(args))
+        result = recipe.fit(model, train, seed=args.seed, progress=not args.quiet, **_checkpointing(args))
         _stop_if_interrupted(result, args)
         ddim = {"method": "ddim", "num_steps": args.ddim_steps} if args.sampler == "ddim" else {}
         samples = model.sample(args.samples, seed=args.seed, **ddim)
@@ -569,6 +590,17 @@ def run_diffusion(args: argparse.Namespace) -> int:
         _write_json(report, args.out / "metrics.json")
         print(format_diffusion_report(report, args.out))
     return 0
+
+
+def diffusion_recipe(args: argparse.Namespace) -> Recipe:
+    """:data:`freqvi.infer.recipes.DIFFUSION` with the fields the arguments set (their defaults are its own).
+
+    :raises ~freqvi.errors.FreqviInputError: an ``--ema-decay`` outside [0, 1) (0: no average).
+    """
+    loss, loss_options = DIFFUSION_ESTIMATORS[args.estimator]
+    average = replace(DIFFUSION.average, decay=args.ema_decay) if args.ema_decay else None
+    return replace(DIFFUSION, loss=loss, loss_options=loss_options, lr=args.lr, batch_size=args.batch_size,
+                   num_steps=args.steps, average=average)
 
 
 def diffusion_report(data_name: str, train: torch.Tensor, test: torch.Tensor, model: GaussianDiffusion,

@@ -32,6 +32,7 @@ import freqvi
 from freqvi import plots, reporting
 from freqvi.datasets import load_digits, load_iris, load_moons
 from freqvi.infer.diffusion import diffusion_bound, energy_distance, gaussian_nll_per_dim
+from freqvi.infer.recipes import DIFFUSION
 from freqvi.infer.threads import intra_op_threads
 from freqvi.models import VAE, GaussianDiffusion, GaussianMixture, RandomInterceptLogistic
 
@@ -317,8 +318,7 @@ def diffusion_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Sec
     train, test = load_moons("train"), load_moons("test")
     torch.manual_seed(seed)  # the denoiser's initial weights
     model = GaussianDiffusion(2, num_steps=1000)
-    fit = freqvi.fit(model, train, loss="time_subsampled", lr=2e-3, num_steps=budget.diffusion_steps,
-                     batch_size=256, seed=seed, progress=progress, average="ema")
+    fit = DIFFUSION.fit(model, train, num_steps=budget.diffusion_steps, seed=seed, progress=progress)
     bound = diffusion_bound(model, test, seed=seed)
     gaussian = gaussian_nll_per_dim(train, test)
     half = min(budget.diffusion_samples, len(test) // 2)
@@ -326,7 +326,7 @@ def diffusion_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Sec
     distance, floor = energy_distance(samples, test[:half]), energy_distance(test[half:2 * half], test[:half])
     window = min(max(100, len(fit.elbo) // 20), len(fit.elbo))  # one-step t-draws are noisy
     curve = _plot(out / "diffusion_elbo.png", "Diffusion training (time-subsampled ELBO)",
-                  "step (256 points each)", "ELBO (nats per dimension)", [],
+                  f"step ({DIFFUSION.batch_size} points each)", "ELBO (nats per dimension)", [],
                   hline=(-bound.nats_per_dim, "held-out ELBO, every t"),
                   bands=[_running(np.asarray(fit.elbo) / (len(train) * 2), "training", window)])
     pictures = [plots.forward_noising(model, test[:500], out / "diffusion_noising.png", seed=seed),
@@ -347,9 +347,11 @@ def diffusion_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Sec
          "model is the learned reverse chain, with a network predicting the noise, and the guide is the "
          "fixed forward noising, with no parameters. It is fitted by maximising the same ELBO, estimated "
          "without bias by one random time step per observation with the Gaussian KL of that step in "
-         "closed form (loss='time_subsampled'), at a cost that does not grow with T. The model evaluated "
-         "and sampled is an exponential moving average of the weights (average='ema', decay 0.999), "
-         "which smooths away the noise of the last steps.",
+         "closed form (loss='time_subsampled'), the step drawn from a learned importance law over t that "
+         "lowers the estimate's variance, at a cost that does not grow with T. The model evaluated and "
+         f"sampled is an exponential moving average of the weights (decay {DIFFUSION.average.decay}, with "
+         "warm-up), which smooths away the noise of the last steps. This is freqvi diffusion's recipe "
+         "(freqvi.infer.recipes.DIFFUSION).",
          "On held-out points the full ELBO, every one of the T terms evaluated, bounds the negative "
          "log-likelihood per dimension (of a density on the standardised plane, so it can be negative); "
          "its standard error is over the test points (it includes the Monte-Carlo noise of each point's "
@@ -360,7 +362,7 @@ def diffusion_stage(out: Path, budget: Budget, seed: int, progress: bool) -> Sec
          ("fitted Gaussian's exact NLL", f"{gaussian:.3f} nats per dimension"),
          ("energy distance, samples to held-out", f"{distance:.4f} ({half} points each)"),
          ("energy distance, held-out half to half", f"{floor:.4f} (the noise floor)"),
-         ("training", f"{fit.num_steps} steps of 256 points, {fit.wall_time:.1f} s")],
+         ("training", f"{fit.num_steps} steps of {DIFFUSION.batch_size} points, {fit.wall_time:.1f} s")],
         [(curve.name, f"The time-subsampled ELBO per dimension during training (running mean of {window} "
                       "one-draw estimates of the raw weights, two standard errors either side) and the full "
                       "held-out ELBO of the averaged (EMA) weights."),
