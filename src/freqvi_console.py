@@ -20,11 +20,16 @@ def main() -> int:
     try:
         from freqvi.cli import main as run
 
-        return run()
+        status = run()
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the process ends next: a second Ctrl-C waits
+        status = None
+    # The process ends next: a Ctrl-C from here on would interrupt this report or an exit handler
+    # (torch registers some) with a traceback, so it waits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if status is None:
         print("freqvi: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    return status
 
 
 if __name__ == "__main__":
