@@ -8,6 +8,7 @@ import torch
 
 import freqvi
 from freqvi.errors import FreqviError
+from freqvi.guides import AmortizedNormal, LocalMeanField
 from freqvi.models import FactorAnalysis, GaussianMixture
 
 GOOD = np.random.default_rng(0).normal(size=(40, 3))
@@ -96,3 +97,13 @@ def test_non_finite_data_never_becomes_a_silent_nan():
     x = torch.as_tensor(nan_data())
     with pytest.raises(FreqviError, match="non-finite"):
         freqvi.em(GaussianMixture(2, 3), x, progress=False)
+
+
+@pytest.mark.parametrize("init_scale", [torch.ones(3), 0.0, -1.0, float("nan"), "1"])
+def test_a_guide_with_a_bad_initial_scale_is_refused_when_built(init_scale):
+    """As AmortizedNormal's is: passing the data where the scale goes (``LocalMeanField(model, x)``) used to
+    fail at the fit's first run of the pair, inside torch.full."""
+    model = FactorAnalysis(3, 1).model
+    for guide in (LocalMeanField, AmortizedNormal):
+        with pytest.raises(FreqviError, match="init_scale must be a finite number > 0"):
+            guide(model, init_scale=init_scale)

@@ -13,6 +13,7 @@ from pyro.nn import PyroModule, PyroParam
 
 from freqvi.errors import FreqviInputError
 from freqvi.guides._sites import LatentSite, inside_plates, model_latent_sites, normal_factor, site_plates
+from freqvi.validation import check_positive_float
 
 _names = itertools.count()
 
@@ -44,12 +45,13 @@ class LocalMeanField(PyroModule):
 
     :param model: the model, a callable taking the same arguments as the guide.
     :param init_scale: initial standard deviation of continuous factors.
+    :raises ~freqvi.errors.FreqviInputError: for an ``init_scale`` that is not a finite number > 0.
     """
 
     def __init__(self, model: Callable, init_scale: float = 1.0):
         super().__init__(name=f"LocalMeanField_{next(_names)}")
         self._model = (model,)  # a tuple, so a PyroModule model is not registered as a child
-        self.init_scale = init_scale
+        self.init_scale = check_positive_float(init_scale, "init_scale")
         self._sites: dict[str, LatentSite] | None = None
         self._shapes: list[tuple[int, ...] | None] = []
 
