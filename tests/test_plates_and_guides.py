@@ -176,8 +176,8 @@ def test_max_plate_nesting_is_passed_not_guessed_and_logged(loss):
 
 def test_the_pre_flight_check_gives_an_enumerated_guide_site_a_value_of_its_support_not_a_draw():
     """check_pair runs a guide site marked for parallel enumeration on the first value of its support,
-    in a draw's shape: no sampler pass (torch's generator is left as it was) and the model still runs
-    on values of the site's batch shape."""
+    shaped as enumeration shapes its values (size 1 in each batch dimension): no sampler pass
+    (torch's generator is left as it was), and the densities still have the site's batch shape."""
     from freqvi.models import GaussianMixture
     from freqvi.traces import check_pair
 
@@ -189,5 +189,6 @@ def test_the_pre_flight_check_gives_an_enumerated_guide_site_a_value_of_its_supp
     assert torch.equal(torch.get_rng_state(), before)
     for trace in (guide_trace, model_trace):
         value = trace.nodes["assignment"]["value"]
-        assert value.shape == (50,) and not value.any()
+        assert value.shape == (1,) and not value.any()
     assert model_trace.nodes["obs"]["log_prob"].shape == (50,)
+    assert guide_trace.nodes["assignment"]["log_prob"].shape == (50,)

@@ -86,6 +86,21 @@ def test_large_work_gets_the_callers_count_capped_by_free_cores(caller_threads, 
     assert torch.get_num_threads() == caller_threads
 
 
+def test_a_one_thread_caller_is_not_slowed_by_a_look_at_the_load(monkeypatch):
+    """One thread is what rule 4 can give at most: the look at ``/proc`` (two pauses) is skipped."""
+    def looked():
+        raise AssertionError("the load was read")
+
+    monkeypatch.setattr(threads, "_busy_cores", looked)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threads.intra_op_threads(entries=10 * SMALL_WORK) as count:
+            assert count == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="reads Linux's /proc/loadavg")
 def test_busy_processes_are_counted():
     loop = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end:\n    pass\n"

@@ -183,10 +183,11 @@ def check_pair(model: Callable, guide: Callable, data: tuple[torch.Tensor, ...])
 
 
 class _FirstOfSupport(Messenger):
-    """Gives each site marked ``infer={"enumerate": "parallel"}`` the first value of its support,
-    expanded to the shape of a draw, instead of a draw: the values are as valid as a draw's for
-    checking shapes, dtypes and supports, and a categorical draw over many rows is a third of the
-    check (20,000 rows of a 5-component mixture: 11 of 30 ms)."""
+    """Gives each site marked ``infer={"enumerate": "parallel"}`` the first value of its support, in
+    the broadcastable shape enumeration gives it (a size-1 dimension for each batch dimension),
+    instead of a draw: every estimator sums such a site out with its values so shaped, and a draw
+    of one value per row, with the model's parameters gathered for every row, cost most of the
+    check (20,000 rows of a 5-component full-covariance mixture: 7.2 ms, against 3.7 ms so)."""
 
     def _pyro_sample(self, msg) -> None:
         fn = msg["fn"]
@@ -194,7 +195,7 @@ class _FirstOfSupport(Messenger):
                 or not getattr(fn, "has_enumerate_support", False):
             return
         first = fn.enumerate_support(expand=False)[0]
-        msg["value"] = first.expand(fn.batch_shape + fn.event_shape)
+        msg["value"] = first.expand((1,) * len(fn.batch_shape) + fn.event_shape)
         msg["done"] = True
 
 

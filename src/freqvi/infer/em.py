@@ -38,6 +38,7 @@ from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
 from freqvi.models.base import ClosedFormEStep, ClosedFormMStep
 from freqvi.traces import (
+    check_model,
     check_pair,
     is_enumerated,
     latent_sites,
@@ -277,7 +278,10 @@ def em(
     if seed is not None:
         pyro.set_rng_seed(seed)
     with on_device(device):
-        model_trace, guide_trace = check_pair(pair.model, pair.guide, batches.first())
+        if _closed_e_step(pair, m_step, batches):  # the guide is the model's own: the model checks the data
+            model_trace = guide_trace = check_model(pair.model, batches.first())
+        else:
+            model_trace, guide_trace = check_pair(pair.model, pair.guide, batches.first())
     batches.check_plate(model_trace, pair.guide)
     step = _EMStep(pair, batches, m_step, model_trace, guide_trace, settings)
     if not step.exact or m_step == "gradient":  # Q and the objective draw particles at once
@@ -432,6 +436,19 @@ class _Settings:
     grad_tol: float = 0.0  # the stop's score tolerance in total nats, set once n is known
 
 
+def _exact_guide(pair: Pair) -> bool:
+    """Whether the guide is a freqvi model's own exact posterior (returning ``log p(x_i)``)."""
+    owner = pair.owner
+    return owner is not None and pair.guide == owner.guide and owner.exact_guide
+
+
+def _closed_e_step(pair: Pair, m_step: str, batches: BatchSource) -> bool:
+    """Exact EM on data in memory with the model's E-step in closed form: no Pyro trace per iteration,
+    and the guide, the model's own, needs no run before the fit (it matches the model by construction)."""
+    return (_exact_guide(pair) and m_step == "closed_form" and isinstance(pair.owner, ClosedFormEStep)
+            and isinstance(batches, InMemoryBatches))
+
+
 class _EMStep:
     """The E-step, M-step and objective of one :func:`em` run."""
 
@@ -447,11 +464,8 @@ class _EMStep:
         # The guide's latent sites marked for enumeration are recorded with their support
         # rather than a draw: the E-step needs their distributions, not samples.
         self.enum = poutine.enum(first_available_dim=-1 - plate_nesting)
-        owner = pair.owner
-        self.exact = owner is not None and pair.guide == owner.guide and owner.exact_guide
-        # Exact EM on data in memory, the model's E-step in closed form: no Pyro trace per iteration.
-        self.closed_e_step = (self.exact and m_step == "closed_form" and isinstance(owner, ClosedFormEStep)
-                              and isinstance(batches, InMemoryBatches))
+        self.exact = _exact_guide(pair)
+        self.closed_e_step = _closed_e_step(pair, m_step, batches)
         model_names = param_names(model_trace)
         local_names = param_names(guide_trace) - model_names
         if local_names:

@@ -89,10 +89,10 @@ def requested_num_threads(num_threads: int | None = None) -> int | None:
 def _by_size(entries: int | None) -> int:
     """Rules 3 and 4: one thread below :data:`SMALL_WORK` entries a step, else the caller's count
     capped at the cores other processes leave free."""
-    if entries is not None and entries < SMALL_WORK:
-        return 1
-    free = _usable_cores() - _busy_cores()
-    return max(1, min(torch.get_num_threads(), free))
+    caller = torch.get_num_threads()
+    if (entries is not None and entries < SMALL_WORK) or caller == 1:
+        return 1  # one thread needs no look at the load (the look takes about 1.5 ms)
+    return max(1, min(caller, _usable_cores() - _busy_cores()))
 
 
 def _usable_cores() -> int:
