@@ -201,6 +201,43 @@ def test_the_closed_form_e_step_is_the_exact_guide_s(covariance, dtype):
                                    atol=100 * torch.finfo(dtype).eps, msg=name)
 
 
+def test_responsibilities_where_most_joint_densities_underflow_float32():
+    """Components 40 standard deviations apart: most log-joint gaps are below float32's exp range, where the
+    E-step's softmax must still give the float64 responsibilities and normaliser to float32 accuracy."""
+    noise = torch.randn(3, 300, 2, generator=torch.Generator().manual_seed(1))
+    x = (noise + 40.0 * torch.arange(3.0).reshape(3, 1, 1)).reshape(-1, 2)
+    init = {"weights": [0.2, 0.3, 0.5], "locs": [[0.0, 0.0], [40.0, 40.0], [80.0, 80.0]],
+            "covariances": np.stack([np.eye(2)] * 3)}
+    gm = GaussianMixture(3, 2, init=init)
+    gm.model(x)
+    with torch.no_grad():
+        responsibilities, log_evidence = gm._responsibilities(x)
+    log_joint = np.log(init["weights"]) + np.stack(
+        [multivariate_normal(loc, np.eye(2)).logpdf(x.double().numpy()) for loc in init["locs"]], axis=-1)
+    assert (log_joint - log_joint.max(-1, keepdims=True) < np.log(np.finfo(np.float32).tiny)).mean() > 0.5
+    reference = logsumexp(log_joint, axis=-1)
+    np.testing.assert_allclose(log_evidence.double().numpy(), reference, rtol=1e-6)
+    np.testing.assert_allclose(responsibilities.double().numpy(), np.exp(log_joint - reference[:, None]),
+                               atol=1e-6, rtol=0)
+
+
+def test_an_observation_no_component_can_hold_is_refused_before_any_step():
+    """log p = -inf for the row (not NaN); em refuses at the start, parameters as they were, and names
+    the entry whose square overflows float32."""
+    x = torch.tensor([[1e30, 0.0], [0.0, 0.0], [1.0, 0.5]])
+    gm = GaussianMixture(2, 2, init={"weights": [0.5, 0.5], "locs": [[0.0, 0.0], [1.0, 1.0]],
+                                     "covariances": np.stack([np.eye(2)] * 2)})
+    gm.model(x[1:])
+    before = {name: p.detach().clone() for name, p in gm.named_parameters()}
+    with torch.no_grad():
+        evidence = gm.posterior_statistics(x)[1]  # em's E-step
+    assert evidence[0] == -np.inf and torch.isfinite(evidence[1:]).all()
+    assert gm.log_marginal(x)[0] == -np.inf
+    with pytest.raises(freqvi.errors.FreqviInputError, match=r"starting parameters is -inf.*1e\+30.*float64"):
+        freqvi.em(gm, x, progress=False)
+    assert all(torch.equal(before[name], p) for name, p in gm.named_parameters())
+
+
 def test_em_takes_the_same_path_with_and_without_the_closed_form_e_step(monkeypatch):
     """The E-step without a trace changes the cost of an iteration, not the iterates."""
     x = mixture_data(n=300)

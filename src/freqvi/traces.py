@@ -207,9 +207,9 @@ _SHAPE_NOTE = (" (a site's value must broadcast with its distribution's batch_sh
 def check_model(model: Callable, data: tuple[torch.Tensor, ...]) -> Trace:
     """Runs ``model`` once on ``data`` (no guide: a driver that needs none) and returns its trace, its
     log-densities computed; a run that fails is a :class:`~freqvi.errors.FreqviInputError`, as in
-    :func:`check_pair`."""
+    :func:`check_pair`, and a site marked for parallel enumeration takes its first value, as there."""
     with _run_on(data, "the model"):
-        model_trace = trace(model, *data)
+        model_trace = trace(_FirstOfSupport()(model), *data)
         _compute_densities(model_trace)
     return model_trace
 

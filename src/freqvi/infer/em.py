@@ -297,18 +297,19 @@ def em(
     # (Pyro's default) costs a third of an EM iteration on a mixture.
     with pyro.validation_enabled(False), deferred_interrupts() as interrupted, on_device(device), \
             checkpoint_lock(checkpoint):
+        # exact, or with common random numbers: a smooth function of the parameters, shown as it is
+        objective_name = ("log-likelihood" if step.exact
+                          else "ELBO (common draws)" if step.drawn else "ELBO")
         if resume is None:
             with _restoring(step, step.snapshot(), "the first E-step"):
                 posterior, value = step.evaluate()
+            _refuse_infinite_start(value, objective_name, batches.first())
             result.log_likelihood.append(value)
         else:
             step.restore(resume, result)
             with torch.random.fork_rng():  # the recorded distributions, without drawing on the generators
                 posterior = None if online else step.posterior()
         first = result.num_iter + 1
-        # exact, or with common random numbers: a smooth function of the parameters, shown as it is
-        objective_name = ("log-likelihood" if step.exact
-                          else "ELBO (common draws)" if step.drawn else "ELBO")
         bar = tqdm(range(first, max_iter + 1), initial=first - 1, total=max_iter, disable=not progress,
                    desc="em", unit="iter")
         for it in bar:
@@ -703,6 +704,30 @@ class _EMStep:
                 blend = getattr(owner, "blend_statistics", _blend_linearly)
                 self.statistics = blend(self.statistics, stats, gamma)
             owner.maximize(self.statistics)
+
+
+def _refuse_infinite_start(value: float, objective: str, data: tuple[torch.Tensor, ...]) -> None:
+    """Refuses a start at which the objective is not finite: some observation has no positive density
+    under the starting parameters, and no step of EM can be judged from there."""
+    if math.isfinite(value):
+        return
+    raise FreqviInputError(
+        f"the {objective} at the starting parameters is {value}: some observation has zero or undefined "
+        "density under the model before any step, so EM has nothing finite to increase."
+        f"{_overflow_note(data)} Check the data against the model's support, or start from other parameters."
+    )
+
+
+def _overflow_note(data: tuple[torch.Tensor, ...]) -> str:
+    """Names an array whose largest absolute entry squares past its dtype's largest number (Gaussian
+    densities square the data), or is empty."""
+    for i, x in enumerate(data):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+            largest, limit = float(x.detach().abs().max()), torch.finfo(x.dtype).max
+            if largest**2 > limit:
+                return (f" data[{i}]'s largest absolute entry, {largest:.3g}, squares past {x.dtype}'s "
+                        f"largest number ({limit:.3g}): rescale the data, or pass it as float64.")
+    return ""
 
 
 @contextmanager

@@ -278,7 +278,8 @@ class GaussianMixture(LatentVariableModel):
         top, best = log_joint.max(0)
         responsibilities = log_joint.softmax(0)
         log_evidence = top - responsibilities.gather(0, best.unsqueeze(0)).squeeze(0).log()
-        return responsibilities.T, log_evidence
+        # a row impossible under every component has log p = -inf, as log-sum-exp gives it (not NaN)
+        return responsibilities.T, log_evidence.where(top.isfinite(), top)
 
     @pyro_method
     def marginal_guide(self, x: torch.Tensor) -> None:
