@@ -160,10 +160,12 @@ class GaussianMixture(LatentVariableModel):
         if self.reg_covar == 0:
             return []
         cov, limit = self.covariances.detach(), self.reg_covar * (1 + 1e-3)
+        if self.covariance == "full":
+            eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # all components in one call
         floored = []
         for k in range(self.n_components):
             if self.covariance == "full":  # the columns with a share in the floored eigenvectors' span
-                values, vectors = torch.linalg.eigh(cov[k])
+                values, vectors = eigenvalues[k], eigenvectors[k]
                 share = vectors[:, values <= limit].square().sum(-1).sqrt()
                 columns = (share > 0.1 * share.max()).nonzero().flatten().tolist() if share.max() > 0 else []
             elif self.covariance == "diag":
