@@ -125,9 +125,10 @@ class ClosedFormEStep(Protocol):
     statistics, to rounding), and :math:`\\log p(x_i)` per observation, shape ``(n,)``, the
     normaliser that guide returns; computed from the current parameters as plain tensor
     algebra, without running a Pyro program. :func:`~freqvi.em` uses it for exact EM with the
-    closed-form M-step on data in memory, once :func:`~freqvi.traces.check_pair` has run the
-    pair on those data: one Pyro trace per iteration (a fixed cost of a few hundred
-    microseconds) is most of an iteration of a small mixture.
+    closed-form M-step on data in memory, once :func:`~freqvi.traces.check_model` has run the
+    model on those data (its own guide matches it by construction, so it is not run): one Pyro
+    trace per iteration (a fixed cost of a few hundred microseconds) is most of an iteration of
+    a small mixture. A start at which some :math:`\log p(x_i)` is not finite is refused.
     """
 
     def posterior_statistics(self, *data: torch.Tensor) -> tuple[dict, torch.Tensor]:
