@@ -16,7 +16,7 @@ import freqvi
 from freqvi.errors import FreqviInputError, ImportanceSamplingWarning
 from freqvi.infer.proposals import DefensiveMixtureProposal, StudentTProposal
 
-PROPOSALS = ["guide", "student_t", "mixture", StudentTProposal(df=10.0), DefensiveMixtureProposal(0.1, 2.0)]
+PROPOSALS = ["guide", "student_t", "mixture", "adaptive", StudentTProposal(df=10.0), DefensiveMixtureProposal(0.1, 2.0)]
 MU, SIGMA = 1.0, 0.5  # the README's Poisson log-normal
 
 

@@ -22,10 +22,11 @@ from pyro.poutine.util import prune_subsample_sites
 from freqvi.errors import FreqviInputError, ImportanceSamplingWarning, UnestimableParetoKWarning
 from freqvi.estimators.particles import Arrangement
 from freqvi.handlers import SubsamplePlate
+from freqvi.infer.adaptive import Pilot, adapt
 from freqvi.infer.annealed import AnnealingSettings, anneal
 from freqvi.infer.log_likelihood_result import PARETO_K_THRESHOLD, LogLikelihood
 from freqvi.infer.pair import Pair, resolve_pair
-from freqvi.infer.proposals import Proposal, as_proposal, choose_proposal
+from freqvi.infer.proposals import AdaptiveStudentTProposal, Proposal, as_proposal, choose_proposal
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
 from freqvi.infer.weights import arrange, on_rows, summarize
@@ -187,13 +188,15 @@ def log_likelihood(
     began = time.process_time()
     check_proposal(pair.guide, guide_trace, *data)
     coupled = bool(outside_data_plate({**latent_sites(model_trace), **latent_sites(guide_trace)}, frame))
-    proposal = choose_proposal(proposal, guide_trace, joint=coupled)
-    pair = Pair(pair.model, proposal.wrap(pair.guide), pair.owner)  # draws come from the proposal
+    proposal = choose_proposal(proposal, guide_trace, joint=coupled, all_rows=frame.size == n)
     chunk = max(1, min(num_samples, 4_000_000 // max(n, 1))) if chunk_size is None else chunk_size
     dims = max_plate_nesting(model_trace) + 1
-    check_particles(pair.model, pair.guide, data, num_samples, dims - 1,
+    check_particles(pair.model, proposal.wrap(pair.guide), data, num_samples, dims - 1,
                     "log_likelihood's importance sampling")
     with torch.no_grad():
+        if isinstance(proposal, AdaptiveStudentTProposal):
+            proposal = adapt(proposal, _pilot(pair, data, frame, dims), frame.dim, dims, num_samples)
+        pair = Pair(pair.model, proposal.wrap(pair.guide), pair.owner)  # draws come from the proposal
         weights = ImportanceWeights.draw(pair, data, frame, dims, _chunks(num_samples, chunk), coupled)
     result = _importance_estimate(weights.columns(), weights.offset(), weights.joint, str(proposal))
     result.cpu_seconds_per_observation = (time.process_time() - began) / n
@@ -308,6 +311,19 @@ def _coupled_rows(frame, n: int) -> FreqviInputError:
         "site outside it couples all rows, so its log-likelihood needs one run over every row: evaluate a "
         f"copy of the model with pyro.plate({frame.name!r}, {n})."
     )
+
+
+def _pilot(pair: Pair, data, frame, dims: int):
+    """``draw(proposal, k)``: a :class:`~freqvi.infer.adaptive.Pilot` of ``k`` draws of ``proposal`` built on
+    the pair's guide, all rows of the data plate in one run."""
+    def draw(proposal: Proposal, k: int) -> Pilot:
+        drawn = Pair(pair.model, proposal.wrap(pair.guide), pair.owner)
+        weights = ImportanceWeights.draw(drawn, data, frame, dims, [k], coupled=False)
+        log_w = weights.columns()
+        pareto_k, _ = pareto_k_hat(log_w.double(), torch.finfo(log_w.dtype).eps, "observations")
+        return Pilot(log_w, weights.blocks[0][2].guide_trace, pareto_k)
+
+    return draw
 
 
 def _chunks(total: int, size: int):
