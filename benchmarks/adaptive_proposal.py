@@ -1,4 +1,4 @@
-"""The digits VAE's held-out log-likelihood by importance sampling: the guide, the Student-t, the adaptive one.
+"""The digits VAE's held-out log-likelihood by importance sampling: guide, Student-t, adaptive Student-t.
 
 What it measures. The tour's ``VAE(64, latent_dim=8)`` (``trained_vae`` of
 ``ais_temperatures.py``: binarised digits, ``--steps`` steps, training seed ``--seeds``),
@@ -45,7 +45,8 @@ def main() -> None:
         if args.ais:
             ais = freqvi.log_likelihood(model, test, method="ais", num_temperatures=args.ais, seed=1)
             print(f"seed {seed}: AIS ({args.ais} temperatures) {ais.total / n:.4f} nats/image, s.e. "
-                  f"{ais.standard_error / n:.4f}, CPU {ais.cpu_seconds_per_observation:.3f} s/image", flush=True)
+                  f"{ais.standard_error / n:.4f}, CPU {ais.cpu_seconds_per_observation:.3f} s/image",
+                  flush=True)
         for k in args.samples:
             for proposal in args.proposals:
                 with warnings.catch_warnings():

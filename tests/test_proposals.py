@@ -18,7 +18,8 @@ from freqvi.errors import FreqviInputError, ImportanceSamplingWarning
 from freqvi.infer.proposals import AdaptiveStudentTProposal, DefensiveMixtureProposal, StudentTProposal
 from freqvi.models import FactorAnalysis
 
-PROPOSALS = ["guide", "student_t", "mixture", "adaptive", StudentTProposal(df=10.0), DefensiveMixtureProposal(0.1, 2.0)]
+PROPOSALS = ["guide", "student_t", "mixture", "adaptive", StudentTProposal(df=10.0),
+             DefensiveMixtureProposal(0.1, 2.0)]
 MU, SIGMA = 1.0, 0.5  # the README's Poisson log-normal
 
 
@@ -117,7 +118,7 @@ def test_a_subsampled_plate_gets_the_plain_student_t_and_adaptive_is_refused():
     ll = estimate(subsampled_counts, x, subsampled_laplace_guide, "auto")
     assert ll.proposal == "student-t(df=3)"
     assert abs(ll.total - gauss_hermite_log_marginal(x.numpy()).sum()) < 4 * ll.standard_error
-    with pytest.raises(FreqviInputError, match="subsampled .* use proposal='student_t'"):
+    with pytest.raises(FreqviInputError, match=r"subsampled .* use proposal='student_t'"):
         freqvi.log_likelihood(subsampled_counts, x, subsampled_laplace_guide, proposal="adaptive")
 
 
@@ -334,7 +335,8 @@ def test_adaptive_moves_an_off_guide_to_the_posterior(factor_analysis_off, kind)
     Student-t's), and its total is within 3 standard errors of the exact one (measured -1.1)."""
     fa, x, exact, loc, cov = factor_analysis_off
     guide = shifted_guides(loc, cov, 2.0)[kind]
-    student, adaptive = (estimate(fa.model, x, guide, proposal, seed=0) for proposal in ("student_t", "adaptive"))
+    student, adaptive = (estimate(fa.model, x, guide, proposal, seed=0)
+                         for proposal in ("student_t", "adaptive"))
     assert student.num_heavy_tailed > len(x) / 2 and adaptive.num_heavy_tailed == 0
     assert (adaptive.pareto_k <= student.pareto_k).all()
     assert adaptive.proposal == str(AdaptiveStudentTProposal())
