@@ -1,4 +1,4 @@
-r"""Importance proposals built from a guide: the guide itself, a Student-t, a defensive mixture.
+r"""Importance proposals built from a guide: itself, a Student-t, a defensive mixture, an adaptive Student-t.
 
 Importance sampling estimates :math:`p(x_i) = E_r[p(x_i, z) / r(z)]` for any proposal
 :math:`r` whose support covers the posterior's; its variance is finite only where
@@ -18,7 +18,13 @@ proposals here keep the guide's location and scale and widen its tails:
   :math:`w = p(x, z) / r(z) \le p(x, z) / (\alpha N(z; m, c^2 s^2))`: the weights
   are bounded wherever the wide component's tails dominate the posterior's
   (Hesterberg 1995, "Weighted average importance sampling and defensive
-  mixture distributions", *Technometrics* 37(2)).
+  mixture distributions", *Technometrics* 37(2));
+* :class:`AdaptiveStudentTProposal`: the Student-t moved, for each observation, to
+  that observation's posterior mean and covariance, estimated from pilot draws by
+  importance-weighted moment matching (:mod:`freqvi.infer.adaptive`; Paananen et al.
+  2021), which corrects a guide whose location and scale are off from the posterior
+  (an amortised encoder's amortisation gap), not only its tails. What it draws from
+  in the end is a :class:`MomentMatchedStudentT`, one :class:`SiteStudentT` per site.
 
 A proposal replaces the distribution of every latent sample site the guide draws
 (auxiliary ones included) by a Pyro handler, keeping its support transform
@@ -29,7 +35,9 @@ freqvi's guides (:class:`~freqvi.guides.LocalMeanField`,
 masses through which an autoguide hands its auxiliary draw to the model are
 left as they are: they are functions of the widened draw and carry its Jacobian.
 :func:`choose_proposal` settles ``"auto"``, :func:`~freqvi.log_likelihood`'s default:
-the Student-t where every draw of the guide can be widened, the guide otherwise.
+the adaptive Student-t where every draw of the guide can be widened and the weights are
+per observation over all rows at once, the plain Student-t where the data plate is
+subsampled, the guide otherwise.
 """
 
 from __future__ import annotations
