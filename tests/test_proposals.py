@@ -21,6 +21,8 @@ from freqvi.models import FactorAnalysis
 PROPOSALS = ["guide", "student_t", "mixture", "adaptive", StudentTProposal(df=10.0),
              DefensiveMixtureProposal(0.1, 2.0)]
 MU, SIGMA = 1.0, 0.5  # the README's Poisson log-normal
+#: What "auto" names for a Normal guide per observation: the adaptive Student-t at its defaults.
+DEFAULT_NAME = "adaptive student-t(df=3, 2 round(s) of 0.5K pilot draws)"
 
 
 def counts(n=500, seed=0):
@@ -85,9 +87,8 @@ def test_poisson_lognormal_agrees_with_quadrature(proposal):
 def test_the_default_is_the_adaptive_student_t_for_a_normal_guide_and_says_so():
     x = counts(50)
     ll = estimate(poisson_lognormal, x, laplace_guide, "auto")
-    name = "adaptive student-t(df=3, 2 round(s) of 0.5K pilot draws)"
-    assert ll.proposal == name and f"proposal {name}" in repr(ll)
-    assert freqvi.log_likelihood(poisson_lognormal, x, laplace_guide).proposal == name
+    assert ll.proposal == DEFAULT_NAME and f"proposal {DEFAULT_NAME}" in repr(ll)
+    assert freqvi.log_likelihood(poisson_lognormal, x, laplace_guide).proposal == DEFAULT_NAME
 
 
 def test_without_adaptation_it_is_the_student_t_draw_for_draw():
