@@ -5,7 +5,7 @@ last 200 training images held back for early stopping, ``loss="mean_field"``, ``
 batches of 128, ``--steps`` steps, seed 0, initial weights from ``torch.manual_seed(0)``), then:
 
 * on the first ``--images`` test images, :func:`freqvi.log_likelihood` with ``K = --samples``
-  under the guide and under the default proposal (``"auto"``, the Student-t): the estimate per
+  under the guide and under the default proposal (``"auto"``, the adaptive Student-t): the estimate per
   image, its standard error, the share of images whose PSIS k-hat exceeds 0.7 and the CPU
   seconds per image;
 * on the same images, ``log_likelihood(method="ais")`` for each ``--temperatures`` value,
