@@ -15,8 +15,13 @@ space, :math:`\bar w_{ik} = w_{ik} / \sum_j w_{ij}`,
     \Sigma_i = \sum_k \bar w_{ik} (u_{ik} - m_i)(u_{ik} - m_i)^\top = L_i L_i^\top,
 
 (the covariance over a site's last event dimension, a variance for a site without one),
-and draws :math:`t_\nu(m_i, L_i)` next; a move is kept for observation ``i`` only where
-its PSIS :math:`\hat k` (from the new pilot draws) is below the current one, as in
+and draws :math:`t_\nu(m_i, L_i)` next. The first round moves only the location (a
+covariance from the few effective draws of a poor first proposal is itself poor: on the
+digits VAE, with pilots of ``K/4`` draws at ``K = 1000``, moving both at once left 6.4% of
+the test images with :math:`\hat k > 0.7`, the location first 4.4%), later rounds the
+location and the covariance. A move is kept for observation ``i`` only where its PSIS :math:`\hat k` (from
+the new pilot draws) is below the current one (with fewer than 21 pilot draws
+:math:`\hat k` cannot be estimated and nothing moves), as in
 Paananen, Piironen, Bürkner and Vehtari (2021), "Implicitly adaptive importance
 sampling", *Statistics and Computing* 31, and in the population Monte Carlo of Cappé,
 Guillin, Marin and Robert (2004), *JCGS* 13. The estimate then draws ``K`` fresh draws
@@ -128,9 +133,9 @@ def _base_draws(fn, value: torch.Tensor, df: float, plate_dim: int, dims: int) -
 
 
 def _matched(site: SiteDraws, log_w: torch.Tensor, scale_too: bool = True) -> SiteStudentT:
-    """The Student-t at the self-normalised weighted mean and covariance of the site's draws, per observation
-    (in float64); where the weighted covariance is not positive definite (too few effective draws), the
-    current one."""
+    """The Student-t at the self-normalised weighted mean (and, with ``scale_too``, covariance) of the site's
+    draws, per observation, in float64; where the weighted covariance is not positive definite (too few
+    effective draws) or not finite, the current one."""
     shape = [1] * site.value.dim()
     shape[site.particle], shape[site.plate] = log_w.shape
     w = torch.softmax(log_w.double(), 0).reshape(shape)
@@ -138,7 +143,8 @@ def _matched(site: SiteDraws, log_w: torch.Tensor, scale_too: bool = True) -> Si
     loc = (w * u).sum(site.particle)
     centred = u - loc.unsqueeze(site.particle)
     current, dtype = site.proposal, site.value.dtype
-    if not scale_too:
+    if not scale_too:  # (no finite mean where every weight is zero)
+        loc = torch.where(torch.isfinite(loc), loc, current.loc.double())
         return SiteStudentT(current.df, loc.to(dtype), current.scale, current.scale_tril)
     if current.scale_tril is None:
         scale = (w * centred.square()).sum(site.particle).sqrt()

@@ -132,8 +132,8 @@ class AdaptiveStudentTProposal(StudentTProposal):
     2004, "Population Monte Carlo", *JCGS* 13): it starts as :class:`StudentTProposal`
     (the guide's location and scale) and :func:`~freqvi.infer.adaptive.adapt` moves each
     observation's Student-t, ``adaptations`` times, to the self-normalised importance-weighted
-    mean and covariance of ``ceil(pilot_fraction * K)`` pilot draws, keeping a move only
-    where it lowers that observation's PSIS :math:`\hat k`. The result, a
+    mean (first round) and then mean and covariance of ``ceil(pilot_fraction * K)`` pilot
+    draws, keeping a move only where it lowers that observation's PSIS :math:`\hat k`. The result, a
     :class:`MomentMatchedStudentT`, is what the estimate draws its ``K`` fresh draws from.
 
     :param df: the degrees of freedom :math:`\nu > 0`, of the first and the adapted Student-t.
