@@ -32,7 +32,7 @@ from the adapted proposal: the pilot draws are not reused, so given the adapted 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyro.distributions as dist
@@ -52,12 +52,13 @@ class Pilot:
     """One round of pilot draws of a proposal.
 
     :ivar log_w: log importance weights, shape ``(K, n)``, one column per observation.
-    :ivar guide_trace: the proposal's trace of the draws (``K`` particles, all ``n`` rows).
+    :ivar guide_traces: the proposal's traces of the draws, one per chunk of particles drawn at once
+        (together ``K``), each over all ``n`` rows.
     :ivar pareto_k: PSIS :math:`\\hat k` of each column, shape ``(n,)`` (NaN where it cannot be estimated).
     """
 
     log_w: torch.Tensor
-    guide_trace: object
+    guide_traces: list
     pareto_k: np.ndarray
 
 
@@ -91,22 +92,25 @@ def adapt(settings: AdaptiveStudentTProposal, draw: Callable[[Proposal, int], Pi
         return settings
     k = settings.pilot_size(num_samples)
     pilot = draw(settings, k)
-    sites = _site_draws(pilot.guide_trace, settings.df, plate_dim, dims)
+    sites = _site_draws(pilot.guide_traces, settings.df, plate_dim, dims)
     for round_ in range(settings.adaptations):
         matched = {name: _matched(site, pilot.log_w, scale_too=round_ > 0) for name, site in sites.items()}
         trial = draw(MomentMatchedStudentT(matched, settings), k)
         better = torch.from_numpy(trial.pareto_k < pilot.pareto_k)  # NaN (not estimable) is no better
-        moved = _site_draws(trial.guide_trace, settings.df, plate_dim, dims)
+        moved = _site_draws(trial.guide_traces, settings.df, plate_dim, dims)
         sites = {name: _kept(better, moved[name], site) for name, site in sites.items()}
-        pilot = Pilot(torch.where(better, trial.log_w, pilot.log_w), None,
+        pilot = Pilot(torch.where(better, trial.log_w, pilot.log_w), [],
                       np.where(better.numpy(), trial.pareto_k, pilot.pareto_k))
     return MomentMatchedStudentT({name: site.proposal for name, site in sites.items()}, settings)
 
 
-def _site_draws(guide_trace, df: float, plate_dim: int, dims: int) -> dict[str, SiteDraws]:
-    """Each drawn site's base-space draws and the Student-t (a replaced Normal factor) that drew them."""
-    return {name: _base_draws(site["fn"], site["value"], df, plate_dim, dims)
-            for name, site in drawn_sites(guide_trace).items()}
+def _site_draws(guide_traces: list, df: float, plate_dim: int, dims: int) -> dict[str, SiteDraws]:
+    """Each drawn site's base-space draws (the chunks' joined) and the Student-t (a replaced Normal factor)
+    that drew them."""
+    chunks = [{name: _base_draws(site["fn"], site["value"], df, plate_dim, dims)
+               for name, site in drawn_sites(tr).items()} for tr in guide_traces]
+    return {name: replace(site, value=torch.cat([chunk[name].value for chunk in chunks], site.particle))
+            for name, site in chunks[0].items()}
 
 
 def _base_draws(fn, value: torch.Tensor, df: float, plate_dim: int, dims: int) -> SiteDraws:

@@ -214,7 +214,7 @@ def log_likelihood(
                     "log_likelihood's importance sampling")
     with torch.no_grad():
         if isinstance(proposal, AdaptiveStudentTProposal):
-            proposal = adapt(proposal, _pilot(pair, data, frame, dims), frame.dim, dims, num_samples)
+            proposal = adapt(proposal, _pilot(pair, data, frame, dims, chunk), frame.dim, dims, num_samples)
         pair = Pair(pair.model, proposal.wrap(pair.guide), pair.owner)  # draws come from the proposal
         weights = ImportanceWeights.draw(pair, data, frame, dims, _chunks(num_samples, chunk), coupled)
     result = _importance_estimate(weights.columns(), weights.offset(), weights.joint, str(proposal))
@@ -332,15 +332,16 @@ def _coupled_rows(frame, n: int) -> FreqviInputError:
     )
 
 
-def _pilot(pair: Pair, data, frame, dims: int):
+def _pilot(pair: Pair, data, frame, dims: int, chunk: int):
     """``draw(proposal, k)``: a :class:`~freqvi.infer.adaptive.Pilot` of ``k`` draws of ``proposal`` built on
-    the pair's guide, all rows of the data plate in one run."""
+    the pair's guide, at most ``chunk`` at once, all rows of the data plate in one run."""
     def draw(proposal: Proposal, k: int) -> Pilot:
         drawn = Pair(pair.model, proposal.wrap(pair.guide), pair.owner)
-        weights = ImportanceWeights.draw(drawn, data, frame, dims, [k], coupled=False)
-        log_w = weights.columns()
+        chunks = [ImportanceWeights.draw(drawn, data, frame, dims, [size], coupled=False)
+                  for size in _chunks(k, chunk)]
+        log_w = torch.cat([weights.columns() for weights in chunks])
         pareto_k, _ = pareto_k_hat(log_w.double(), torch.finfo(log_w.dtype).eps, "observations")
-        return Pilot(log_w, weights.blocks[0][2].guide_trace, pareto_k)
+        return Pilot(log_w, [weights.blocks[0][2].guide_trace for weights in chunks], pareto_k)
 
     return draw
 
