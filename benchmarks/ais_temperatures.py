@@ -5,7 +5,7 @@ last 200 training images held back for early stopping, ``loss="mean_field"``, ``
 batches of 128, ``--steps`` steps, seed 0, initial weights from ``torch.manual_seed(0)``), then:
 
 * on the first ``--images`` test images, :func:`freqvi.log_likelihood` with ``K = --samples``
-  under the guide and under the default proposal (``"auto"``, the Student-t): the estimate per
+  under the guide and under the default proposal (``"auto"``, the adaptive Student-t): the estimate per
   image, its standard error, the share of images whose PSIS k-hat exceeds 0.7 and the CPU
   seconds per image;
 * on the same images, ``log_likelihood(method="ais")`` for each ``--temperatures`` value,
@@ -36,11 +36,12 @@ from freqvi.infer.annealed import bidirectional_log_likelihood
 from freqvi.models.vae import VAE
 
 
-def trained_vae(steps: int) -> VAE:
+def trained_vae(steps: int, seed: int = 0) -> VAE:
+    """The tour's VAE (``freqvi.tour.vae_stage``), trained for ``steps`` steps from ``seed``."""
     train = (load_digits("train") > 0.5).float()
-    torch.manual_seed(0)  # the networks' initial weights (fit's seed sets only the draws)
+    torch.manual_seed(seed)  # the networks' initial weights (fit's seed sets only the draws)
     model = VAE(64, latent_dim=8)
-    freqvi.fit(model, train[:-200], loss="mean_field", lr=2e-3, num_steps=steps, batch_size=128, seed=0,
+    freqvi.fit(model, train[:-200], loss="mean_field", lr=2e-3, num_steps=steps, batch_size=128, seed=seed,
                progress=False, validation_data=train[-200:], eval_every=max(steps // 10, 1))
     return model
 

@@ -12,6 +12,7 @@ from pyro.infer.autoguide import AutoNormal
 from scipy import special, stats
 from simulate import factor_data
 from test_proposals import (
+    DEFAULT_NAME,
     MU,
     SIGMA,
     counts,
@@ -277,12 +278,13 @@ def readme_counts_fitted():
 @pytest.mark.slow
 def test_readme_poisson_lognormal_every_estimate_within_three_standard_errors():
     """The issue's acceptance: AIS (default settings) and each importance proposal (K = 1000) within 3
-    standard errors of quadrature (measured: guide -0.96, Student-t +0.13, mixture +0.29, AIS -1.19)."""
+    standard errors of quadrature (measured: guide -0.96, Student-t +0.13, mixture +0.29, adaptive Student-t
+    -1.07, AIS -1.19)."""
     model, x, guide, exact = readme_counts_fitted()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImportanceSamplingWarning)  # the guide's 57 flagged counts
         estimates = [freqvi.log_likelihood(model, x, guide, num_samples=1000, seed=1, proposal=proposal)
-                     for proposal in ("guide", "student_t", "mixture")]
+                     for proposal in ("guide", "student_t", "mixture", "adaptive")]
     estimates.append(freqvi.log_likelihood(model, x, guide, method="ais", seed=1))
     for estimate in estimates:
         assert 0 < estimate.standard_error < 1
@@ -308,14 +310,15 @@ def test_digits_vae_ais_agrees_with_the_default_importance_estimate(digits_vae):
     """The issue's acceptance, on the first 100 test images: AIS at its defaults and importance sampling
     with the default proposal (K = 1000) within 0.1 nats per image (benchmarks/ais_temperatures.py
     measures it on every test image), and each within 4 of their joint standard errors of the other
-    (measured: AIS 0.015 nats per image above, 1.3 joint standard errors)."""
+    (measured with the adaptive Student-t: AIS 0.007 nats per image below, -0.74 joint standard errors;
+    with the plain Student-t it was 0.015 above, 1.3 joint standard errors)."""
     model, test = digits_vae
     test = test[:100]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImportanceSamplingWarning)  # k-hat is the benchmark's to report
         importance = freqvi.log_likelihood(model, test, num_samples=1000, seed=1)
     ais = freqvi.log_likelihood(model, test, method="ais", seed=1)
-    assert importance.proposal == "student-t(df=3)" and 0.5 < ais.acceptance_rate < 1
+    assert importance.proposal == DEFAULT_NAME and 0.5 < ais.acceptance_rate < 1
     assert abs(ais.total - importance.total) / len(test) < 0.1
     assert abs(ais.total - importance.total) < 4 * math.hypot(ais.standard_error, importance.standard_error)
 

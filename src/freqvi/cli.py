@@ -202,7 +202,8 @@ def add_vae_command(subparsers: Subparsers) -> None:
         help="fit a variational autoencoder and write its held-out metrics and pictures",
         description="Fit a VAE by maximum likelihood through the ELBO (freqvi.fit, early stopping on "
         "the held-out ELBO), then evaluate it on held-out data: the log-likelihood by importance "
-        "sampling from a Student-t proposal built on the encoder (freqvi.log_likelihood's default; "
+        "sampling from a Student-t proposal built on the encoder and moved to each observation's "
+        "posterior moments from pilot draws (freqvi.log_likelihood's default; "
         "Monte-Carlo and sampling standard errors, PSIS k-hat), the ELBO's reconstruction and KL "
         "terms, the amortisation gap, each in nats per observation. Writes metrics.json, "
         "reconstructions.png, samples.png and, for --latent-dim 2, latent.png to --out. Data: the "
@@ -381,7 +382,7 @@ def vae_report(data_name: str, train: torch.Tensor, test: torch.Tensor, model: V
     """The fit and its held-out evaluation as a JSON-ready dict, in :mod:`freqvi.reporting`'s convention.
 
     ``test_log_likelihood``: :func:`freqvi.log_likelihood` of the test rows (importance sampling,
-    ``proposal="auto"``: a Student-t on the encoder), in nats: the total and the mean per test
+    ``proposal="auto"``: the adaptive Student-t on the encoder), in nats: the total and the mean per test
     observation, each with its Monte-Carlo standard error, the mean's sampling standard error
     over the test observations, the proposal used and PSIS :math:`\\hat k` (the share above 0.7).
     ``test_elbo`` likewise (:func:`~freqvi.infer.evaluation.elbo_terms`), with its terms per

@@ -310,7 +310,11 @@ def _proposal_words(proposal: str) -> str:
         return "the encoder's Gaussian itself"
     if proposal.startswith("student-t"):
         return (f"a {proposal} with the encoder's location and scale, heavier-tailed than the encoder's "
-                "Gaussian (freqvi.log_likelihood's default)")
+                "Gaussian")
+    if proposal.startswith("adaptive student-t"):
+        return (f"an {proposal}: heavier-tailed than the encoder's Gaussian, and moved from the encoder's "
+                "location and scale to each image's posterior mean and covariance, estimated from pilot "
+                "draws (freqvi.log_likelihood's default)")
     return proposal
 
 

@@ -39,7 +39,8 @@ class LogLikelihood:
         autoguide's joint draw) couples the observations, so that only the total exists.
     :ivar pareto_k_note: why :math:`\\hat k` could not be estimated, where it could not.
     :ivar proposal: the importance proposal used, by name (``"guide"``,
-        ``"student-t(df=3)"``, ...; see :mod:`freqvi.infer.proposals`); AIS's starting
+        ``"student-t(df=3)"``, ``"adaptive student-t(df=3, 2 round(s) of 0.5K pilot draws)"``,
+        ...; see :mod:`freqvi.infer.proposals`); AIS's starting
         distribution, ``"guide"``; ``None`` when exact.
     :ivar per_observation_se: the Monte-Carlo standard error of each
         :math:`\\log \\hat p(x_i)`, :math:`\\mathrm{sd}(w_i) / (\\sqrt K\\, \\bar w_i)`, shape
@@ -47,7 +48,8 @@ class LogLikelihood:
     :ivar effective_sample_size: Kish's :math:`(\\sum_k w_{ik})^2 / \\sum_k w_{ik}^2` of each
         column of weights, between 1 and ``K``, shape ``(n,)`` (``(1,)`` when ``joint``);
         ``None`` when exact.
-    :ivar cpu_seconds_per_observation: the process time the estimate took, divided by ``n``
+    :ivar cpu_seconds_per_observation: the process time the estimate took (an adaptive
+        proposal's pilot draws included), divided by ``n``
         (``None`` when exact).
     """
 
