@@ -128,7 +128,7 @@ class ClosedFormEStep(Protocol):
     closed-form M-step on data in memory, once :func:`~freqvi.traces.check_model` has run the
     model on those data (its own guide matches it by construction, so it is not run): one Pyro
     trace per iteration (a fixed cost of a few hundred microseconds) is most of an iteration of
-    a small mixture. A start at which some :math:`\log p(x_i)` is not finite is refused.
+    a small mixture. A start at which some :math:`\\log p(x_i)` is not finite is refused.
     """
 
     def posterior_statistics(self, *data: torch.Tensor) -> tuple[dict, torch.Tensor]:
