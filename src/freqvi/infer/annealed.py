@@ -26,7 +26,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
@@ -35,13 +34,11 @@ from pyro.poutine.trace_struct import Trace
 
 from freqvi.errors import FreqviInputError
 from freqvi.infer.log_likelihood_result import LogLikelihood
-from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.pair import Pair, first_run, resolve_pair
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
 from freqvi.infer.weights import arrange, on_rows, summarize
 from freqvi.traces import (
-    check_pair,
-    data_plate,
     is_auxiliary,
     is_point_mass,
     latent_sites,
@@ -158,10 +155,7 @@ def annealed_log_likelihood(model, data, guide=None, *, num_temperatures: int = 
     seed = check_seed(seed)
     data = as_data(data)
     pair = resolve_pair(model, guide)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
-    frame = data_plate(model_trace, data_plate_name, data[0].shape[0])
+    model_trace, guide_trace, frame = first_run(pair, data, seed, data_plate_name)
     return anneal(pair, data, frame, (model_trace, guide_trace), settings, start=_start)
 
 

@@ -22,10 +22,10 @@ from torch.distributions import kl_divergence, transform_to
 from freqvi.errors import FreqviInputError
 from freqvi.guides import AmortizedNormal, LocalMeanField
 from freqvi.infer.log_likelihood import per_observation
-from freqvi.infer.pair import resolve_pair
+from freqvi.infer.pair import first_run, resolve_pair
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
-from freqvi.traces import check_pair, data_plate, latent_sites, max_plate_nesting, trace
+from freqvi.traces import latent_sites, max_plate_nesting, trace
 from freqvi.validation import as_data, check_positive_float, check_positive_int, check_seed
 
 
@@ -76,10 +76,7 @@ def elbo_terms(model, data, guide=None, *, num_samples: int = 100, data_plate_na
     num_samples = check_positive_int(num_samples, "num_samples")
     data = as_data(data)
     pair = resolve_pair(model, guide)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    model_trace, _ = check_pair(pair.model, pair.guide, data)
-    frame = data_plate(model_trace, data_plate_name, data[0].shape[0])
+    model_trace, _, frame = first_run(pair, data, seed, data_plate_name)
     particle_dim = -max_plate_nesting(model_trace) - 1
     check_particles(pair.model, pair.guide, data, num_samples, -particle_dim - 1, "elbo_terms")
     particles = pyro.plate("_num_samples", num_samples, dim=particle_dim)

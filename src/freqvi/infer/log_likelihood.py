@@ -10,7 +10,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -25,16 +24,13 @@ from freqvi.handlers import SubsamplePlate
 from freqvi.infer.adaptive import Pilot, adapt
 from freqvi.infer.annealed import AnnealingSettings, anneal
 from freqvi.infer.log_likelihood_result import PARETO_K_THRESHOLD, LogLikelihood
-from freqvi.infer.pair import Pair, resolve_pair
+from freqvi.infer.pair import Pair, first_run, resolve_pair
 from freqvi.infer.proposals import AdaptiveStudentTProposal, Proposal, as_proposal, choose_proposal
 from freqvi.infer.threads import thread_policy
 from freqvi.infer.vectorize import check_particles
 from freqvi.infer.weights import arrange, on_rows, summarize
 from freqvi.traces import (
-    check_model,
-    check_pair,
     check_proposal,
-    data_plate,
     latent_sites,
     max_plate_nesting,
     outside_data_plate,
@@ -180,14 +176,8 @@ def log_likelihood(
     if method == "ais" and pair.guide is None:
         raise FreqviInputError("annealed importance sampling starts its chains at draws of the guide: pass "
                                "guide=... (a guide that draws each of the model's latent sites).")
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    if pair.guide is not None:
-        model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
-    else:
-        model_trace = check_model(pair.model, data)
+    model_trace, guide_trace, frame = first_run(pair, data, seed, data_plate_name)
     n = data[0].shape[0]
-    frame = data_plate(model_trace, data_plate_name, n)
     if method == "ais":
         return anneal(pair, data, frame, (model_trace, guide_trace), annealing)
     exact = exact_route(pair, model_trace)

@@ -1,12 +1,17 @@
-"""Turning what the user passed into a (model, guide) pair of callables."""
+"""Turning what the user passed into a (model, guide) pair of callables, and its first run on the data."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyro
+import torch
+from pyro.poutine.trace_struct import Trace
+
 from freqvi.errors import FreqviInputError
 from freqvi.models.base import LatentVariableModel
+from freqvi.traces import check_model, check_pair, data_plate
 
 
 @dataclass(frozen=True)
@@ -47,3 +52,22 @@ def resolve_pair(model, guide=None, require_guide: bool = True) -> Pair:
     if guide is not None and not callable(guide):
         raise FreqviInputError(f"the guide must be callable; got {type(guide).__name__}.")
     return Pair(model, guide, owner if isinstance(owner, LatentVariableModel) else None)
+
+
+def first_run(pair: Pair, data: tuple[torch.Tensor, ...], seed: int | None,
+              data_plate_name: str) -> tuple[Trace, Trace | None, object]:
+    """The evaluation drivers' start, after their own checks: seeds Pyro's generators (``seed``, if
+    given), runs the pair once on ``data`` (:func:`~freqvi.traces.check_pair`, or
+    :func:`~freqvi.traces.check_model` without a guide) and finds the data plate over ``data``'s
+    rows (:func:`~freqvi.traces.data_plate`). Returns the model's trace, the guide's (or ``None``)
+    and the plate's frame.
+
+    :raises FreqviInputError: where the pair cannot run on ``data`` or lacks the data plate.
+    """
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    if pair.guide is None:
+        model_trace, guide_trace = check_model(pair.model, data), None
+    else:
+        model_trace, guide_trace = check_pair(pair.model, pair.guide, data)
+    return model_trace, guide_trace, data_plate(model_trace, data_plate_name, data[0].shape[0])
