@@ -179,7 +179,7 @@ def test_the_pre_flight_check_gives_an_enumerated_guide_site_a_value_of_its_supp
     shaped as enumeration shapes its values (size 1 in each batch dimension): no sampler pass
     (torch's generator is left as it was), and the densities still have the site's batch shape."""
     from freqvi.models import GaussianMixture
-    from freqvi.traces import check_pair
+    from freqvi.traces import check_model, check_pair
 
     x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     gm = GaussianMixture(3, 2)
@@ -192,3 +192,5 @@ def test_the_pre_flight_check_gives_an_enumerated_guide_site_a_value_of_its_supp
         assert value.shape == (1,) and not value.any()
     assert model_trace.nodes["obs"]["log_prob"].shape == (50,)
     assert guide_trace.nodes["assignment"]["log_prob"].shape == (50,)
+    alone = check_model(gm.model, (x,))  # the model's pre-flight without a guide: no draw either
+    assert torch.equal(torch.get_rng_state(), before) and alone.nodes["assignment"]["value"].shape == (1,)
