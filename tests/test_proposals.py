@@ -22,7 +22,7 @@ PROPOSALS = ["guide", "student_t", "mixture", "adaptive", StudentTProposal(df=10
              DefensiveMixtureProposal(0.1, 2.0)]
 MU, SIGMA = 1.0, 0.5  # the README's Poisson log-normal
 #: What "auto" names for a Normal guide per observation: the adaptive Student-t at its defaults.
-DEFAULT_NAME = "adaptive student-t(df=3, 2 round(s) of 0.5K pilot draws)"
+DEFAULT_NAME = "adaptive student-t(df=3, 2 rounds of 0.5K pilot draws)"
 
 
 def counts(n=500, seed=0):

@@ -39,7 +39,7 @@ class LogLikelihood:
         autoguide's joint draw) couples the observations, so that only the total exists.
     :ivar pareto_k_note: why :math:`\\hat k` could not be estimated, where it could not.
     :ivar proposal: the importance proposal used, by name (``"guide"``,
-        ``"student-t(df=3)"``, ``"adaptive student-t(df=3, 2 round(s) of 0.5K pilot draws)"``,
+        ``"student-t(df=3)"``, ``"adaptive student-t(df=3, 2 rounds of 0.5K pilot draws)"``,
         ...; see :mod:`freqvi.infer.proposals`); AIS's starting
         distribution, ``"guide"``; ``None`` when exact.
     :ivar per_observation_se: the Monte-Carlo standard error of each

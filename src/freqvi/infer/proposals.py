@@ -161,8 +161,8 @@ class AdaptiveStudentTProposal(StudentTProposal):
         return math.ceil(self.pilot_fraction * num_samples)
 
     def __str__(self) -> str:
-        return (f"adaptive student-t(df={self.df:g}, {self.adaptations} round(s) of {self.pilot_fraction:g}K "
-                "pilot draws)")
+        rounds = f"{self.adaptations} round{'s' * (self.adaptations != 1)}"
+        return f"adaptive student-t(df={self.df:g}, {rounds} of {self.pilot_fraction:g}K pilot draws)"
 
 
 @dataclass(frozen=True, eq=False)
