@@ -300,8 +300,9 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     Screened by one fused reduction, the 2-norm of all of them (:func:`torch.nn.utils.get_total_norm`:
     a norm is finite only if every element is, and computing it allocates no copy, where concatenating
     the tensors to check them cost a tenth of a small network's step); only when the norm is not finite,
-    which finite values overflowing it can also cause, is each tensor checked element by element."""
-    if not tensors or bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors))):
+    which finite values overflowing it can also cause, is each tensor checked element by element.
+    Detached, as torch's fused norm takes plain tensors only (a ``Parameter`` is checked one by one)."""
+    if not tensors or bool(torch.isfinite(torch.nn.utils.get_total_norm([t.detach() for t in tensors]))):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
