@@ -270,6 +270,17 @@ def test_every_estimator_fits_the_pair(loss, options):
         assert sum(result.elbo[-10:]) > sum(result.elbo[:10])
 
 
+@pytest.mark.parametrize("particles", [1, 3])
+def test_fit_runs_the_whole_chain_once_before_its_first_step(monkeypatch, particles):
+    model = GaussianDiffusion(2, 10, schedule=SHORT, hidden=(8,))
+    calls = []
+    forward = model.denoiser.forward
+    monkeypatch.setattr(model.denoiser, "forward", lambda x_t, t: calls.append(len(x_t)) or forward(x_t, t))
+    freqvi.fit(model, torch.randn(16, 2), loss="time_subsampled", num_particles=particles, num_steps=1,
+               progress=False)
+    assert calls == [16] * 10 + [16 * particles]  # the check of the pair (T = 10 steps), then one step
+
+
 def test_plain_svi_finds_the_denoisers_parameters():
     model = GaussianDiffusion(2, 10, schedule=SHORT, hidden=(8,))
     svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": 0.01}), TimeSubsampledELBO())

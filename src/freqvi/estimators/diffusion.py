@@ -149,11 +149,14 @@ class DiffusionObjective(ELBO):
     scaled by ``n / b`` as Pyro scales the plate's sites. With ``num_particles = K`` each row
     gets ``K`` independent draws, averaged.
 
-    :param num_particles: ``K``, draws per observation (vectorised).
+    :param num_particles: ``K``, draws per observation (vectorised: the rows repeated ``K`` times).
     """
 
     def __init__(self, num_particles: int = 1):
-        super().__init__(num_particles=num_particles, vectorize_particles=True)
+        # vectorize_particles=False in Pyro's sense: no particle plate is ever put around the pair (the
+        # closed forms run on repeated rows), so drivers need not check that the pair broadcasts over one,
+        # a second run of the whole T-step chain before a fit's first step
+        super().__init__(num_particles=num_particles, vectorize_particles=False)
         self._pair_key: tuple = ()
         self._constants: dict[int, tuple[float, float]] = {}
 
