@@ -12,6 +12,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 import freqvi
+import freqvi.estimators.diffusion
 from freqvi import gradient_variance, plots
 from freqvi.datasets import load_moons, load_swiss_roll
 from freqvi.errors import FreqviInputError
@@ -279,6 +280,17 @@ def test_fit_runs_the_whole_chain_once_before_its_first_step(monkeypatch, partic
     freqvi.fit(model, torch.randn(16, 2), loss="time_subsampled", num_particles=particles, num_steps=1,
                progress=False)
     assert calls == [16] * 10 + [16 * particles]  # the check of the pair (T = 10 steps), then one step
+
+
+def test_the_pair_is_checked_once_however_often_its_model_method_is_read(monkeypatch):
+    checked = []
+    check = freqvi.estimators.diffusion.diffusion_pair
+    monkeypatch.setattr(freqvi.estimators.diffusion, "diffusion_pair",
+                        lambda model, guide: checked.append(model) or check(model, guide))
+    model, elbo = GaussianDiffusion(2, 10, schedule=SHORT, hidden=(8,)), TimeSubsampledELBO()
+    for _ in range(3):
+        elbo.loss(model.model, model.guide, torch.randn(8, 2))  # a new bound method at each read
+    assert len(checked) == 1
 
 
 def test_plain_svi_finds_the_denoisers_parameters():

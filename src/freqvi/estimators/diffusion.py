@@ -161,8 +161,9 @@ class DiffusionObjective(ELBO):
         self._constants: dict[int, tuple[float, float]] = {}
 
     def _pair(self, model, guide) -> tuple[ReverseProcess, ForwardProcess]:
-        """:func:`diffusion_pair`, checked once per pair (by identity), with its cached constants."""
-        if not self._pair_key or self._pair_key[0] is not model or self._pair_key[1] is not guide:
+        """:func:`diffusion_pair`, checked once per pair, with its cached constants. By equality, not
+        identity: each read of ``diffusion.model`` makes a new bound method, equal to the last."""
+        if not self._pair_key or self._pair_key[0] != model or self._pair_key[1] != guide:
             self._pair_key = (model, guide, *diffusion_pair(model, guide))
             self._constants = {}
         return self._pair_key[2:]
