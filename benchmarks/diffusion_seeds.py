@@ -90,20 +90,24 @@ def torch_row(x: torch.Tensor, seed: int, budget: float) -> GaussianDiffusion:
     start = time.process_time()
     batches = (rows for _ in iter(int, 1) for rows in torch.randperm(len(x)).split(BATCH_SIZE))  # epochs
     while time.process_time() - start < budget:
-        rows = next(batches)
-        x0, eps = x[rows], torch.randn(len(rows), 2)
-        t = torch.randint(1, model.num_steps + 1, (len(rows),))
-        a = abar[t].unsqueeze(-1)
-        loss = (eps - net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t)).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        ema.update_parameters(net)
+        ddpm_step(net, abar, optimizer, ema, x[next(batches)])
     print(f"  seed {seed}  torch:  {int(ema.n_averaged)} steps", flush=True)
     with torch.no_grad():
         for p, q in zip(net.parameters(), ema.module.parameters(), strict=True):
             p.copy_(q)
     return model
+
+
+def ddpm_step(net, abar: torch.Tensor, optimizer, ema: AveragedModel, x0: torch.Tensor) -> None:
+    """One step of the DDPM loop on the rows ``x0``: ``t ~ U{1..T}``, the noise-prediction loss, Adam, EMA."""
+    eps = torch.randn_like(x0)
+    t = torch.randint(1, len(abar), (len(x0),))
+    a = abar[t].unsqueeze(-1)
+    loss = (eps - net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t)).square().mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    ema.update_parameters(net)
 
 
 def measure(model: GaussianDiffusion, test: torch.Tensor, floor: float, seed: int) -> tuple[float, float]:

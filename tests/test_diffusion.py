@@ -12,6 +12,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 import freqvi
+import freqvi.estimators.diffusion
 from freqvi import gradient_variance, plots
 from freqvi.datasets import load_moons, load_swiss_roll
 from freqvi.errors import FreqviInputError
@@ -268,6 +269,28 @@ def test_every_estimator_fits_the_pair(loss, options):
     assert all(not torch.equal(a, b) for a, b in zip(before, model.denoiser.parameters(), strict=True))
     if loss != "simple":
         assert sum(result.elbo[-10:]) > sum(result.elbo[:10])
+
+
+@pytest.mark.parametrize("particles", [1, 3])
+def test_fit_runs_the_whole_chain_once_before_its_first_step(monkeypatch, particles):
+    model = GaussianDiffusion(2, 10, schedule=SHORT, hidden=(8,))
+    calls = []
+    forward = model.denoiser.forward
+    monkeypatch.setattr(model.denoiser, "forward", lambda x_t, t: calls.append(len(x_t)) or forward(x_t, t))
+    freqvi.fit(model, torch.randn(16, 2), loss="time_subsampled", num_particles=particles, num_steps=1,
+               progress=False)
+    assert calls == [16] * 10 + [16 * particles]  # the check of the pair (T = 10 steps), then one step
+
+
+def test_the_pair_is_checked_once_however_often_its_model_method_is_read(monkeypatch):
+    checked = []
+    check = freqvi.estimators.diffusion.diffusion_pair
+    monkeypatch.setattr(freqvi.estimators.diffusion, "diffusion_pair",
+                        lambda model, guide: checked.append(model) or check(model, guide))
+    model, elbo = GaussianDiffusion(2, 10, schedule=SHORT, hidden=(8,)), TimeSubsampledELBO()
+    for _ in range(3):
+        elbo.loss(model.model, model.guide, torch.randn(8, 2))  # a new bound method at each read
+    assert len(checked) == 1
 
 
 def test_plain_svi_finds_the_denoisers_parameters():

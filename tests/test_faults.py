@@ -203,3 +203,30 @@ def test_each_parameter_is_checked_under_its_own_constraint_whatever_the_order_o
     x = 1000.0 + torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
     result = freqvi.fit(model, guide=guide, data=x, num_steps=5, seed=0, progress=False)
     assert result.refused_steps == 0 and result.num_steps == 5
+
+
+def steep_model(x):
+    """A loss of -1e25 * sum(loc): finite, with a gradient of -1e25 per element, whose squares (and so
+    the gradients' 2-norm, and Adam's second moment) overflow float32."""
+    loc = pyro.param("loc", torch.zeros(4))
+    with pyro.plate("data", len(x)):
+        pyro.factor("steep", 1e25 * loc.sum() * torch.ones(len(x)))
+
+
+def test_finite_gradients_whose_norm_overflows_are_not_refused():
+    x = torch.zeros(1)
+    result = freqvi.fit(steep_model, guide=no_latents, data=x, optim="sgd", lr=1e-26, num_steps=1,
+                        progress=False)
+    assert result.refused_steps == 0
+    assert pyro.param("loc").detach() == pytest.approx(torch.full((4,), 0.1))  # 0 + 1e-26 * 1e25
+
+
+def test_an_update_that_leaves_the_optimiser_state_infinite_is_refused_and_undone():
+    x = torch.zeros(1)
+    pyro.param("loc", torch.zeros(4))
+    optimizer = torch.optim.Adam([pyro.get_param_store().get_param("loc").unconstrained()], lr=0.1)
+    with pytest.raises(FreqviError, match=r"^step 0 diverged: the optimiser's state was not finite after its "
+                                          r"update in 4 draws in a row \(steps 0 to 3\)"):
+        freqvi.fit(steep_model, guide=no_latents, data=x, optim=optimizer, num_steps=10, progress=False)
+    assert torch.equal(pyro.param("loc").detach(), torch.zeros(4))
+    assert len(optimizer.state) == 0  # Adam's moments and step count as before the first update

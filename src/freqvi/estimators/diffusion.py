@@ -149,17 +149,21 @@ class DiffusionObjective(ELBO):
     scaled by ``n / b`` as Pyro scales the plate's sites. With ``num_particles = K`` each row
     gets ``K`` independent draws, averaged.
 
-    :param num_particles: ``K``, draws per observation (vectorised).
+    :param num_particles: ``K``, draws per observation (vectorised: the rows repeated ``K`` times).
     """
 
     def __init__(self, num_particles: int = 1):
-        super().__init__(num_particles=num_particles, vectorize_particles=True)
+        # vectorize_particles=False in Pyro's sense: no particle plate is ever put around the pair (the
+        # closed forms run on repeated rows), so drivers need not check that the pair broadcasts over one,
+        # a second run of the whole T-step chain before a fit's first step
+        super().__init__(num_particles=num_particles, vectorize_particles=False)
         self._pair_key: tuple = ()
         self._constants: dict[int, tuple[float, float]] = {}
 
     def _pair(self, model, guide) -> tuple[ReverseProcess, ForwardProcess]:
-        """:func:`diffusion_pair`, checked once per pair (by identity), with its cached constants."""
-        if not self._pair_key or self._pair_key[0] is not model or self._pair_key[1] is not guide:
+        """:func:`diffusion_pair`, checked once per pair, with its cached constants. By equality, not
+        identity: each read of ``diffusion.model`` makes a new bound method, equal to the last."""
+        if not self._pair_key or self._pair_key[0] != model or self._pair_key[1] != guide:
             self._pair_key = (model, guide, *diffusion_pair(model, guide))
             self._constants = {}
         return self._pair_key[2:]

@@ -24,6 +24,7 @@ from torch import nn
 from freqvi.errors import FreqviInputError
 from freqvi.models.base import LatentVariableModel
 from freqvi.models.noise_schedule import NoiseSchedule
+from freqvi.models.registration import submodule
 from freqvi.models.vae import mlp
 from freqvi.validation import (
     allocation,
@@ -226,8 +227,11 @@ class GaussianDiffusion(LatentVariableModel):
     # ----- the reverse chain -----------------------------------------------------------------
     @pyro_method
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r""":math:`\epsilon_\theta(x_t, t)`, shape of ``x_t``; ``t`` integer of shape ``x_t.shape[:-1]``."""
-        return self.denoiser(x_t, t)
+        r""":math:`\epsilon_\theta(x_t, t)`, shape of ``x_t``; ``t`` integer of shape ``x_t.shape[:-1]``.
+
+        The denoiser's parameters are ``pyro.param`` sites where anything could see them
+        (:func:`~freqvi.models.registration.submodule`)."""
+        return submodule(self, "denoiser")(x_t, t)
 
     @pyro_method
     def reverse_mean(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
