@@ -10,7 +10,6 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 from scipy import special, stats
-from simulate import factor_data
 from test_proposals import (
     DEFAULT_NAME,
     MU,
@@ -30,7 +29,6 @@ import freqvi
 from freqvi.errors import FreqviInputError, ImportanceSamplingWarning
 from freqvi.guides import LocalMeanField
 from freqvi.infer.annealed import AnnealedLogLikelihood, annealed_log_likelihood, bidirectional_log_likelihood
-from freqvi.models import FactorAnalysis
 
 
 def prior_guide(x):
@@ -202,19 +200,6 @@ def test_bidirectional_needs_every_latent():
 
 
 
-@pytest.fixture(scope="module")
-def factor_analysis():
-    """Factor analysis (5 columns, 2 factors, 200 rows) at its MLE by EM, with each row's exact
-    log p(x_i) from scipy's multivariate normal (independent of freqvi's closed form)."""
-    x = factor_data(n=200)
-    fa = FactorAnalysis(5, 2)
-    freqvi.em(fa, x, progress=False)
-    w, mean, psi = (fa.loading.detach().numpy(), fa.mean.detach().numpy(), fa.noise_variance.detach().numpy())
-    exact = stats.multivariate_normal(mean, w @ w.T + np.diag(psi)).logpdf(x.numpy())
-    posterior = fa.posterior(x)
-    return fa, x, exact, posterior.loc.detach(), torch.linalg.inv(posterior.covariance_matrix[0]).detach()
-
-
 def mean_field_optimum(loc, precision):
     """The mean-field Gaussian closest to the posterior N(loc, P^-1) in KL(q || p): the exact means,
     variances 1 / P_jj (narrower than the posterior's where the factors correlate)."""
@@ -232,7 +217,7 @@ def factor_prior(loc, precision):
 
 
 @pytest.mark.parametrize("make_guide", [mean_field_optimum, factor_prior])
-def test_factor_analysis_per_observation_agrees_with_the_exact_marginal(factor_analysis, make_guide):
+def test_factor_analysis_per_observation_agrees_with_the_exact_marginal(factor_analysis_at_mle, make_guide):
     """The issue's acceptance on factor analysis, at the default settings (100 temperatures, 16 chains):
 
     * each log p_hat(x_i) within 3 of its standard errors of the exact value, save as many as chance
@@ -243,7 +228,8 @@ def test_factor_analysis_per_observation_agrees_with_the_exact_marginal(factor_a
     * unbiased in the probability sense: the mean over rows of p_hat(x_i) / p(x_i) is 1 within 3 of
       its standard errors (measured -1.05 and +0.80 of them).
     """
-    fa, x, exact, loc, precision = factor_analysis
+    fa, x, exact, loc, covariance = factor_analysis_at_mle
+    precision = torch.linalg.inv(covariance)
     ais = freqvi.log_likelihood(fa.model, x, make_guide(loc, precision), method="ais", seed=0)
     k = ais.num_chains
     z = (ais.per_observation.numpy() - exact) / ais.per_observation_se.numpy()

@@ -11,12 +11,10 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal, init_to_value
 from scipy import integrate, special, stats
-from simulate import factor_data
 
 import freqvi
 from freqvi.errors import FreqviInputError, ImportanceSamplingWarning
 from freqvi.infer.proposals import AdaptiveStudentTProposal, DefensiveMixtureProposal, StudentTProposal
-from freqvi.models import FactorAnalysis
 
 PROPOSALS = ["guide", "student_t", "mixture", "adaptive", StudentTProposal(df=10.0),
              DefensiveMixtureProposal(0.1, 2.0)]
@@ -299,19 +297,6 @@ def test_auto_keeps_the_guide_for_a_joint_weight_over_many_rows():
         freqvi.log_likelihood(model, x, guide, proposal="adaptive")
 
 
-@pytest.fixture(scope="module")
-def factor_analysis_off():
-    """Factor analysis (5 columns, 2 factors, 200 rows) at its MLE by EM; each row's exact log p(x_i) from
-    scipy's multivariate normal (independent of freqvi's closed form); the exact posterior N(m_i, S)."""
-    x = factor_data(n=200)
-    fa = FactorAnalysis(5, 2)
-    freqvi.em(fa, x, progress=False)
-    w, mean, psi = (fa.loading.detach().numpy(), fa.mean.detach().numpy(), fa.noise_variance.detach().numpy())
-    exact = stats.multivariate_normal(mean, w @ w.T + np.diag(psi)).logpdf(x.numpy())
-    posterior = fa.posterior(x)
-    return fa, x, exact, posterior.loc.detach(), posterior.covariance_matrix[0].detach()
-
-
 def shifted_guides(loc, cov, shift):
     """Guides whose location is ``shift`` posterior standard deviations off in every factor: a mean-field
     one (the posterior's marginal scales) and a full-covariance one (the posterior's covariance)."""
@@ -330,7 +315,7 @@ def shifted_guides(loc, cov, shift):
 
 @pytest.mark.parametrize("kind, chunk_size", [("mean_field", None), ("multivariate_normal", None),
                                               ("mean_field", 128)])
-def test_adaptive_moves_an_off_guide_to_the_posterior(factor_analysis_off, kind, chunk_size):
+def test_adaptive_moves_an_off_guide_to_the_posterior(factor_analysis_at_mle, kind, chunk_size):
     """A guide two posterior standard deviations off: the Student-t at its location gives heavy-tailed
     weights (k-hat above 0.7 for most rows: measured 152 and 106 of 200, the smallest 0.44 and 0.32), the
     adaptive proposal moves each row's Student-t to its posterior (none flagged, each row's k-hat at or
@@ -339,7 +324,7 @@ def test_adaptive_moves_an_off_guide_to_the_posterior(factor_analysis_off, kind,
     its standard errors (measured -1.11 and -0.14). With ``chunk_size=128`` the pilot's 500 draws per round
     come in chunks too, joined for the moments: draws joined out of step with their weights would leave
     the rows flagged."""
-    fa, x, exact, loc, cov = factor_analysis_off
+    fa, x, exact, loc, cov = factor_analysis_at_mle
     guide = shifted_guides(loc, cov, 2.0)[kind]
     student = estimate(fa.model, x, guide, "student_t", seed=0)
     adaptive = freqvi.log_likelihood(fa.model, x, guide, method="importance", num_samples=1000, seed=0,
