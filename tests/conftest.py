@@ -1,3 +1,5 @@
+import signal
+
 import numpy as np
 import pyro
 import pytest
@@ -19,6 +21,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+_CTRL_C_LEAKS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_as_a_shell_gives_it(request):
+    """Each test ends with Ctrl-C as a shell gives a command: Python's handler, SIGINT not blocked. A test
+    that leaves it otherwise is named at the end of the run and the state put back, so that the Ctrl-C
+    tests after it (in-process, and in child processes, which inherit both) test freqvi, not that leak:
+    one full run had SIGINT ignored or blocked by the time tests/test_cli_interrupts.py started, and its
+    three Ctrl-C tests failed, which pass alone and in the other full runs."""
+    yield
+    handler = signal.getsignal(signal.SIGINT)
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if handler is not signal.default_int_handler or blocked:
+        _CTRL_C_LEAKS.append(f"{request.node.nodeid}: SIGINT {'blocked' if blocked else 'handled by'} "
+                             f"{'' if blocked else repr(handler)}")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
+def pytest_terminal_summary(terminalreporter):
+    for leak in _CTRL_C_LEAKS:
+        terminalreporter.write_line(f"left Ctrl-C changed (put back): {leak}")
 
 
 @pytest.fixture(autouse=True)
