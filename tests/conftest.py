@@ -23,29 +23,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-_CTRL_C_LEAKS: list[str] = []
+_CTRL_C_CHANGES: list[str] = []
 
 
-@pytest.fixture(autouse=True)
-def ctrl_c_as_a_shell_gives_it(request):
-    """Each test ends with Ctrl-C as a shell gives a command: Python's handler, SIGINT not blocked. A test
-    that leaves it otherwise is named at the end of the run and the state put back, so that the Ctrl-C
-    tests after it (in-process, and in child processes, which inherit both) test freqvi, not that leak:
-    one full run had SIGINT ignored or blocked by the time tests/test_cli_interrupts.py started, and its
-    three Ctrl-C tests failed, which pass alone and in the other full runs."""
-    yield
+def _put_ctrl_c_back(where: str) -> None:
+    """Puts Ctrl-C back as a shell gives it to a foreground command (Python's handler, SIGINT not
+    blocked), noting a change."""
     handler = signal.getsignal(signal.SIGINT)
     blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     if handler is not signal.default_int_handler or blocked:
-        _CTRL_C_LEAKS.append(f"{request.node.nodeid}: SIGINT {'blocked' if blocked else 'handled by'} "
-                             f"{'' if blocked else repr(handler)}")
+        _CTRL_C_CHANGES.append(f"{where}: SIGINT {'blocked' if blocked else f'handled by {handler!r}'}")
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
 
 
+def pytest_sessionstart(session):
+    # a background job of a non-interactive shell starts with SIGINT ignored, and Python keeps it so
+    _put_ctrl_c_back("at the start of the run (inherited from the process that started pytest)")
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_as_a_shell_gives_it(request):
+    """Each test ends with Ctrl-C as a shell gives a command; a test that leaves it otherwise is named at
+    the end of the run and the state put back, so that the Ctrl-C tests after it (in-process, and in child
+    processes, which inherit both the handler and the mask) test freqvi, not the change. A full run started
+    in the background with SIGINT ignored failed its three Ctrl-C tests, which pass when started from a
+    terminal."""
+    yield
+    _put_ctrl_c_back(f"after {request.node.nodeid}")
+
+
 def pytest_terminal_summary(terminalreporter):
-    for leak in _CTRL_C_LEAKS:
-        terminalreporter.write_line(f"left Ctrl-C changed (put back): {leak}")
+    for change in _CTRL_C_CHANGES:
+        terminalreporter.write_line(f"Ctrl-C was not as a shell gives it, put back: {change}")
 
 
 @pytest.fixture(autouse=True)
