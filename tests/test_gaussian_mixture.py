@@ -201,14 +201,16 @@ def test_the_closed_form_e_step_is_the_exact_guide_s(covariance, dtype):
                                    atol=100 * torch.finfo(dtype).eps, msg=name)
 
 
-def test_responsibilities_where_most_joint_densities_underflow_float32():
+@pytest.mark.parametrize("covariance", ["full", "diag", "spherical"])
+def test_responsibilities_where_most_joint_densities_underflow_float32(covariance):
     """Components 40 standard deviations apart: most log-joint gaps are below float32's exp range, where the
     E-step's softmax must still give the float64 responsibilities and normaliser to float32 accuracy."""
     noise = torch.randn(3, 300, 2, generator=torch.Generator().manual_seed(1))
     x = (noise + 40.0 * torch.arange(3.0).reshape(3, 1, 1)).reshape(-1, 2)
+    identity = {"full": np.stack([np.eye(2)] * 3), "diag": np.ones((3, 2)), "spherical": np.ones(3)}
     init = {"weights": [0.2, 0.3, 0.5], "locs": [[0.0, 0.0], [40.0, 40.0], [80.0, 80.0]],
-            "covariances": np.stack([np.eye(2)] * 3)}
-    gm = GaussianMixture(3, 2, init=init)
+            "covariances": identity[covariance]}  # each component N(mu_k, I), however parametrised
+    gm = GaussianMixture(3, 2, covariance, init=init)
     gm.model(x)
     with torch.no_grad():
         responsibilities, log_evidence = gm._responsibilities(x)
